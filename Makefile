@@ -1,0 +1,28 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo install clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+
+# torch==2.13.0 first: on the project's CPU machines it is the local CPU wheel (no CUDA download).
+$(STAMP): $(VPY) pyproject.toml
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest tests
+
+demo: $(STAMP)
+	$(VENV)/bin/blockdiff demo --out runs/demo
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,282 @@
+"""DiffusionGemma text model: one shared MoE transformer stack run twice.
+
+- ``encode``: causal over clean tokens (sliding window on sliding layers); returns the final hidden
+  states (for the AR co-loss) and the per-layer K/V every later canvas reads.
+- ``decode``: bidirectional over a noisy canvas, queries reading [encoder K/V ; canvas K/V], with the
+  self-conditioning block on the input embeddings.
+
+The training forward (whole response as several canvas blocks under the block-causal mask) and the
+inference forward (prefix once, then one canvas block against it) are the same two calls with
+different canvas layouts; see ``canvas_layout`` and ``attention.MaskInfo``.
+
+Parameter names equal transformers' ``model.decoder.*`` names minus that prefix (``hf_names``), so
+checkpoint I/O is a rename. The encoder's ``layer_scalar`` is kept as its own buffer because the
+reference checkpoint stores it separately.
+
+Plain single-device PyTorch: nothing distributed is imported here (``blockdiff.parallel`` wraps it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention, Masks, MaskInfo
+from .config import ModelConfig
+from .layers import GatedMLP, RMSNorm, Rotary
+from .moe import Experts, Router
+
+
+@dataclass
+class KVCache:
+    """Per-layer encoder K/V ([B, Hkv, S, D] each) with the positions and validity of its tokens."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    positions: torch.Tensor  # [B, S] long
+    valid: torch.Tensor  # [B, S] bool
+
+    @property
+    def length(self) -> int:
+        return self.positions.shape[1]
+
+    def next_position(self) -> torch.Tensor:
+        """[B] position after the last valid cached token (0 for an empty row)."""
+        masked = torch.where(self.valid, self.positions, torch.full_like(self.positions, -1))
+        return masked.max(dim=1).values + 1
+
+    def detach(self) -> "KVCache":
+        return KVCache([(k.detach(), v.detach()) for k, v in self.kv], self.positions, self.valid)
+
+
+@dataclass
+class CanvasLayout:
+    """Where canvas tokens sit: positions, block ids, the first position of their block, validity."""
+
+    positions: torch.Tensor  # [B, R]
+    blocks: torch.Tensor  # [B, R]
+    block_starts: torch.Tensor  # [B, R]
+    valid: torch.Tensor  # [B, R]
+
+
+def canvas_layout(prompt_lengths: torch.Tensor, num_blocks: torch.Tensor, width: int, canvas_length: int) -> CanvasLayout:
+    """Layout of responses of ``num_blocks`` canvas blocks starting right after each prompt.
+
+    Canvas token j of row b sits at position prompt_lengths[b] + j, in block j // canvas_length.
+    """
+    j = torch.arange(width, device=prompt_lengths.device)[None, :]
+    blocks = (j // canvas_length).expand(prompt_lengths.shape[0], -1)
+    start = prompt_lengths[:, None]
+    return CanvasLayout(
+        positions=start + j,
+        blocks=blocks,
+        block_starts=start + blocks * canvas_length,
+        valid=j < (num_blocks[:, None] * canvas_length),
+    )
+
+
+class SelfConditioning(GatedMLP):
+    """post_norm(embeds + MLP(pre_norm(soft_embeds))); post_norm has no scale."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config.hidden_size, config.intermediate_size, config.hidden_activation)
+        self.pre_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
+
+    def forward(self, embeds: torch.Tensor, soft_embeds: torch.Tensor) -> torch.Tensor:
+        return self.post_norm(embeds + super().forward(self.pre_norm(soft_embeds)))
+
+
+class Layer(nn.Module):
+    """Attention, then the dense MLP and the MoE in parallel on the same residual."""
+
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.index = index
+        self.self_attn = Attention(config, index)
+        self.mlp = GatedMLP(H, config.intermediate_size, config.hidden_activation)
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps)
+        self.post_feedforward_layernorm = RMSNorm(H, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm_2 = RMSNorm(H, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(H, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def forward(self, x, rope, masks: Masks, prefix_kv=None, encoder: bool = False):
+        attn, kv = self.self_attn(self.input_layernorm(x), rope, masks, prefix_kv)
+        x = x + self.post_attention_layernorm(attn)
+
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])
+        weights, index = self.router(flat)  # the router reads the raw residual
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index).view_as(x)
+        moe = self.post_feedforward_layernorm_2(moe)
+        x = x + self.post_feedforward_layernorm(dense + moe)
+        scalar = self.encoder_layer_scalar if encoder else self.layer_scalar
+        return x * scalar.to(x.dtype), kv
+
+
+class DiffusionGemma(nn.Module):
+    def __init__(self, config: ModelConfig, attn_backend: str = "auto"):
+        super().__init__()
+        if attn_backend not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attn_backend must be auto, sdpa or flex, got {attn_backend!r}")
+        self.config = config
+        self.attn_backend = attn_backend
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+        self.rotary = Rotary(config)
+        self.embed_scale = config.hidden_size**0.5
+
+    # ---- construction -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random init as the reference does: normal(0, initializer_range), norms and scales at 1."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)
+            else:
+                p.fill_(1.0)
+        for layer in self.layers:
+            layer.layer_scalar.fill_(1.0)
+            layer.encoder_layer_scalar.fill_(1.0)
+        self.rotary.__init__(self.config)
+        self.rotary.to(self.embed_tokens.weight.device)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype = torch.float32, **kwargs) -> "DiffusionGemma":
+        from .hf_io import load_pretrained
+
+        return load_pretrained(path_or_hub_id, dtype=dtype, **kwargs)
+
+    def save_pretrained(self, out_dir, **kwargs) -> None:
+        from .hf_io import save_pretrained
+
+        save_pretrained(self, out_dir, **kwargs)
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def backend_for(self, device: torch.device) -> str:
+        if self.attn_backend != "auto":
+            return self.attn_backend
+        return "flex" if device.type == "cuda" else "sdpa"
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight
+        return F.embedding(ids, w) * torch.tensor(self.embed_scale, dtype=w.dtype)
+
+    def soft_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning input: softmax (fp32) of previous logits times the scaled embedding."""
+        w = self.embed_tokens.weight
+        probs = torch.softmax(logits.float(), dim=-1).to(w.dtype)
+        return (probs @ w) * torch.tensor(self.embed_scale, dtype=w.dtype)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied lm_head, then softcapping in fp32."""
+        logits = F.linear(hidden, self.embed_tokens.weight.to(hidden.dtype)).float()
+        cap = self.config.final_logit_softcapping
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def _run_layers(self, x, positions, info: MaskInfo, prefix: KVCache | None, encoder: bool):
+        masks = Masks(info, self.backend_for(x.device), self.config.sliding_window)
+        rope = self.rotary(positions)
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, rope[layer.self_attn.layer_type], masks, prefix.kv[i] if prefix else None, encoder)
+            new_kv.append(kv)
+        return self.norm(x), new_kv
+
+    # ---- the two passes -----------------------------------------------------------------------
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        past: KVCache | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Causal pass over clean tokens. Returns (final normed hidden [B, L, H], cache incl. ``past``).
+
+        Default positions count valid tokens (so left or right padding both work), continuing
+        after ``past``.
+        """
+        B, L = input_ids.shape
+        if valid is None:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        if positions is None:
+            positions = (torch.cumsum(valid.long(), dim=1) - 1).clamp(min=0)
+            if past is not None:
+                positions = positions + past.next_position()[:, None]
+        W = self.config.sliding_window
+        k_pos = positions if past is None else torch.cat([past.positions, positions], 1)
+        k_valid = valid if past is None else torch.cat([past.valid, valid], 1)
+        info = MaskInfo(
+            q_hi=positions + 1, q_lo=positions - W + 1, q_block=torch.full_like(positions, -1), q_valid=valid,
+            k_pos=k_pos, k_block=torch.full_like(k_pos, -1), k_valid=k_valid,
+        )
+        hidden, new_kv = self._run_layers(self.embed(input_ids), positions, info, past, encoder=True)
+        if past is not None:
+            new_kv = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(past.kv, new_kv)]
+        return hidden, KVCache(new_kv, k_pos, k_valid)
+
+    def decode(
+        self,
+        canvas_ids: torch.Tensor,
+        cache: KVCache,
+        layout: CanvasLayout | None = None,
+        soft_embeds: torch.Tensor | None = None,
+        sc_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Bidirectional pass over canvas tokens reading ``cache``. Returns final normed hidden [B, R, H].
+
+        Without a layout the canvas is one block right after the cache (inference).
+        ``soft_embeds`` [B, R, H] is the self-conditioning signal (zeros when None); ``sc_mask`` [B]
+        switches it off per example.
+        """
+        B, R = canvas_ids.shape
+        if layout is None:
+            start = cache.next_position()
+            layout = canvas_layout(start, torch.ones_like(start), R, R)
+        embeds = self.embed(canvas_ids)
+        if soft_embeds is None:
+            soft_embeds = torch.zeros_like(embeds)
+        elif sc_mask is not None:
+            soft_embeds = soft_embeds * sc_mask.to(soft_embeds.dtype)[:, None, None]
+        x = self.self_conditioning(embeds, soft_embeds.to(embeds.dtype))
+        W = self.config.sliding_window
+        info = MaskInfo(
+            q_hi=layout.block_starts, q_lo=layout.block_starts - W + 1, q_block=layout.blocks, q_valid=layout.valid,
+            k_pos=torch.cat([cache.positions, layout.positions], 1),
+            k_block=torch.cat([torch.full_like(cache.positions, -1), layout.blocks], 1),
+            k_valid=torch.cat([cache.valid, layout.valid], 1),
+        )
+        hidden, _ = self._run_layers(x, layout.positions, info, cache, encoder=False)
+        return hidden
+
+    # ---- transformers-equivalent inference call -------------------------------------------------
+
+    def denoise_logits(
+        self,
+        prompt_ids: torch.Tensor,
+        canvas_ids: torch.Tensor,
+        self_conditioning_logits: torch.Tensor | None = None,
+        self_conditioning_mask: torch.Tensor | None = None,
+        prompt_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Same meaning as ``DiffusionGemmaForBlockDiffusion(input_ids=prompt_ids, decoder_input_ids=
+        canvas_ids, self_conditioning_logits=..., self_conditioning_mask=...).logits``."""
+        _, cache = self.encode(prompt_ids, valid=prompt_valid)
+        soft = None if self_conditioning_logits is None else self.soft_embeddings(self_conditioning_logits)
+        return self.lm_logits(self.decode(canvas_ids, cache, soft_embeds=soft, sc_mask=self_conditioning_mask))

@@ -1,0 +1,75 @@
+"""Mixture of experts: the router and the experts held as 3-D tensors.
+
+Tokens are permuted so each expert's rows are contiguous, run through all experts as grouped GEMMs
+(``torch._grouped_mm`` on CUDA; a split loop on CPU, where it is the reference), weighted, and
+scattered back with one index_add.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import RMSNorm, activation
+
+
+class Router(nn.Module):
+    """RMSNorm (no scale) -> x * scale * H^-0.5 -> proj -> fp32 softmax -> top-k -> renormalise
+    -> * per_expert_scale[idx]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H, E = config.hidden_size, config.num_experts
+        self.top_k = config.top_k_experts
+        self.root_size = H**-0.5
+        self.norm = RMSNorm(H, config.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(H, E, bias=False)
+        self.scale = nn.Parameter(torch.ones(H))
+        self.per_expert_scale = nn.Parameter(torch.ones(E))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(x) * self.scale * self.root_size
+        probs = torch.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        weights, index = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[index], index
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of x grouped by expert (counts[e] rows for expert e) times weight[e]^T.
+
+    x [N, in], weight [E, out, in] -> [N, out].
+    """
+    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offs=offsets)
+    outs = [
+        chunk @ weight[e].to(x.dtype).t()
+        for e, chunk in enumerate(torch.split(x, counts.tolist()))
+        if chunk.shape[0] > 0
+    ]
+    return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
+
+
+class Experts(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts, self.intermediate = E, I
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.act = activation(config.hidden_activation)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights/index [T, K] -> [T, H]."""
+        T, K = index.shape
+        flat = index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // K
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        rows = x[token]
+        gate, up = grouped_linear(rows, self.gate_up_proj, counts, offsets).chunk(2, dim=-1)
+        h = grouped_linear(self.act(gate) * up, self.down_proj, counts, offsets)
+        h = (h.float() * weights.reshape(-1)[order, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, h)
