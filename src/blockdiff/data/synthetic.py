@@ -1,0 +1,165 @@
+"""Deterministic GSM8K-style arithmetic word problems for the CPU demo and tests.
+
+Numbers are small and answers short (one or two lines like ``3 + 4 = 7`` then ``#### 7``) so a
+tiny model can learn them in minutes. Every word used here is in the shipped tiny tokenizer's
+vocabulary (``vocabulary_words()`` feeds ``build_tokenizer.py``), so no sample falls back to
+characters or ``<unk>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+NAMES = ["Tom", "Ann", "Sam", "Mia", "Ben", "Lily", "Max", "Emma", "Leo", "Zoe", "Jack", "Nora"]
+ITEMS = ["apples", "pears", "books", "pens", "cookies", "marbles", "stickers", "candies",
+         "cards", "balls", "eggs", "flowers"]
+VEHICLES = ["car", "bus", "train", "bike", "boat", "truck"]
+FRIENDS = ["friends", "kids", "boxes", "bags", "groups"]
+
+# Each template: (kind, question format, answer builder). Answer builders get the random
+# generator and return (format fields, answer lines, final answer).
+
+
+def _shopping(rng: random.Random):
+    n, p = rng.randint(2, 9), rng.randint(1, 9)
+    fields = {"n": n, "p": p, "item": rng.choice(ITEMS)}
+    q = "{name} buys {n} {item} at ${p} each. How many dollars does {name} spend?"
+    return q, fields, [f"{n} * {p} = {n * p}"], n * p
+
+
+def _sharing(rng: random.Random):
+    k, each = rng.randint(2, 6), rng.randint(2, 9)
+    fields = {"total": k * each, "k": k, "item": rng.choice(ITEMS), "group": rng.choice(FRIENDS)}
+    q = ("{name} has {total} {item} and puts them equally into {k} {group}. "
+         "How many {item} are in each of the {group}?")
+    return q, fields, [f"{k * each} / {k} = {each}"], each
+
+
+def _ages(rng: random.Random):
+    a, b = rng.randint(3, 40), rng.randint(1, 30)
+    fields = {"a": a, "b": b}
+    q = "{name} is {a} years old. {other} is {b} years older than {name}. How old is {other}?"
+    return q, fields, [f"{a} + {b} = {a + b}"], a + b
+
+
+def _speed(rng: random.Random):
+    s, h = rng.randint(2, 12) * 5, rng.randint(2, 5)
+    fields = {"s": s, "h": h, "vehicle": rng.choice(VEHICLES)}
+    q = "A {vehicle} goes {s} miles per hour for {h} hours. How many miles does the {vehicle} go?"
+    return q, fields, [f"{s} * {h} = {s * h}"], s * h
+
+
+def _give_away(rng: random.Random):
+    a, b = rng.randint(5, 30), rng.randint(1, 20)
+    c = rng.randint(1, a + b)
+    fields = {"a": a, "b": b, "c": c, "item": rng.choice(ITEMS)}
+    q = ("{name} has {a} {item}. {name} gets {b} more and then gives {c} to {other}. "
+         "How many {item} does {name} have now?")
+    return q, fields, [f"{a} + {b} = {a + b}", f"{a + b} - {c} = {a + b - c}"], a + b - c
+
+
+def _savings(rng: random.Random):
+    a, w, spent = rng.randint(2, 9), rng.randint(2, 8), rng.randint(1, 9)
+    total = a * w
+    spent = min(spent, total)
+    fields = {"a": a, "w": w, "spent": spent}
+    q = ("{name} saves ${a} each week for {w} weeks and then spends ${spent}. "
+         "How many dollars does {name} have left?")
+    return q, fields, [f"{a} * {w} = {total}", f"{total} - {spent} = {total - spent}"], total - spent
+
+
+TEMPLATES = [_shopping, _sharing, _ages, _speed, _give_away, _savings]
+
+# Literal words the templates and answers can emit besides the tables above.
+_TEMPLATE_WORDS = (
+    "buys at each How many dollars does spend has and puts them equally into are in the of "
+    "is years old older than How old A goes miles per hour for hours go gets more then "
+    "gives to have now saves week weeks spends left"
+)
+
+_ANSWER_RE = re.compile(r"####\s*(-?[\d,]+(?:\.\d+)?)\s*$")
+
+
+def vocabulary_words() -> list[str]:
+    """Every word a generated sample can contain (sorted, unique)."""
+    words = set(_TEMPLATE_WORDS.split()) | set(NAMES) | set(ITEMS) | set(VEHICLES) | set(FRIENDS)
+    return sorted(words)
+
+
+def _make_problem(rng: random.Random) -> tuple[str, str, int]:
+    template = rng.choice(TEMPLATES)
+    name, other = rng.sample(NAMES, 2)
+    question, fields, lines, answer = template(rng)
+    question = question.format(name=name, other=other, **fields)
+    solution = "\n".join(lines + [f"#### {answer}"])
+    return question, solution, answer
+
+
+def _row(question: str, solution: str) -> dict:
+    return {"messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": solution}]}
+
+
+def _unique_problems(n: int, seed: int) -> list[tuple[str, str]]:
+    """``n`` problems with pairwise different questions, deterministic in ``seed``."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: list[tuple[str, str]] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:  # the problem space is large; this only guards misuse
+            raise ValueError(f"could not generate {n} distinct problems (got {len(out)})")
+        question, solution, _ = _make_problem(rng)
+        if question not in seen:
+            seen.add(question)
+            out.append((question, solution))
+    return out
+
+
+def generate(n: int, seed: int = 0) -> list[dict]:
+    """``n`` distinct problems as chat rows ``{"messages": [user, assistant]}``."""
+    return [_row(q, s) for q, s in _unique_problems(n, seed)]
+
+
+def write_splits(out_dir, n_train: int, n_test: int, seed: int = 0) -> tuple[Path, Path]:
+    """Write ``train.jsonl`` and ``test.jsonl``; no question appears in both (held-out split)."""
+    problems = _unique_problems(n_train + n_test, seed)
+    out = Path(out_dir)
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for name, chunk in (("train", problems[:n_train]), ("test", problems[n_train:])):
+        path = out / f"{name}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for q, s in chunk:
+                f.write(json.dumps(_row(q, s), ensure_ascii=False) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The number after the last ``####`` (commas removed), or None if there is none."""
+    for line in reversed(text.strip().splitlines()):
+        if "####" in line:
+            m = _ANSWER_RE.search(line.strip())
+            return m.group(1).replace(",", "") if m else None
+    return None
+
+
+def final_answer_of_row(row: dict) -> str | None:
+    """Reference answer of a chat row: parsed from its last assistant message."""
+    return extract_final_answer(row["messages"][-1]["content"])
+
+
+def trivial_baseline_accuracy(test_rows: list[dict]) -> float:
+    """Accuracy of always answering the most common reference answer (the bar to beat)."""
+    answers = [final_answer_of_row(r) for r in test_rows]
+    if not answers:
+        return 0.0
+    _, count = Counter(answers).most_common(1)[0]
+    return count / len(answers)
