@@ -1,0 +1,199 @@
+"""The block-diffusion SFT objective: corruption, two-pass self-conditioning, losses.
+
+Reference behaviour (the default):
+- per example t = eps + (1 - eps) * U(0, 1); every supervised canvas position is replaced, with
+  probability t, by a token drawn uniformly from the whole vocabulary (no [MASK]); prompts never.
+- pass 1: decoder over the noisy canvas without gradients and without self-conditioning; its
+  softcapped logits -> fp32 softmax -> @ embedding * sqrt(hidden) = soft embeddings.
+- pass 2: the same canvas with the soft embeddings for a random p-share of the examples (zeros for the
+  rest); the only pass with gradients.
+- loss: cross-entropy over ALL supervised positions of one uniformly chosen block per example, summed
+  and divided by the global count of scored tokens; plus the encoder's next-token loss over the clean
+  sequence, token-normalised, times ``ar_loss_weight``.
+
+All randomness comes from a generator keyed by (seed, global stream index of the sample), so the same
+sample gets the same noise, block and self-conditioning coin on any world size, accumulation split
+or after a resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .model.diffusion_gemma import CanvasLayout, DiffusionGemma, canvas_layout
+
+LOSS_TYPES = ("all_supervised", "corrupted_only", "reweighted", "leave_one_out")
+
+
+@dataclass
+class ObjectiveSettings:
+    eps: float = 1e-3
+    self_conditioning_prob: float = 0.5
+    loss_type: str = "all_supervised"
+    ar_loss_weight: float = 1.0
+    ar_loss_scope: str = "sequence"  # "sequence" (whole clean sequence) or "response"
+    chunk_tokens: int = 1024  # tokens per chunk of the vocabulary-wide logits
+
+    @classmethod
+    def from_config(cls, cfg) -> "ObjectiveSettings":
+        return cls(eps=cfg.eps, self_conditioning_prob=cfg.self_conditioning_prob, loss_type=cfg.loss_type,
+                   ar_loss_weight=cfg.ar_loss_weight, ar_loss_scope=cfg.ar_loss_scope)
+
+
+@dataclass
+class Noise:
+    """Per-example draws, all on the batch's device."""
+
+    t: torch.Tensor  # [B] corruption level
+    corrupted: torch.Tensor  # [B, R] bool (only ever True on valid canvas positions)
+    noisy: torch.Tensor  # [B, R] canvas token ids after corruption
+    clean: torch.Tensor  # [B, R] clean response ids
+    layout: CanvasLayout
+    block: torch.Tensor  # [B] the block the loss scores
+    self_condition: torch.Tensor  # [B] bool coin
+
+    def scored(self, loss_type: str) -> torch.Tensor:
+        """[B, R] bool: positions that enter the diffusion loss."""
+        in_block = self.layout.valid & (self.layout.blocks == self.block[:, None])
+        if loss_type in ("corrupted_only", "reweighted"):
+            return in_block & self.corrupted
+        return in_block
+
+
+def sample_generator(seed: int, stream_index: int) -> torch.Generator:
+    # splitmix-style mixing so neighbouring indices give unrelated streams
+    x = (seed * 0x9E3779B97F4A7C15 + stream_index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 63)
+    return torch.Generator().manual_seed(x)
+
+
+def draw_noise(batch, stream_index: torch.Tensor, *, seed: int, vocab_size: int, eps: float, sc_prob: float) -> Noise:
+    """Corrupt the response of every example of ``batch`` (a CanvasBatch) deterministically."""
+    C = batch.canvas_length
+    R = int(batch.num_blocks.max()) * C
+    layout = canvas_layout(batch.prompt_lengths, batch.num_blocks, R, C)
+    dev = batch.input_ids.device
+    gather_at = layout.positions.clamp(max=batch.input_ids.shape[1] - 1)
+    clean = torch.gather(batch.input_ids, 1, gather_at).masked_fill(~layout.valid, 0)
+    B = clean.shape[0]
+    t = torch.empty(B)
+    block = torch.empty(B, dtype=torch.long)
+    coin = torch.empty(B, dtype=torch.bool)
+    u = torch.ones(B, R)
+    repl = torch.zeros(B, R, dtype=torch.long)
+    for i, (idx, n) in enumerate(zip(stream_index.tolist(), batch.num_blocks.tolist())):
+        # draws sized by the sample itself (never by the batch), so they do not depend on batching
+        g = sample_generator(seed, int(idx))
+        t[i] = eps + (1 - eps) * torch.rand((), generator=g)
+        block[i] = torch.randint(int(n), (), generator=g)
+        coin[i] = torch.rand((), generator=g) < sc_prob
+        u[i, : n * C] = torch.rand(n * C, generator=g)
+        repl[i, : n * C] = torch.randint(vocab_size, (n * C,), generator=g)
+    t, block, coin, u, repl = (x.to(dev) for x in (t, block, coin, u, repl))
+    corrupted = (u < t[:, None]) & layout.valid
+    noisy = torch.where(corrupted, repl, clean)
+    return Noise(t, corrupted, noisy, clean, layout, block, coin)
+
+
+def softcapped_ce_sum(hidden, weight, targets, token_weight, cap, exclude=None, chunk=1024):
+    """sum_i token_weight[i] * CE(softcap(hidden[i] @ weight^T), targets[i]) without holding the full
+    [N, V] fp32 logits: chunks of ``chunk`` rows, each recomputed in backward (checkpoint).
+
+    ``exclude`` (optional [N] ids) removes that token's logit from the softmax where it differs from the
+    target (the leave-one-out variant).
+    """
+
+    def piece(h, tgt, w, exc):
+        logits = F.linear(h, weight.to(h.dtype)).float()
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        if exc is not None:
+            drop = F.one_hot(exc, logits.shape[-1]).bool() & (exc != tgt)[:, None]
+            logits = logits.masked_fill(drop, float("-inf"))
+        return (F.cross_entropy(logits, tgt, reduction="none") * w).sum()
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[0], chunk):
+        e = slice(s, s + chunk)
+        exc = None if exclude is None else exclude[e]
+        args = (hidden[e], targets[e], token_weight[e], exc)
+        total = total + (checkpoint(piece, *args, use_reentrant=False) if torch.is_grad_enabled() else piece(*args))
+    return total
+
+
+@torch.no_grad()
+def soft_embeddings_chunked(model: DiffusionGemma, hidden: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Pass-1 soft embeddings from decoder hidden states, chunked over tokens (no full logits)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = [model.soft_embeddings(model.lm_logits(flat[s : s + chunk])) for s in range(0, flat.shape[0], chunk)]
+    return torch.cat(out).view(*hidden.shape[:-1], -1)
+
+
+def ar_targets(batch, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token targets [B, L-1] and their 0/1 weights for the encoder co-loss."""
+    ids, valid = batch.input_ids, batch.valid
+    mask = valid[:, 1:] & valid[:, :-1]
+    if scope == "response":
+        pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
+        mask = mask & (pos >= batch.prompt_lengths[:, None])
+    return ids[:, 1:], mask
+
+
+def count_scored(batch, noise: Noise, settings: ObjectiveSettings) -> tuple[int, int]:
+    """(diffusion tokens, AR tokens) this micro-batch contributes: summed over the global batch by the
+    trainer to normalise every micro-batch's loss by the same global counts."""
+    ar = ar_targets(batch, settings.ar_loss_scope)[1].sum() if settings.ar_loss_weight else torch.zeros(())
+    return int(noise.scored(settings.loss_type).sum()), int(ar)
+
+
+def compute_loss(
+    model: DiffusionGemma,
+    batch,
+    noise: Noise,
+    settings: ObjectiveSettings,
+    diffusion_tokens: int,
+    ar_tokens: int,
+) -> dict[str, torch.Tensor]:
+    """One micro-batch of the objective. Returns the loss to backward (already divided by the global
+    token counts) and its parts."""
+    cap = model.config.final_logit_softcapping
+    weight = model.embed_tokens.weight
+    enc_hidden, cache = model.encode(batch.input_ids, batch.valid)
+
+    ar_loss = enc_hidden.new_zeros((), dtype=torch.float32)
+    if settings.ar_loss_weight:
+        tgt, m = ar_targets(batch, settings.ar_loss_scope)
+        h = enc_hidden[:, :-1].reshape(-1, enc_hidden.shape[-1])
+        ar_loss = softcapped_ce_sum(h, weight, tgt.reshape(-1), m.reshape(-1).float(), cap,
+                                    chunk=settings.chunk_tokens) / max(ar_tokens, 1)
+
+    soft = None
+    if settings.self_conditioning_prob > 0 and bool(noise.self_condition.any()):
+        with torch.no_grad():  # pass 1: no gradient, no self-conditioning signal
+            h1 = model.decode(noise.noisy, cache.detach(), noise.layout)
+            soft = soft_embeddings_chunked(model, h1, settings.chunk_tokens)
+    h2 = model.decode(noise.noisy, cache, noise.layout, soft_embeds=soft, sc_mask=noise.self_condition)
+
+    scored = noise.scored(settings.loss_type)
+    w = scored.float()
+    if settings.loss_type == "reweighted":
+        w = w / noise.t[:, None]
+    exclude = noise.noisy[scored] if settings.loss_type == "leave_one_out" else None
+    diff_sum = softcapped_ce_sum(h2[scored], weight, noise.clean[scored], w[scored], cap, exclude=exclude,
+                                 chunk=settings.chunk_tokens)
+    diffusion_loss = diff_sum / max(diffusion_tokens, 1)
+    loss = diffusion_loss + settings.ar_loss_weight * ar_loss
+    return {"loss": loss, "diffusion_loss": diffusion_loss.detach(), "ar_loss": ar_loss.detach()}
+
+
+def freeze_router(model: DiffusionGemma) -> int:
+    """Freeze every router parameter (proj, scale, per_expert_scale). Returns how many tensors."""
+    n = 0
+    for layer in model.layers:
+        for p in layer.router.parameters():
+            p.requires_grad_(False)
+            n += 1
+    return n
