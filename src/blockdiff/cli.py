@@ -1,0 +1,98 @@
+"""``blockdiff`` command line: train, export, generate, eval, plot, demo.
+
+Every error blockdiff raises on purpose (bad config, data, checkpoint) is printed as one line naming
+file, line and field, with exit status 2: never a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import BlockdiffError
+
+USAGE = """usage: blockdiff <command> [args]
+
+commands:
+  train -c FILE [--section.field VALUE ...]   fine-tune (works under torchrun and plain python)
+  export RUN_DIR [--out DIR] [--step N]       write a transformers-loadable model from a run's checkpoint
+  generate --model DIR (--prompt T | --input F.jsonl) [...]   sample with the entropy-bound sampler
+  eval gsm8k --model DIR --data F.jsonl [...] GSM8K exact-match accuracy
+  plot RUN_DIR [--out DIR]                    loss / grad-norm / lr curves as PNG
+  demo [--out DIR] [--steps N]                the embedded CPU demo: data, train, plot, export, eval
+"""
+
+
+def _train(argv):
+    from .config import load_config
+    from .train import train
+
+    p = argparse.ArgumentParser(prog="blockdiff train")
+    p.add_argument("-c", "--config", required=True, help="YAML config file")
+    args, overrides = p.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    train(cfg)
+
+
+def _export(argv):
+    from .export import export_run
+
+    p = argparse.ArgumentParser(prog="blockdiff export")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output dir (default RUN_DIR/export)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--merge", action="store_true", help="fold LoRA adapters into the weights")
+    args = p.parse_args(argv)
+    out = export_run(args.run_dir, args.out, step=args.step, merge=args.merge)
+    print(f"exported to {out}")
+
+
+def _plot(argv):
+    from .metrics import plot_run
+
+    p = argparse.ArgumentParser(prog="blockdiff plot")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+
+
+def _generate(argv):
+    from .sampling import cli_generate
+
+    cli_generate(argv)
+
+
+def _eval(argv):
+    from .evaluate import cli_eval
+
+    cli_eval(argv)
+
+
+def _demo(argv):
+    from .demo import main as demo_main
+
+    demo_main(argv)
+
+
+COMMANDS = {"train": _train, "export": _export, "plot": _plot, "generate": _generate, "eval": _eval, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except BlockdiffError as e:
+        print(f"blockdiff {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

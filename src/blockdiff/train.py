@@ -1,0 +1,299 @@
+"""The SFT training loop. One step reads top-down:
+
+    global batch of sample indices -> this rank's micro-batches (canvas batches) -> corruption
+    -> encoder + decoder passes -> objective -> backward -> (all-reduce) -> clip -> AdamW step
+
+fp32 master weights; bf16 autocast on GPU, fp32 on CPU. The data position, the noise and the
+self-conditioning coins are all functions of the step and the global sample index, so a resumed or
+re-sharded run continues the identical trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, apply_world_size
+from .data.canvas import SFTDataset, collate, global_order
+from .distributed import DistInfo, all_reduce_, init_distributed
+from .errors import BlockdiffError, ConfigError
+from .metrics import MetricsLogger, peak_memory_gib
+from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
+from .parallel import parallelize
+
+log = logging.getLogger("blockdiff")
+
+
+class TrainingError(BlockdiffError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------- building
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    from .data import load_tiny_tokenizer
+    from .data.chat import ensure_supervision_template
+
+    name = cfg.data.tokenizer
+    if name == "tiny":
+        tok = load_tiny_tokenizer()
+    else:
+        src = name or cfg.model.name_or_path
+        try:
+            tok = AutoTokenizer.from_pretrained(src)
+        except Exception as e:
+            raise ConfigError(f"cannot load tokenizer from {src!r}: {e}", field="data.tokenizer") from None
+    ensure_supervision_template(tok)
+    return tok
+
+
+def build_model(cfg: Config, device: torch.device):
+    from .model import hf_io
+
+    if cfg.model.from_config is not None:
+        kwargs = dict(cfg.model.from_config)
+        if cfg.model.num_layers:
+            kwargs.setdefault("text_config", {})
+            kwargs["text_config"] = {**kwargs["text_config"], "num_hidden_layers": cfg.model.num_layers}
+        model = hf_io.from_config(kwargs, dtype=torch.float32, device=device, attn_backend=cfg.model.attn_backend,
+                                  seed=cfg.train.seed)
+    else:
+        model = hf_io.load_pretrained(cfg.model.name_or_path, dtype=torch.float32, device=device,
+                                      attn_backend=cfg.model.attn_backend, num_layers=cfg.model.num_layers)
+    return model
+
+
+def check_consistency(cfg: Config, model, tokenizer) -> None:
+    mc = model.config
+    if cfg.data.canvas_length != mc.canvas_length:
+        raise ConfigError(f"canvas_length {cfg.data.canvas_length} differs from the model's canvas_length "
+                          f"{mc.canvas_length}", field="data.canvas_length")
+    if cfg.data.seq_length > mc.max_position_embeddings:
+        raise ConfigError(f"seq_length {cfg.data.seq_length} exceeds the model's max_position_embeddings "
+                          f"{mc.max_position_embeddings}", field="data.seq_length")
+    if len(tokenizer) > mc.vocab_size:
+        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {mc.vocab_size}",
+                          field="data.tokenizer")
+    if mc.num_experts % cfg.parallel.ep:
+        raise ConfigError(f"ep={cfg.parallel.ep} does not divide the model's {mc.num_experts} experts",
+                          field="parallel.ep")
+
+
+def lr_lambda(cfg: Config):
+    s = cfg.scheduler
+    floor = cfg.scheduler.min_lr / cfg.optimizer.lr
+
+    def f(step: int) -> float:
+        if step < s.warmup_steps:
+            return (step + 1) / (s.warmup_steps + 1)  # linear warmup from ~0; step 0 still learns a little
+        if s.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - s.warmup_steps) / max(1, s.decay_steps - s.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def prepare_run_dir(cfg: Config, dist: DistInfo) -> tuple[Path, Path | None]:
+    """Create the run dir; decide whether we resume. Refuses to overwrite another run."""
+    run_dir = Path(cfg.train.output_dir)
+    resume_from = None
+    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if cfg.train.resume == "must" and ckpt is None:
+        raise ConfigError(f"resume: must, but {run_dir} holds no checkpoint", field="train.resume")
+    if ckpt is not None and cfg.train.resume != "never":
+        resume_from = ckpt
+    elif run_dir.exists() and any(run_dir.iterdir()) and (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pick another output_dir or set train.resume: auto "
+                          "(it has no checkpoint to resume from)" if ckpt is None else
+                          f"{run_dir} already holds a run with checkpoints; resume is 'never': pick another "
+                          "output_dir", field="train.output_dir")
+    if dist.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save_yaml(run_dir / "config.yaml")
+    return run_dir, resume_from
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (cluster preemption): finish the step, checkpoint, exit 0."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+
+def step_sample_indices(step: int, global_batch: int, dataset_size: int, seed: int, _cache={}) -> list[int]:
+    """Dataset indices of the global batch at ``step``: consecutive slices of per-epoch permutations."""
+    out = []
+    for pos in range(step * global_batch, (step + 1) * global_batch):
+        epoch, i = divmod(pos, dataset_size)
+        key = (dataset_size, epoch, seed)
+        if key not in _cache:
+            _cache.clear()
+            _cache[key] = global_order(dataset_size, epoch, seed)
+        out.append(_cache[key][i])
+    return out
+
+
+def train(cfg: Config) -> Path:
+    dist = init_distributed()
+    accum = apply_world_size(cfg, dist.world_size)
+    device = dist.device
+    torch.manual_seed(cfg.train.seed)
+    run_dir, resume_from = prepare_run_dir(cfg, dist)
+
+    tokenizer = load_tokenizer(cfg)
+    model = build_model(cfg, device)
+    check_consistency(cfg, model, tokenizer)
+    dataset = SFTDataset(cfg.data.train_path, tokenizer, canvas_length=cfg.data.canvas_length,
+                         seq_length=cfg.data.seq_length, prompt_policy=cfg.data.prompt_too_long,
+                         split=cfg.data.split, eos_id=model.config.eos_token_id)
+    if cfg.lora.enabled:
+        from .lora import apply_lora  # base frozen, adapters trainable
+
+        apply_lora(model, cfg.lora)
+    if cfg.objective.freeze_router:
+        freeze_router(model)
+    model = parallelize(model, cfg, dist)
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    schedule = lr_lambda(cfg)
+    settings = ObjectiveSettings.from_config(cfg.objective)
+
+    start = 0
+    if resume_from is not None:
+        meta = load_checkpoint(resume_from, model, optimizer)
+        start = int(meta["step"])
+        log.info("resumed from %s at step %d", resume_from, start)
+
+    rank0 = dist.rank == 0
+    metrics = MetricsLogger(run_dir, rank0, cfg.logging.tensorboard, cfg.logging.wandb, cfg.logging.wandb_project,
+                            cfg.to_dict(), resume_step=start)
+    if rank0:
+        stats = {**dataset.stats(), "world_size": dist.world_size, "grad_accum": accum,
+                 "trainable_params": sum(p.numel() for p in params)}
+        (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
+        log.info("data: %s", stats)
+
+    G, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    max_steps = cfg.train.max_steps
+    if cfg.train.max_epochs:
+        max_steps = min(max_steps, cfg.train.max_epochs * len(dataset) // G)
+    autocast = device.type == "cuda" and cfg.model.dtype == "bfloat16"
+    stop = StopSignal()
+    progress = None
+    if rank0 and cfg.logging.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=max_steps, initial=start, desc="train", dynamic_ncols=True)
+    nan_skipped = 0
+    last_step_done = start
+    for step in range(start, max_steps):
+        t0 = time.perf_counter()
+        lr = o.lr * schedule(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = step_sample_indices(step, G, len(dataset), cfg.train.seed)
+        per_rank = G // dist.world_size
+        mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+        micro = []
+        for m0 in range(0, per_rank, mb):
+            pos = list(mine[m0 : m0 + mb])
+            batch = collate([dataset[indices[p]] for p in pos], cfg.data.canvas_length).to(device)
+            stream = torch.tensor([step * G + p for p in pos])
+            noise = draw_noise(batch, stream, seed=cfg.train.seed, vocab_size=model.config.vocab_size,
+                               eps=settings.eps, sc_prob=settings.self_conditioning_prob)
+            micro.append((batch, noise))
+        counts = torch.tensor([sum(count_scored(b, n, settings)[i] for b, n in micro) for i in (0, 1)],
+                              dtype=torch.float64, device=device)
+        all_reduce_(counts, dist)
+        n_diff, n_ar = int(counts[0]), int(counts[1])
+
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, diffusion, ar
+        for batch, noise in micro:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                out = compute_loss(model, batch, noise, settings, n_diff, n_ar)
+            out["loss"].backward()
+            sums += torch.stack([out["loss"].detach(), out["diffusion_loss"], out["ar_loss"]]).double()
+        all_reduce_(sums, dist)
+        for p in params:
+            if p.grad is not None:
+                all_reduce_(p.grad, dist)
+        clip = cfg.optimizer.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+        else:
+            nan_skipped += 1
+            bad = [n for n, v in zip(("loss", "diffusion_loss", "ar_loss"), sums.tolist()) if not math.isfinite(v)]
+            diag = (f"non-finite {'/'.join(bad) or 'gradient'} at step {step} (grad norm {float(grad_norm)}); "
+                    f"sample ids {[int(s) for b, _ in micro for s in b.sample_ids]}")
+            if cfg.train.nan_policy == "stop":
+                raise TrainingError(diag + "; weights left as after the previous step (nan_policy: stop)")
+            log.warning("%s: step skipped (nan_policy: skip, %d so far)", diag, nan_skipped)
+        optimizer.zero_grad(set_to_none=True)
+        last_step_done = step + 1
+
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == max_steps:
+            dt = time.perf_counter() - t0
+            tokens = sum(int(b.valid.sum()) for b, _ in micro) * dist.world_size
+            loss, diff, ar = sums.tolist()
+            row = {"loss": loss, "diffusion_loss": diff, "ar_loss": ar, "grad_norm": float(grad_norm),
+                   "lr": lr, "tokens_per_s": tokens / dt, "step_time_s": dt,
+                   "peak_mem_gib": peak_memory_gib(device), "nan_skipped": nan_skipped}
+            metrics.log(step + 1, row)
+            if progress is not None:
+                progress.set_postfix(loss=f"{loss:.3f}", diff=f"{diff:.3f}", lr=f"{row['lr']:.2e}")
+        if progress is not None:
+            progress.update(1)
+
+        every = cfg.checkpoint.every_steps
+        if (every and (step + 1) % every == 0) or stop.received:
+            _checkpoint(run_dir, step + 1, model, optimizer, cfg, dist, nan_skipped)
+        if stop.received:
+            log.warning("%s received: checkpoint at step %d written, exiting", stop.received, step + 1)
+            metrics.close()
+            return run_dir
+
+    if progress is not None:
+        progress.close()
+    if not (cfg.checkpoint.every_steps and last_step_done % cfg.checkpoint.every_steps == 0):
+        _checkpoint(run_dir, last_step_done, model, optimizer, cfg, dist, nan_skipped)
+    metrics.close()
+    if cfg.checkpoint.export_final and rank0:
+        export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
+        model.save_pretrained(export_dir)
+        tokenizer.save_pretrained(export_dir)
+        log.info("exported transformers checkpoint to %s", export_dir)
+    return run_dir
+
+
+def _checkpoint(run_dir, step, model, optimizer, cfg, dist, nan_skipped) -> None:
+    if dist.rank == 0:
+        save_checkpoint(run_dir, step, model, optimizer, {"nan_skipped": nan_skipped, "world_size": dist.world_size},
+                        keep_last=cfg.checkpoint.keep_last)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
