@@ -1,0 +1,79 @@
+"""Shared test helpers: tiny DiffusionGemma configs and checkpoints written by transformers itself.
+
+Keep this API stable (other test modules import it):
+  tiny_hf_config(...) -> transformers.DiffusionGemmaConfig
+  make_hf_checkpoint(tmp_path, seed=0, randomize=True, shard_size=None, **cfg) -> (dir, hf_model)
+  load_blockdiff(dir, **kw) -> blockdiff DiffusionGemma
+"""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+
+from blockdiff.model.config import hf_config_dict
+from blockdiff.model.diffusion_gemma import DiffusionGemma
+
+_HF_CONFIG_DICT_KEYS = set(inspect.signature(hf_config_dict).parameters)
+
+
+def tiny_hf_config(num_layers=6, sliding_window=6, kv_heads=2, heads=4, canvas=8, vocab=128, **overrides):
+    """A tiny DiffusionGemmaConfig (hidden 32, 4 experts top-2, minimal vision tower).
+
+    ``overrides`` that are ``hf_config_dict`` arguments (hidden_size, head_dim, global_head_dim, ...)
+    replace those; any other key goes into ``text_config`` (e.g. initializer_range, rms_norm_eps).
+    """
+    kw = dict(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=num_layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8, global_head_dim=16,
+        num_global_key_value_heads=1, sliding_window=sliding_window, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=16, canvas_length=canvas, max_position_embeddings=512,
+    )
+    text_extra = {}
+    for k, v in overrides.items():
+        (kw if k in _HF_CONFIG_DICT_KEYS else text_extra)[k] = v
+    d = hf_config_dict(**kw)
+    d["text_config"].update(text_extra)
+    return transformers.DiffusionGemmaConfig(**d)
+
+
+@torch.no_grad()
+def randomize_hf_model(hf_model, seed=0):
+    """Make every term matter for parity: noisy 1-D params (norm weights, router scales),
+    larger matrices, and distinct encoder/decoder ``layer_scalar`` buffers."""
+    g = torch.Generator().manual_seed(seed)
+    for _, p in hf_model.named_parameters():
+        if p.ndim == 1:
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+        else:
+            p.mul_(4.0)  # std 0.02 -> 0.08: logits far from zero
+    for name, b in hf_model.named_buffers():
+        if name.endswith("layer_scalar"):
+            b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    return hf_model
+
+
+def make_hf_checkpoint(tmp_path, seed=0, randomize=True, shard_size=None, **cfg):
+    """Build ``DiffusionGemmaForBlockDiffusion(tiny_hf_config(**cfg))`` and save it with transformers.
+
+    Returns (checkpoint dir, the eval-mode transformers model). ``shard_size`` (e.g. "20KB") makes
+    transformers write a sharded checkpoint.
+    """
+    torch.manual_seed(seed)
+    hf = transformers.DiffusionGemmaForBlockDiffusion(tiny_hf_config(**cfg))
+    if randomize:
+        randomize_hf_model(hf, seed)
+    hf.eval()
+    out = Path(tempfile.mkdtemp(dir=tmp_path, prefix="hf-ckpt-"))
+    kw = {} if shard_size is None else {"max_shard_size": shard_size}
+    hf.save_pretrained(out, **kw)
+    return out, hf
+
+
+def load_blockdiff(path, **kw) -> DiffusionGemma:
+    kw.setdefault("attn_backend", "sdpa")
+    return DiffusionGemma.from_pretrained(str(path), **kw).eval()
