@@ -1,0 +1,381 @@
+"""Block-diffusion sampling for DiffusionGemma (semantics of transformers' ``DiffusionGemmaGenerationMixin``).
+
+Per block: a canvas of uniform-random tokens is denoised for up to ``max_denoising_steps`` steps.
+Each step runs the decoder on the canvas (self-conditioned on the previous step's logits),
+divides the logits by a linearly decaying temperature, samples a denoised canvas, accepts the
+lowest-entropy tokens within an entropy bound, re-noises the rest and checks the per-row
+"stable and confident" stop. The block's output is the argmax of the last logits (as the
+reference does); it is appended to the encoder K/V cache (only the new block is encoded) and the
+next block starts, until every row has produced an EOS or ``max_new_tokens`` is reached.
+
+Randomness is per row and per block: row ``b`` draws from a generator seeded with
+``(row_seed[b], block)``. So a row's tokens do not depend on which other rows share its batch
+(nor on how many steps they took), which makes batched eval equal to one-by-one eval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+@dataclass
+class SamplerSettings:
+    """Sampling knobs; names follow ``DiffusionGemmaGenerationConfig`` (defaults are its defaults)."""
+
+    max_new_tokens: int = 256
+    max_denoising_steps: int = 48
+    t_max: float = 0.8
+    t_min: float = 0.4
+    entropy_bound: float = 0.1  # generation_config: sampler_config.entropy_bound
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    eos_token_ids: tuple[int, ...] = (1, 106, 50)  # generation_config: eos_token_id; () disables EOS
+    canvas_length: int | None = None  # None: the model's config.canvas_length
+    seed: int = 0
+    compile: bool = False  # reserved: currently a no-op on every device
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eos_token_ids, int):
+            self.eos_token_ids = (self.eos_token_ids,)
+        self.eos_token_ids = tuple(int(e) for e in (self.eos_token_ids or ()))
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
+            (self.max_denoising_steps >= 1, "max_denoising_steps", "must be >= 1"),
+            (0 <= self.t_min < self.t_max, "t_max", "need 0 <= t_min < t_max"),
+            (self.entropy_bound > 0, "entropy_bound", "must be > 0"),
+            (self.stability_threshold >= 0, "stability_threshold", "must be >= 0"),
+            (self.confidence_threshold > 0, "confidence_threshold", "must be > 0"),
+            (self.canvas_length is None or self.canvas_length >= 1, "canvas_length", "must be >= 1"),
+        ]
+        for ok, field, msg in checks:
+            if not ok:
+                raise ConfigError(f"{msg} (got {getattr(self, field)!r})", field=field)
+
+    @classmethod
+    def from_generation_config(cls, source: Any = None, **overrides) -> "SamplerSettings":
+        """Settings from a checkpoint dir / ``generation_config.json`` path / dict / transformers
+        ``DiffusionGemmaGenerationConfig``; missing or null fields keep the defaults, then
+        ``overrides`` (our field names) win. ``None`` overrides are ignored (CLI convenience)."""
+        raw = _read_generation_config(source)
+        values: dict[str, Any] = {}
+        for name in ("max_new_tokens", "max_denoising_steps", "t_max", "t_min", "stability_threshold",
+                     "confidence_threshold"):
+            if raw.get(name) is not None:
+                values[name] = raw[name]
+        sampler = raw.get("sampler_config")
+        if sampler is not None:
+            bound = sampler.get("entropy_bound") if isinstance(sampler, dict) else getattr(sampler, "entropy_bound")
+            if bound is not None:
+                values["entropy_bound"] = bound
+        if raw.get("eos_token_id") is not None:
+            eos = raw["eos_token_id"]
+            values["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        if raw.get("canvas_length") is not None:  # not a generation_config field; accepted in dicts
+            values["canvas_length"] = raw["canvas_length"]
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key, value in overrides.items():
+            if key not in known:
+                raise ConfigError(f"unknown sampler setting; expected one of {sorted(known)}", field=key)
+            if value is not None:
+                values[key] = value
+        return cls(**values)
+
+
+def _read_generation_config(source: Any) -> dict:
+    if source is None:
+        return {}
+    if isinstance(source, dict):
+        return dict(source)
+    if hasattr(source, "to_dict"):
+        return source.to_dict()
+    path = Path(os.fspath(source))
+    if path.is_dir():
+        path = path / GENERATION_CONFIG
+        if not path.exists():
+            return {}  # checkpoints without one sample with the reference defaults
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read generation config: {e}", file=path) from None
+
+
+def eos_ids_for_tokenizer(tokenizer) -> tuple[int, ...]:
+    """The tokenizer's EOS plus ``<end_of_turn>`` (when it is a known token): where replies end."""
+    ids = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    if eot is not None and eot != tokenizer.unk_token_id:
+        ids.append(int(eot))
+    return tuple(dict.fromkeys(ids))
+
+
+def settings_for_tokenizer(settings: SamplerSettings, tokenizer) -> SamplerSettings:
+    """``settings`` with EOS ids fitted to ``tokenizer``: ids that are ordinary vocabulary tokens
+    there are dropped (the reference's 106 and 50 are plain words in a small tokenizer; the tiny
+    one maps 50 to '5'), and the tokenizer's own EOS and ``<end_of_turn>`` are added.
+    An empty EOS list (EOS disabled) stays empty."""
+    if not settings.eos_token_ids:
+        return settings
+    dedicated = set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(tokenizer.all_special_ids)
+    kept = [e for e in settings.eos_token_ids if e in dedicated]
+    dropped = [e for e in settings.eos_token_ids if e not in dedicated]
+    if dropped:
+        logger.info("EOS ids %s are ordinary tokens of this tokenizer; not stopping on them", dropped)
+    eos = tuple(dict.fromkeys(kept + list(eos_ids_for_tokenizer(tokenizer))))
+    return dataclasses.replace(settings, eos_token_ids=eos)
+
+
+# ---- pure pieces (each tested against the reference) --------------------------------------------
+
+
+def temperature_at(step: int, num_steps: int, t_max: float, t_min: float) -> float:
+    """Temperature of denoising step ``step`` (0-based) out of ``num_steps``.
+
+    The reference counts steps down (cur_step = N..1) and uses t_min + (t_max - t_min) * cur_step / N,
+    so step 0 gets t_max and the last step t_min + (t_max - t_min) / N (t_min itself is never reached).
+    """
+    return t_min + (t_max - t_min) * ((num_steps - step) / num_steps)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats, fp32) of the categorical over the last dim of ``logits``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def entropy_bound_accept(logits_or_entropy: torch.Tensor, entropy_bound: float,
+                         is_entropy: bool | None = None) -> torch.Tensor:
+    """Accept mask [B, C]: tokens sorted by entropy ascending are accepted while
+    cumsum(entropy) - entropy <= bound (the sorted entropy is the running max), as the reference.
+
+    Pass logits [B, C, V] or entropies [B, C] (detected by rank unless ``is_entropy`` says).
+    """
+    if is_entropy is None:
+        is_entropy = logits_or_entropy.dim() == 2
+    ent = logits_or_entropy if is_entropy else token_entropy(logits_or_entropy)
+    sorted_ent, order = torch.sort(ent, dim=-1)
+    keep_sorted = torch.cumsum(sorted_ent, dim=-1) - sorted_ent <= entropy_bound
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def new_stability_history(stability_threshold: int, batch: int, canvas: int, device) -> torch.Tensor:
+    """Argmax history [S, B, C] filled with -1 (never equal to a token), as the reference starts."""
+    return torch.full((stability_threshold, batch, canvas), -1, dtype=torch.long, device=device)
+
+
+def should_stop(history: torch.Tensor, argmax_canvas: torch.Tensor, entropy: torch.Tensor,
+                confidence_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row adaptive stop: argmax equal to the last S argmax canvases (S = len(history); S = 0
+    means always stable) and mean entropy < threshold. Returns (stop [B], updated history)."""
+    if history.shape[0] == 0:
+        stable = torch.ones(argmax_canvas.shape[0], dtype=torch.bool, device=argmax_canvas.device)
+    else:
+        stable = (history == argmax_canvas[None]).all(dim=-1).all(dim=0)
+        history = torch.cat([history[1:], argmax_canvas[None].to(history.dtype)], dim=0)
+    confident = entropy.mean(dim=-1) < confidence_threshold
+    return stable & confident, history
+
+
+def sample_categorical(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: one uniform in [0, 1) per token picks from softmax(logits).
+
+    Needs only B*C random numbers (not B*C*V), so per-row generators stay cheap.
+    ``right=True`` never lands on a zero-probability token; the clamp guards fp32 rounding.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    target = (uniforms * cdf[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return idx.clamp_(max=logits.shape[-1] - 1)
+
+
+def cut_at_eos(tokens: list[int], eos_token_ids) -> list[int]:
+    """Tokens before the first EOS (the EOS itself is dropped)."""
+    eos = set(eos_token_ids)
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i]
+    return tokens
+
+
+# ---- the sampler --------------------------------------------------------------------------------
+
+
+class _RowRandom:
+    """One generator per row, reseeded per block so rows never share or shift random streams."""
+
+    def __init__(self, row_seeds: list[int], block: int, device: torch.device):
+        self.gens = []
+        for s in row_seeds:
+            g = torch.Generator(device=device)
+            # Large odd multiplier keeps (seed, block) pairs apart; mask to a valid 63-bit seed.
+            g.manual_seed((int(s) * 1_000_003 + block * 7_919 + 1) & ((1 << 63) - 1))
+            self.gens.append(g)
+        self.device = device
+
+    def tokens(self, length: int, vocab: int) -> torch.Tensor:
+        return torch.stack([torch.randint(0, vocab, (length,), generator=g, device=self.device)
+                            for g in self.gens])
+
+    def uniforms(self, length: int) -> torch.Tensor:
+        return torch.stack([torch.rand(length, generator=g, device=self.device) for g in self.gens])
+
+
+def _left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        if p:
+            ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[b, width - len(p):] = True
+    return ids.to(device), valid.to(device)
+
+
+def _select_rows(cache, rows: torch.Tensor):
+    kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cache.kv]
+    return type(cache)(kv, cache.positions.index_select(0, rows), cache.valid.index_select(0, rows))
+
+
+def denoise_block(model, cache, rng: _RowRandom, settings: SamplerSettings, canvas_length: int
+                  ) -> tuple[torch.Tensor, int]:
+    """Denoise one block for every row of ``cache``. Returns (argmax block [B, C], steps run)."""
+    vocab = model.config.vocab_size
+    n_steps = settings.max_denoising_steps
+    B = cache.positions.shape[0]
+    device = cache.positions.device
+    embed_dtype = model.embed_tokens.weight.dtype
+
+    canvas = rng.tokens(canvas_length, vocab)
+    argmax = canvas
+    sc_logits = None
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    history = new_stability_history(settings.stability_threshold, B, canvas_length, device)
+    steps = 0
+    for step in range(n_steps):
+        steps += 1
+        soft = None if sc_logits is None else model.soft_embeddings(sc_logits)
+        logits = model.lm_logits(model.decode(canvas, cache, soft_embeds=soft))
+        logits = logits / temperature_at(step, n_steps, settings.t_max, settings.t_min)
+
+        denoised = sample_categorical(logits, rng.uniforms(canvas_length))
+        entropy = token_entropy(logits)
+        accept = entropy_bound_accept(entropy, settings.entropy_bound, is_entropy=True)
+        # accept from the denoiser, re-noise every other position uniformly
+        new_canvas = torch.where(accept, denoised, rng.tokens(canvas_length, vocab))
+        new_argmax = logits.argmax(dim=-1)
+
+        # Rows that already stopped keep their argmax (their output) and canvas, as the reference
+        # does; where() instead of a `finished.any()` host sync. Their stop flag and logits no
+        # longer matter (finished is sticky, rows are independent), so those are not frozen.
+        new_argmax = torch.where(finished[:, None], argmax, new_argmax)
+        new_canvas = torch.where(finished[:, None], canvas, new_canvas)
+        stop, history = should_stop(history, new_argmax, entropy, settings.confidence_threshold)
+        finished = finished | stop
+
+        canvas, argmax = new_canvas, new_argmax
+        # The reference feeds the logits back in the embedding dtype (bf16 models round here).
+        sc_logits = logits.to(embed_dtype)
+        # The one host sync per step: stop the block once every row is done.
+        if bool(finished.all()):
+            break
+    return argmax, steps
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids_list: list[list[int]], settings: SamplerSettings | None = None,
+             device=None, progress: Callable[[dict], None] | None = None, row_seeds: list[int] | None = None,
+             reencode: bool = False) -> list[list[int]]:
+    """Sample a reply for each prompt; returns the new tokens of each row, cut before the first EOS
+    and at ``max_new_tokens``.
+
+    ``row_seeds`` (default ``seed + i``) fixes each row's random stream; a row with the same seed gives
+    the same tokens alone or in any batch. ``reencode=True`` (debug) re-encodes the whole prefix every
+    block instead of appending the block to the K/V cache. ``progress`` gets a dict per finished block.
+    """
+    settings = settings or SamplerSettings()
+    if not prompt_ids_list:
+        return []
+    if any(len(p) == 0 for p in prompt_ids_list):
+        raise ValueError("every prompt needs at least one token")
+    device = torch.device(device) if device is not None else model.embed_tokens.weight.device
+    B = len(prompt_ids_list)
+    row_seeds = list(row_seeds) if row_seeds is not None else [settings.seed + i for i in range(B)]
+    if len(row_seeds) != B:
+        raise ValueError(f"row_seeds has {len(row_seeds)} entries for {B} prompts")
+    C = settings.canvas_length or model.config.canvas_length
+    n_blocks = math.ceil(settings.max_new_tokens / C)
+    eos = torch.tensor(settings.eos_token_ids or [-1], dtype=torch.long, device=device)
+
+    prompt_ids, prompt_valid = _left_pad(prompt_ids_list, device)
+    _, cache = model.encode(prompt_ids, valid=prompt_valid)
+    active = torch.arange(B, device=device)  # original row index of each cache row
+    blocks_of_row: list[list[torch.Tensor]] = [[] for _ in range(B)]
+
+    for block in range(n_blocks):
+        rng = _RowRandom([row_seeds[i] for i in active.tolist()], block, device)
+        out, steps = denoise_block(model, cache, rng, settings, C)
+        active_list = active.tolist()
+        for j, row in enumerate(active_list):
+            blocks_of_row[row].append(out[j])
+        if progress is not None:
+            progress({"block": block, "steps": steps, "active": len(active_list)})
+        if block == n_blocks - 1:
+            break
+        # Rows with an EOS in this block are done: drop them so later blocks only run live rows.
+        alive = ~torch.isin(out, eos).any(dim=-1) if settings.eos_token_ids else torch.ones_like(active, dtype=torch.bool)
+        keep = alive.nonzero().squeeze(-1)
+        if keep.numel() == 0:
+            break
+        if reencode:
+            rows = active[keep].tolist()
+            prefix, valid = _left_pad([prompt_ids_list[r] for r in rows], device)
+            gen = torch.stack([torch.cat(blocks_of_row[r]) for r in rows])
+            _, cache = model.encode(torch.cat([prefix, gen], 1),
+                                    valid=torch.cat([valid, torch.ones_like(gen, dtype=torch.bool)], 1))
+        else:
+            if keep.numel() < active.numel():
+                cache, out = _select_rows(cache, keep), out.index_select(0, keep)
+            _, cache = model.encode(out, past=cache)
+        active = active[keep]
+
+    results = []
+    for row in range(B):
+        tokens = torch.cat(blocks_of_row[row]).tolist()[: settings.max_new_tokens]
+        results.append(cut_at_eos(tokens, settings.eos_token_ids))
+    return results
+
+
+def generate_text(model, tokenizer, conversations: list[list[dict]], settings: SamplerSettings | None = None,
+                  device=None, progress=None, row_seeds: list[int] | None = None) -> list[str]:
+    """Chat-template each conversation as in training (generation prompt appended), sample, decode.
+    EOS ids are fitted to the tokenizer (``settings_for_tokenizer``)."""
+    from .data.chat import render_generation_prompt
+
+    settings = settings_for_tokenizer(settings or SamplerSettings(), tokenizer)
+    prompts = [render_generation_prompt(tokenizer, conv) for conv in conversations]
+    outputs = generate(model, prompts, settings, device=device, progress=progress, row_seeds=row_seeds)
+    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+
+
+def cli_generate(argv=None) -> int:
+    """``blockdiff generate`` (implemented in ``blockdiff.evaluate``; re-exported for ``cli.py``)."""
+    from .evaluate import cli_generate as run
+
+    return run(argv)
