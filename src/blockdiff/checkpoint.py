@@ -8,6 +8,14 @@ Layout of a run directory::
 A checkpoint is written into a hidden temp directory, every file fsynced, then renamed into place;
 only then is ``latest`` replaced (write temp + fsync + rename). A crash at any moment leaves ``latest``
 naming a complete checkpoint (or absent). Old checkpoints rotate by keep-last-K.
+
+Sharded runs (``blockdiff.parallel``, world size > 1) write ``torch.distributed.checkpoint`` (DCP)
+checkpoints in the same layout: ``step_N/{__*_*.distcp, .metadata, meta.json}``. Every rank writes
+its own shards into the shared hidden temp directory (no gathering to one rank); after a barrier rank 0
+writes meta.json, fsyncs, renames and only then moves ``latest``. Tensors are saved in their GLOBAL
+layout (expert slices as [E, ...] DTensors), so a checkpoint loads on any world size / ep (DCP
+reshards). Optimizer state is keyed by parameter name as well. A single-process checkpoint loads into a
+sharded model and a sharded one into a single process.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError
 
 FORMAT = "blockdiff-train-checkpoint-v1"
+DCP_FORMAT = "blockdiff-train-checkpoint-dcp-v1"
 
 
 def _fsync_file(path: Path) -> None:
@@ -85,11 +94,14 @@ def save_checkpoint(run_dir, step: int, model, optimizer, meta: dict, keep_last:
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        from .lora import checkpoint_state  # a LoRA model stores its adapters only, never the frozen base
+
+        own, extra = checkpoint_state(model)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in own.items()}
         save_file(state, str(tmp / "model.safetensors"))
         save_file(optimizer_tensors(model, optimizer), str(tmp / "optimizer.safetensors"))
         with open(tmp / "meta.json", "w") as f:
-            json.dump({"format": FORMAT, "step": step, **meta}, f, indent=1)
+            json.dump({"format": FORMAT, "step": step, **meta, **extra}, f, indent=1)
         for p in tmp.iterdir():
             _fsync_file(p)
         _fsync_dir(tmp)
@@ -131,6 +143,12 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"unreadable checkpoint metadata: {e}", file=str(path / "meta.json")) from None
+    if meta.get("format") == DCP_FORMAT or _sharded(model):
+        if meta.get("format") not in (FORMAT, DCP_FORMAT):
+            raise CheckpointError(f"not a blockdiff training checkpoint (format {meta.get('format')!r})",
+                                  file=str(path / "meta.json"))
+        _load_into(path, meta, model, optimizer)
+        return meta
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"not a blockdiff training checkpoint (format {meta.get('format')!r})",
                               file=str(path / "meta.json"))
@@ -139,7 +157,16 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
         state = load_file(model_file)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"corrupted or unreadable tensor file: {e}", file=model_file) from None
-    own = model.state_dict()
+    adapters_only = bool(meta.get("adapters_only"))
+    if adapters_only:  # LoRA run: the frozen base comes from the base model, the checkpoint has the adapters
+        from .lora import has_lora, trainable_state_dict
+
+        if not has_lora(model):
+            raise CheckpointError("this checkpoint holds LoRA adapters only: apply_lora to the base model before "
+                                  "loading it", file=str(path / "meta.json"), field="adapters_only")
+        own = trainable_state_dict(model)
+    else:
+        own = model.state_dict()
     for name, t in state.items():
         if name not in own:
             raise CheckpointError("checkpoint holds a tensor this model does not have", file=model_file, field=name)
@@ -149,7 +176,7 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
     missing = [n for n in own if n not in state]
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}", file=model_file)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not adapters_only)
     if optimizer is not None:
         opt_file = str(path / "optimizer.safetensors")
         try:
@@ -158,3 +185,148 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
             raise CheckpointError(f"corrupted or unreadable tensor file: {e}", file=opt_file) from None
         load_optimizer_tensors(model, optimizer, tensors, opt_file)
     return meta
+
+
+# ---------------------------------------------------------------------------------------- sharded (DCP)
+
+
+def _sharded(model) -> bool:
+    from .parallel import is_sharded
+
+    return is_sharded(model)
+
+
+def _init_optimizer_state(model, optimizer) -> None:
+    """Materialise AdamW state for every param (a step with zero grads and lr 0), so DCP has targets."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p not in optimizer.state]
+    if not params:
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()  # decoupled weight decay is lr * wd = 0: params unchanged
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    for p in params:
+        p.grad = None
+
+
+def _dcp_state(model, optimizer) -> dict:
+    """name -> tensor in the global layout (DTensors share storage with params / optimizer state)."""
+    from .parallel import global_view, reshard_all
+
+    if _sharded(model):
+        reshard_all(model)
+    out = {}
+    for name, t in model.state_dict().items():
+        out[f"model.{name}"] = global_view(model, name, t)
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value):
+                        out[f"optim.{names[id(p)]}.{key}"] = global_view(model, names[id(p)], value)
+    return out
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def save_sharded_checkpoint(run_dir, step: int, model, optimizer, meta: dict, keep_last: int = 2) -> Path:
+    """Collective: every rank calls it. DCP save into a temp dir, then rank 0 publishes it atomically."""
+    import torch.distributed.checkpoint as dcp
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    ckpt_root = Path(run_dir) / "checkpoints"
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = ckpt_root / f".step_{step:08d}.tmp-dcp"
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    error = None
+    try:
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp))
+    except Exception as e:  # noqa: BLE001  (reported below, after every rank got here)
+        error = e
+    failed = torch.tensor([1.0 if error is not None else 0.0])
+    if torch.distributed.is_initialized():
+        dev = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        failed = failed.to(dev)
+        torch.distributed.all_reduce(failed)
+    if float(failed) > 0:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write sharded checkpoint ({error or 'on another rank'}); the previous "
+                              "checkpoint is intact", file=str(final))
+    if rank == 0:
+        try:
+            with open(tmp / "meta.json", "w") as f:
+                json.dump({"format": DCP_FORMAT, "step": step, **meta}, f, indent=1)
+            for p in tmp.iterdir():
+                _fsync_file(p)
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(ckpt_root)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not publish checkpoint ({e.strerror or e}); the previous checkpoint is "
+                                  "intact", file=str(final)) from None
+        write_atomic_text(ckpt_root / "latest", final.name + "\n")
+        rotate(ckpt_root, keep_last)
+    _barrier()
+    return final
+
+
+def _load_into(path: Path, meta: dict, model, optimizer) -> None:
+    """Load a DCP checkpoint (any world size / ep) or a single-process one into a (sharded) model."""
+    import torch.distributed.checkpoint as dcp
+
+    if optimizer is not None:
+        _init_optimizer_state(model, optimizer)
+    state = _dcp_state(model, optimizer)
+    if meta.get("format") == DCP_FORMAT:
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot load sharded checkpoint: {str(e).splitlines()[0][:500]}",
+                                  file=str(path)) from None
+        return
+    # single-process safetensors checkpoint -> every rank reads the file and copies its own shard
+    from .parallel import _is_dtensor
+
+    files = {"model": path / "model.safetensors", "optim": path / "optimizer.safetensors"}
+    loaded = {}
+    for kind, f in files.items():
+        if kind == "optim" and optimizer is None:
+            continue
+        try:
+            for k, v in load_file(str(f)).items():
+                loaded[f"model.{k}" if kind == "model" else "optim." + k.replace("::", ".")] = v
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"corrupted or unreadable tensor file: {e}", file=str(f)) from None
+    with torch.no_grad():
+        for key, target in state.items():
+            if key not in loaded:
+                raise CheckpointError("checkpoint lacks a tensor this model has", file=str(path), field=key)
+            src = loaded[key]
+            if tuple(src.shape) != tuple(target.shape):
+                raise CheckpointError(f"shape {list(src.shape)} but the model expects {list(target.shape)}",
+                                      file=str(path), field=key)
+            if _is_dtensor(target):
+                from torch.distributed.tensor import distribute_tensor
+
+                piece = distribute_tensor(src.to(target.device_mesh.device_type), target.device_mesh,
+                                          target.placements, src_data_rank=None)
+                target.to_local().copy_(piece.to_local())
+            else:
+                target.copy_(src)

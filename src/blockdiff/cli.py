@@ -21,6 +21,7 @@ commands:
   eval gsm8k --model DIR --data F.jsonl [...] GSM8K exact-match accuracy
   plot RUN_DIR [--out DIR]                    loss / grad-norm / lr curves as PNG
   demo [--out DIR] [--steps N]                the embedded CPU demo: data, train, plot, export, eval
+  bench [--layers 6] [--shapes 768+256,...]   one-GPU step benchmark, blockdiff vs transformers
 """
 
 
@@ -71,13 +72,20 @@ def _eval(argv):
     cli_eval(argv)
 
 
+def _bench(argv):
+    from .bench import main as bench_main
+
+    bench_main(argv)
+
+
 def _demo(argv):
     from .demo import main as demo_main
 
     demo_main(argv)
 
 
-COMMANDS = {"train": _train, "export": _export, "plot": _plot, "generate": _generate, "eval": _eval, "demo": _demo}
+COMMANDS = {"train": _train, "export": _export, "plot": _plot, "generate": _generate, "eval": _eval, "demo": _demo,
+            "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:

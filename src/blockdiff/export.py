@@ -25,8 +25,18 @@ def export_run(run_dir, out=None, step: int | None = None, merge: bool = False) 
     from .train import build_model, load_tokenizer
 
     model = build_model(cfg, torch.device("cpu"))
-    load_checkpoint(ckpt, model)
     out = Path(out or run_dir / "export")
-    model.save_pretrained(out)
+    if cfg.lora.enabled:
+        from .lora import apply_lora, export_lora, save_peft_adapter
+
+        apply_lora(model, cfg.lora)
+        load_checkpoint(ckpt, model)  # adapters only; the base is rebuilt from the run's model config
+        if not merge:  # the PEFT adapter directory (plus expert adapters PEFT cannot express, if any)
+            save_peft_adapter(model, out, cfg.model.name_or_path, cfg.lora)
+            return out
+        export_lora(model, out, cfg.model.name_or_path, cfg.lora, merged=True)  # out/ merged, out/adapter
+    else:
+        load_checkpoint(ckpt, model)
+        model.save_pretrained(out)
     load_tokenizer(cfg).save_pretrained(out)
     return out

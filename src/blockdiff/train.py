@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from .config import Config, apply_world_size
 from .data.canvas import SFTDataset, collate, global_order
 from .distributed import DistInfo, all_reduce_, init_distributed
 from .errors import BlockdiffError, ConfigError
 from .metrics import MetricsLogger, peak_memory_gib
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
-from .parallel import parallelize
+from .parallel import clip_grad_norm_, export_pretrained, is_sharded, parallelize
 
 log = logging.getLogger("blockdiff")
 
@@ -119,6 +119,8 @@ def prepare_run_dir(cfg: Config, dist: DistInfo) -> tuple[Path, Path | None]:
                           "(it has no checkpoint to resume from)" if ckpt is None else
                           f"{run_dir} already holds a run with checkpoints; resume is 'never': pick another "
                           "output_dir", field="train.output_dir")
+    if dist.world_size > 1:  # every rank decides before rank 0 writes config.yaml (else the others refuse)
+        torch.distributed.barrier()
     if dist.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_yaml(run_dir / "config.yaml")
@@ -172,7 +174,9 @@ def train(cfg: Config) -> Path:
     if cfg.lora.enabled:
         from .lora import apply_lora  # base frozen, adapters trainable
 
-        apply_lora(model, cfg.lora)
+        # the frozen base is stored in bf16 on GPU (adapters stay fp32 masters)
+        bf16_base = device.type == "cuda" and cfg.model.dtype == "bfloat16"
+        apply_lora(model, cfg.lora, base_dtype=torch.bfloat16 if bf16_base else None)
     if cfg.objective.freeze_router:
         freeze_router(model)
     model = parallelize(model, cfg, dist)
@@ -238,11 +242,12 @@ def train(cfg: Config) -> Path:
             out["loss"].backward()
             sums += torch.stack([out["loss"].detach(), out["diffusion_loss"], out["ar_loss"]]).double()
         all_reduce_(sums, dist)
-        for p in params:
-            if p.grad is not None:
-                all_reduce_(p.grad, dist)
-        clip = cfg.optimizer.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if dist.world_size > 1 and not is_sharded(model):  # FSDP already SUMMED the grads (parallel.py)
+            for p in params:
+                if p.grad is not None:
+                    all_reduce_(p.grad, dist)
+        clip = cfg.optimizer.grad_clip  # global norm, also over sharded (DTensor / expert-parallel) grads
+        grad_norm = clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
@@ -283,15 +288,33 @@ def train(cfg: Config) -> Path:
     if not (cfg.checkpoint.every_steps and last_step_done % cfg.checkpoint.every_steps == 0):
         _checkpoint(run_dir, last_step_done, model, optimizer, cfg, dist, nan_skipped)
     metrics.close()
-    if cfg.checkpoint.export_final and rank0:
+    if cfg.checkpoint.export_final and is_sharded(model):  # every rank gathers (streamed), rank 0 writes
         export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
-        model.save_pretrained(export_dir)
+        if cfg.lora.enabled:
+            log.warning("LoRA export from a sharded run is not supported yet: the checkpoint holds the weights")
+        else:
+            export_pretrained(model, export_dir, dist)
+            if rank0:
+                tokenizer.save_pretrained(export_dir)
+                log.info("exported transformers checkpoint to %s", export_dir)
+    elif cfg.checkpoint.export_final and rank0:
+        export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
+        if cfg.lora.enabled:  # export_dir: adapters merged in; export_dir/adapter: the PEFT adapter
+            from .lora import export_lora
+
+            export_lora(model, export_dir, cfg.model.name_or_path, cfg.lora, merged=True)
+        else:
+            model.save_pretrained(export_dir)
         tokenizer.save_pretrained(export_dir)
         log.info("exported transformers checkpoint to %s", export_dir)
     return run_dir
 
 
 def _checkpoint(run_dir, step, model, optimizer, cfg, dist, nan_skipped) -> None:
+    if is_sharded(model):  # torch.distributed.checkpoint: every rank writes its own shards, no gathering
+        save_sharded_checkpoint(run_dir, step, model, optimizer, {"nan_skipped": nan_skipped, "world_size":
+                                dist.world_size, "ep": cfg.parallel.ep}, keep_last=cfg.checkpoint.keep_last)
+        return
     if dist.rank == 0:
         save_checkpoint(run_dir, step, model, optimizer, {"nan_skipped": nan_skipped, "world_size": dist.world_size},
                         keep_last=cfg.checkpoint.keep_last)

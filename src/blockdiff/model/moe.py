@@ -52,13 +52,37 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
 
 
 class Experts(nn.Module):
+    """Experts as 3-D tensors. ``dispatcher`` (None by default) is the expert-parallel hook: an object
+    installed from outside (``blockdiff.parallel``) when this module holds only a slice of the experts.
+    Its ``dispatch(rows, counts)`` sends the expert-sorted rows to the ranks owning their experts and
+    returns ``(local rows grouped by local expert, per-local-expert counts, ctx)``; ``combine(h, ctx)``
+    returns the outputs to the original ranks, in the original row order. None: everything runs here."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
-        self.num_experts, self.intermediate = E, I
+        self.num_experts, self.intermediate = E, I  # num_experts stays the GLOBAL count under EP
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.act = activation(config.hidden_activation)
+        self.dispatcher = None
+        # LoRA hook (blockdiff.lora.ExpertLora, installed by apply_lora): a submodule whose
+        # ``delta(name, rows, counts, offsets)`` is added to the grouped product of "gate_up_proj" /
+        # "down_proj". Its tensors are [E, ...] like the experts', so EP shards them the same way.
+        self.adapter = None
+
+    def expert_mlp(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows grouped by expert (counts[e] rows for this module's expert e) -> [N, H]."""
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        gate_up = grouped_linear(rows, self.gate_up_proj, counts, offsets)
+        if self.adapter is not None:  # LoRA hook
+            gate_up = gate_up + self.adapter.delta("gate_up_proj", rows, counts, offsets)
+        gate, up = gate_up.chunk(2, dim=-1)
+        inner = self.act(gate) * up
+        h = grouped_linear(inner, self.down_proj, counts, offsets)
+        if self.adapter is not None:  # LoRA hook
+            h = h + self.adapter.delta("down_proj", inner, counts, offsets)
+        return h
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/index [T, K] -> [T, H]."""
@@ -67,9 +91,11 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         token = order // K
         counts = torch.bincount(flat, minlength=self.num_experts)
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
         rows = x[token]
-        gate, up = grouped_linear(rows, self.gate_up_proj, counts, offsets).chunk(2, dim=-1)
-        h = grouped_linear(self.act(gate) * up, self.down_proj, counts, offsets)
+        if self.dispatcher is None:
+            h = self.expert_mlp(rows, counts)
+        else:
+            local_rows, local_counts, ctx = self.dispatcher.dispatch(rows, counts)
+            h = self.dispatcher.combine(self.expert_mlp(local_rows, local_counts), ctx)
         h = (h.float() * weights.reshape(-1)[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, h)

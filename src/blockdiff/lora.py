@@ -1,0 +1,578 @@
+"""LoRA for DiffusionGemma: adapters, expert adapters, PEFT-format save/load, merge.
+
+- ``apply_lora(model, lora_cfg)`` wraps the target ``nn.Linear`` modules (q/k/v/o_proj of every layer's
+  ``self_attn``, gate/up/down_proj of every layer's dense ``mlp``; the self-conditioning block only with
+  ``lora_cfg.self_conditioning``) in ``LoraLinear`` and, with ``lora_cfg.experts``, gives every
+  ``Experts`` an ``ExpertLora`` (per-expert A/B as 3-D tensors, applied inside the grouped GEMMs through
+  the ``Experts.adapter`` hook, so they shard with the experts under expert parallelism). Everything
+  else is frozen. Our model is ONE stack run by both the encoder and decoder passes, so an adapter is
+  shared by both passes exactly as the base weights are.
+- Parameter names: ``layers.3.self_attn.q_proj.base.weight`` (frozen), ``...q_proj.lora_A`` [r, in],
+  ``...q_proj.lora_B`` [out, r]; ``layers.3.experts.adapter.gate_up_A`` [E, r, H] and so on.
+  Adapters are fp32 master parameters; ``cast_frozen_base_`` optionally stores the frozen base in bf16.
+- ``save_peft_adapter`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` that
+  ``peft.PeftModel.from_pretrained(DiffusionGemmaForBlockDiffusion.from_pretrained(base), dir)`` loads.
+  transformers holds the encoder and decoder as separate (tied) module trees, so every adapter of the
+  shared stack is written twice: under ``model.decoder.layers.N...`` and
+  ``model.encoder.language_model.layers.N...`` (same tensors). Expert adapters are not written in the
+  PEFT file (see ``EXPERT_FILE``): merge them (``merge_lora_``) for a transformers-only consumer.
+- ``merge_lora_`` folds everything into the base (plain ``nn.Linear`` again, expert tensors updated), so
+  ``hf_io.save_pretrained`` writes a normal checkpoint.
+- ``trainable_state_dict`` / ``checkpoint_state`` let training checkpoints of a LoRA run hold only the
+  adapters (+ optimizer state), never the frozen base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EXPERT_FILE = "blockdiff_expert_adapters.safetensors"
+PEFT_PREFIX = "base_model.model."
+DECODER_LAYERS = "model.decoder.layers."
+ENCODER_LAYERS = "model.encoder.language_model.layers."
+ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+class LoraError(CheckpointError):
+    """Adapter files that cannot be used with this model."""
+
+
+# ---------------------------------------------------------------------------------------- modules
+
+
+class LoraLinear(nn.Module):
+    """y = base(x) + (dropout(x) @ A^T @ B^T) * alpha / r, base frozen; A kaiming-uniform, B zeros."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, scaling: float | None = None):
+        super().__init__()
+        if base.bias is not None:
+            raise ConfigError("LoRA on a Linear with bias is not supported (DiffusionGemma has none)")
+        self.base = base
+        base.weight.requires_grad_(False)
+        self.rank = rank
+        self.scaling = alpha / rank if scaling is None else scaling
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=torch.float32))
+        if dev.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # the frozen base weight (without the adapter)
+        return self.base.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in fp32, [out, in]."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        # Under autocast the two matmuls run in bf16; outside it in x's dtype. Masters stay fp32.
+        h = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return out + h * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling}"
+
+
+class ExpertLora(nn.Module):
+    """Per-expert adapters of the 3-D expert tensors: for expert e and tensor W [E, out, in],
+    delta_e = scaling * B[e] @ A[e] with A [E, r, in] (kaiming-uniform) and B [E, out, r] (zeros).
+
+    Applied by ``Experts.forward`` through ``delta`` on the rows already grouped by expert, with the
+    same ``grouped_linear`` as the base (so EP can shard A/B along dim 0 exactly like the experts)."""
+
+    NAMES = ("gate_up_proj", "down_proj")
+
+    def __init__(self, experts: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+                 scaling: float | None = None):
+        super().__init__()
+        self.rank = rank
+        self.scaling = alpha / rank if scaling is None else scaling
+        for name in self.NAMES:
+            w = getattr(experts, name)
+            E, out, inp = w.shape
+            A = nn.Parameter(torch.empty(E, rank, inp, device=w.device, dtype=torch.float32))
+            if w.device.type != "meta":
+                for e in range(E):
+                    nn.init.kaiming_uniform_(A.data[e], a=math.sqrt(5))
+            setattr(self, self._a(name), A)
+            setattr(self, self._b(name), nn.Parameter(torch.zeros(E, out, rank, device=w.device, dtype=torch.float32)))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @staticmethod
+    def _a(name: str) -> str:
+        return name.removesuffix("_proj") + "_A"
+
+    @staticmethod
+    def _b(name: str) -> str:
+        return name.removesuffix("_proj") + "_B"
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, self._a(name)), getattr(self, self._b(name))
+
+    def delta(self, name: str, rows: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        from .model.moe import grouped_linear
+
+        A, B = self.factors(name)
+        h = grouped_linear(self.dropout(rows), A, counts, offsets)
+        return grouped_linear(h, B, counts, offsets) * self.scaling
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B_e @ A_e for every expert, fp32 [E, out, in]."""
+        A, B = self.factors(name)
+        return torch.bmm(B.float(), A.float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling}"
+
+
+# ---------------------------------------------------------------------------------------- applying
+
+
+def _cfg(lora_cfg, key, default=None):
+    return getattr(lora_cfg, key, default) if not isinstance(lora_cfg, dict) else lora_cfg.get(key, default)
+
+
+def _target_paths(model, targets, self_conditioning: bool) -> list[str]:
+    """Module paths (our names) of the Linear layers to adapt."""
+    targets = list(targets or [])
+    unknown = [t for t in targets if t not in ATTN_TARGETS + MLP_TARGETS]
+    if unknown:
+        raise ConfigError(f"unknown LoRA target(s) {unknown}: choose from {list(ATTN_TARGETS + MLP_TARGETS)} "
+                          "(experts: lora.experts; self-conditioning block: lora.self_conditioning)",
+                          field="lora.targets")
+    paths = []
+    for i, layer in enumerate(model.layers):
+        for parent, names in (("self_attn", ATTN_TARGETS), ("mlp", MLP_TARGETS)):
+            for name in names:
+                if name in targets and isinstance(getattr(getattr(layer, parent), name, None), (nn.Linear, LoraLinear)):
+                    paths.append(f"layers.{i}.{parent}.{name}")
+    if self_conditioning:
+        sc_names = [n for n in MLP_TARGETS if n in targets] or list(MLP_TARGETS)
+        paths += [f"self_conditioning.{n}" for n in sc_names]
+    return paths
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def apply_lora(model: nn.Module, lora_cfg, base_dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Freeze the model and add adapters as ``lora_cfg`` says (see the module docstring).
+
+    ``base_dtype`` (e.g. torch.bfloat16 on GPU) casts the frozen base via ``cast_frozen_base_``;
+    None keeps it as is (fp32 on CPU). Returns {"trainable": n, "total": n} parameter counts.
+    """
+    rank, alpha, dropout = int(_cfg(lora_cfg, "rank", 16)), float(_cfg(lora_cfg, "alpha", 32.0)), \
+        float(_cfg(lora_cfg, "dropout", 0.0))
+    if any(isinstance(m, (LoraLinear, ExpertLora)) for m in model.modules()):
+        raise ConfigError("apply_lora: the model already has LoRA adapters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path in _target_paths(model, _cfg(lora_cfg, "targets", list(ATTN_TARGETS + MLP_TARGETS)),
+                              bool(_cfg(lora_cfg, "self_conditioning", False))):
+        _set_module(model, path, LoraLinear(model.get_submodule(path), rank, alpha, dropout))
+    if _cfg(lora_cfg, "experts", False):
+        for layer in model.layers:
+            layer.experts.adapter = ExpertLora(layer.experts, rank, alpha, dropout)
+    model.lora_settings = {"rank": rank, "alpha": alpha, "dropout": dropout,
+                           "targets": list(_cfg(lora_cfg, "targets", []) or []),
+                           "self_conditioning": bool(_cfg(lora_cfg, "self_conditioning", False)),
+                           "experts": bool(_cfg(lora_cfg, "experts", False))}
+    if base_dtype is not None:
+        cast_frozen_base_(model, base_dtype)
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in model.parameters())}
+
+
+@torch.no_grad()
+def cast_frozen_base_(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Store every frozen floating-point matrix (ndim >= 2: projections, experts, embedding) in
+    ``dtype``; 1-D parameters (norm scales, router scales) and trainable adapters are left alone.
+    Returns the number of bytes saved."""
+    saved = 0
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.requires_grad or p.ndim < 2 or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            saved += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
+            module._parameters[name] = nn.Parameter(p.data.to(dtype), requires_grad=False)
+    return saved
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, (LoraLinear, ExpertLora)) for m in model.modules())
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def expert_adapters(model: nn.Module) -> dict[str, ExpertLora]:
+    """{path of the Experts module: its ExpertLora}."""
+    return {n.removesuffix(".adapter"): m for n, m in model.named_modules() if isinstance(m, ExpertLora)}
+
+
+@torch.no_grad()
+def merge_lora_(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base (in place): LoraLinear -> plain nn.Linear with W + scaling*B@A
+    (summed in fp32, stored in W's dtype); expert tensors += scaling*B_e@A_e; adapters removed."""
+    for path, m in lora_modules(model).items():
+        base = m.base
+        base.weight.copy_((base.weight.float() + m.delta_weight().to(base.weight.device)).to(base.weight.dtype))
+        _set_module(model, path, base)
+    for path, adapter in expert_adapters(model).items():
+        experts = model.get_submodule(path)
+        for name in ExpertLora.NAMES:
+            w = getattr(experts, name)
+            w.copy_((w.float() + adapter.delta_weight(name).to(w.device)).to(w.dtype))
+        experts.adapter = None
+    if hasattr(model, "lora_settings"):
+        del model.lora_settings
+    return model
+
+
+# ---------------------------------------------------------------------------------------- training checkpoints
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: tensor} of the parameters that train (the adapters of a LoRA model)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def checkpoint_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """What a training checkpoint stores: for a LoRA model only the adapters (meta says so), else
+    the full state dict."""
+    if has_lora(model):
+        return trainable_state_dict(model), {"adapters_only": True}
+    return model.state_dict(), {}
+
+
+# ---------------------------------------------------------------------------------------- PEFT format
+
+
+def _hf_module_paths(our_path: str) -> list[str]:
+    """transformers module path(s) of one of our modules: layers appear in BOTH the decoder and the
+    encoder tree; the self-conditioning block only in the decoder."""
+    from .model import hf_names
+
+    dec = hf_names.to_hf(our_path + ".weight").removesuffix(".weight")
+    if dec.startswith(DECODER_LAYERS):
+        return [dec, ENCODER_LAYERS + dec[len(DECODER_LAYERS):]]
+    return [dec]
+
+
+def _our_module_path(hf_path: str) -> tuple[str, bool]:
+    """(our module path, is the encoder copy) of a transformers module path."""
+    from .model import hf_names
+
+    encoder = hf_path.startswith(ENCODER_LAYERS)
+    if encoder:
+        hf_path = DECODER_LAYERS + hf_path[len(ENCODER_LAYERS):]
+    ours = hf_names.from_hf(hf_path + ".weight")
+    if ours is None:
+        raise LoraError(f"adapter for a different base: module {hf_path} is not part of the DiffusionGemma text "
+                        "model")
+    return ours.removesuffix(".weight"), encoder
+
+
+def _target_regex(paths: list[str]) -> str:
+    """A PEFT ``target_modules`` regex (fullmatch) naming exactly the adapted modules of both trees."""
+    layer_kinds, sc = set(), set()
+    for p in paths:
+        parts = p.split(".")
+        if parts[0] == "layers":
+            layer_kinds.add((parts[2], parts[3]))
+        else:
+            sc.add(parts[-1])
+    alts = []
+    by_parent: dict[str, list[str]] = {}
+    for parent, leaf in sorted(layer_kinds):
+        by_parent.setdefault(parent, []).append(leaf)
+    if by_parent:
+        inner = "|".join(f"{re.escape(par)}\\.(?:{'|'.join(leaves)})" for par, leaves in by_parent.items())
+        alts.append(f"model\\.(?:decoder|encoder\\.language_model)\\.layers\\.\\d+\\.(?:{inner})")
+    if sc:
+        alts.append(f"model\\.decoder\\.self_conditioning\\.(?:{'|'.join(sorted(sc))})")
+    return "|".join(f"(?:{a})" for a in alts)
+
+
+def _settings(model) -> dict:
+    s = getattr(model, "lora_settings", None)
+    if s is None:
+        mods = list(lora_modules(model).values()) + list(expert_adapters(model).values())
+        if not mods:
+            raise LoraError("the model has no LoRA adapters to save")
+        s = {"rank": mods[0].rank, "alpha": mods[0].scaling * mods[0].rank, "dropout": 0.0}
+    return s
+
+
+def _base_name(model) -> str | None:
+    src = getattr(model, "hf_source", None)
+    return src["dir"] if src else None
+
+
+def peft_adapter_payload(model: nn.Module, base_model_name_or_path: str | None = None,
+                         lora_cfg=None) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(adapter_config dict, PEFT tensors, expert tensors) as CPU fp32 copies (small: adapters only)."""
+    s = dict(_settings(model))
+    if lora_cfg is not None:
+        s.update(rank=int(_cfg(lora_cfg, "rank", s["rank"])), alpha=float(_cfg(lora_cfg, "alpha", s["alpha"])),
+                 dropout=float(_cfg(lora_cfg, "dropout", s["dropout"])))
+    mods = lora_modules(model)
+    tensors = {}
+    for path, m in mods.items():
+        for hf_path in _hf_module_paths(path):
+            # one copy per tree (safetensors refuses shared storage)
+            tensors[f"{PEFT_PREFIX}{hf_path}.lora_A.weight"] = m.lora_A.detach().float().cpu().clone()
+            tensors[f"{PEFT_PREFIX}{hf_path}.lora_B.weight"] = m.lora_B.detach().float().cpu().clone()
+    experts = {}
+    for path, a in expert_adapters(model).items():
+        for name in ExpertLora.NAMES:
+            A, B = a.factors(name)
+            experts[f"{path}.adapter.{ExpertLora._a(name)}"] = A.detach().float().cpu().clone()
+            experts[f"{path}.adapter.{ExpertLora._b(name)}"] = B.detach().float().cpu().clone()
+    base = base_model_name_or_path if base_model_name_or_path is not None else _base_name(model)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None if base is None else os.fspath(base),
+        "r": s["rank"],
+        "lora_alpha": s["alpha"],
+        "lora_dropout": s["dropout"],
+        "target_modules": _target_regex(list(mods)) if mods else None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    return config, tensors, experts
+
+
+def write_peft_adapter(out_dir, config: dict, tensors: dict, experts: dict) -> Path:
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if experts:
+        warnings.warn("PEFT cannot express blockdiff's per-expert LoRA on the 3-D expert tensors: expert adapters "
+                      f"are written to {EXPERT_FILE} (read by blockdiff.lora.load_peft_adapter only); a plain "
+                      "peft/transformers consumer ignores them. Use `blockdiff export RUN --merge` for a "
+                      "checkpoint with every adapter folded in.", stacklevel=3)
+        save_file(experts, os.fspath(out_dir / EXPERT_FILE),
+                  metadata={"format": "pt", "r": str(config["r"]), "lora_alpha": str(config["lora_alpha"])})
+    if config["target_modules"] is None:  # experts only: nothing PEFT can load
+        config = {**config, "target_modules": []}
+    save_file(tensors, os.fspath(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def save_peft_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None, lora_cfg=None) -> Path:
+    """Write a PEFT LoRA adapter directory (see the module docstring)."""
+    config, tensors, experts = peft_adapter_payload(model, base_model_name_or_path, lora_cfg)
+    return write_peft_adapter(out_dir, config, tensors, experts)
+
+
+def export_lora(model: nn.Module, export_dir, base_model_name_or_path=None, lora_cfg=None, merged: bool = True) -> Path:
+    """End-of-run export of a LoRA model: ``export_dir`` = merged transformers checkpoint (when
+    ``merged``; the model is merged IN PLACE) and ``export_dir/adapter`` = the PEFT adapter."""
+    export_dir = Path(export_dir)
+    payload = peft_adapter_payload(model, base_model_name_or_path, lora_cfg)  # before merging
+    if merged:
+        merge_lora_(model)
+        model.save_pretrained(export_dir)  # replaces a previous export dir as a whole
+    write_peft_adapter(export_dir / "adapter", *payload)
+    return export_dir
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def _same_base(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return True  # nothing to compare (random-init base): shapes decide
+    if a == b:
+        return True
+    pa, pb = Path(os.path.expanduser(a)), Path(os.path.expanduser(b))
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    # hub id vs its local snapshot dir (.../models--org--name/snapshots/<rev>)
+    for hub, path in ((a, b), (b, a)):
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", hub) and f"models--{hub.replace('/', '--')}" in path:
+            return True
+    return False
+
+
+def read_peft_adapter(adapter_dir) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg_file = adapter_dir / ADAPTER_CONFIG
+    try:
+        config = json.loads(cfg_file.read_text())
+    except FileNotFoundError:
+        raise LoraError("not a PEFT adapter directory (no adapter_config.json)", file=cfg_file) from None
+    except json.JSONDecodeError as e:
+        raise LoraError(f"not valid JSON: {e}", file=cfg_file) from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoraError(f"peft_type {config.get('peft_type')!r}: only LORA adapters are supported", file=cfg_file,
+                        field="peft_type")
+    for flag in ("use_dora", "fan_in_fan_out"):
+        if config.get(flag):
+            raise LoraError(f"{flag}: true is not supported", file=cfg_file, field=flag)
+    if config.get("bias", "none") != "none":
+        raise LoraError("LoRA bias is not supported", file=cfg_file, field="bias")
+    w_file = adapter_dir / ADAPTER_WEIGHTS
+    if not w_file.is_file():
+        raise LoraError(f"no {ADAPTER_WEIGHTS} (only safetensors adapters are read)", file=w_file)
+    try:
+        tensors = load_file(os.fspath(w_file))
+        experts = load_file(os.fspath(adapter_dir / EXPERT_FILE)) if (adapter_dir / EXPERT_FILE).is_file() else {}
+    except Exception as e:
+        raise LoraError(f"corrupted or unreadable adapter tensors: {e}", file=adapter_dir) from None
+    return config, tensors, experts
+
+
+_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+@torch.no_grad()
+def load_peft_adapter(model: nn.Module, adapter_dir, base_model_name_or_path: str | None = None,
+                      check_base: bool = True) -> nn.Module:
+    """Read a PEFT LoRA adapter (as written by ``save_peft_adapter``, or by PEFT for this model family)
+    into a blockdiff model, adding the adapter modules it needs. Raises LoraError ("adapter for a
+    different base") when the adapter's base or tensor shapes do not match the model."""
+    config, tensors, experts = read_peft_adapter(adapter_dir)
+    cfg_file = Path(adapter_dir) / ADAPTER_CONFIG
+    expected = base_model_name_or_path if base_model_name_or_path is not None else _base_name(model)
+    if check_base and not _same_base(config.get("base_model_name_or_path"), expected):
+        raise LoraError(f"adapter for a different base: it was trained on {config.get('base_model_name_or_path')!r}, "
+                        f"the model was loaded from {expected!r} (pass check_base=False to override)",
+                        file=cfg_file, field="base_model_name_or_path")
+    r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    dropout = float(config.get("lora_dropout", 0.0))
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _PEFT_KEY.match(key)
+        if not m:
+            raise LoraError(f"unexpected tensor {key} in a LoRA adapter", file=adapter_dir, field=key)
+        ours, encoder = _our_module_path(m.group(1))
+        slot = factors.setdefault(ours, {})
+        k = m.group(2) + ("_enc" if encoder else "")
+        slot[k] = t
+    existing = lora_modules(model)
+    for ours, f in factors.items():
+        if "A" not in f or "B" not in f:  # encoder copy only: use it
+            f.setdefault("A", f.get("A_enc"))
+            f.setdefault("B", f.get("B_enc"))
+        if f["A"] is None or f["B"] is None:
+            raise LoraError(f"adapter of {ours} lacks lora_A or lora_B", file=adapter_dir)
+        for s in ("A", "B"):
+            if f"{s}_enc" in f and not torch.equal(f[f"{s}_enc"], f[s]):
+                raise LoraError(f"the encoder and decoder adapters of {ours} differ: blockdiff runs both passes "
+                                "with one shared stack and cannot represent that", file=adapter_dir)
+        try:
+            target = model.get_submodule(ours)
+        except AttributeError:
+            raise LoraError(f"adapter for a different base: the model has no module {ours}", file=adapter_dir) from None
+        if not isinstance(target, (nn.Linear, LoraLinear)):
+            raise LoraError(f"adapter for a different base: {ours} is not a Linear layer", file=adapter_dir)
+        out_f, in_f = target.out_features, target.in_features
+        if f["A"].shape[1] != in_f or f["B"].shape[0] != out_f or f["A"].shape[0] != f["B"].shape[1]:
+            raise LoraError(f"adapter for a different base: {ours} has lora_A {list(f['A'].shape)} / lora_B "
+                            f"{list(f['B'].shape)}, the model's layer is [{out_f}, {in_f}]", file=adapter_dir)
+        rank = f["A"].shape[0]
+        if isinstance(target, LoraLinear) and target.rank == rank:
+            mod = existing[ours]
+            mod.scaling = scaling
+        else:
+            base = target.base if isinstance(target, LoraLinear) else target
+            base.weight.requires_grad_(False)
+            mod = LoraLinear(base, rank, alpha, dropout, scaling=scaling)
+            _set_module(model, ours, mod)
+        mod.lora_A.copy_(f["A"])
+        mod.lora_B.copy_(f["B"])
+    _load_expert_adapters(model, experts, adapter_dir, alpha, dropout)
+    model.lora_settings = {"rank": r, "alpha": alpha, "dropout": dropout}
+    return model
+
+
+def _load_expert_adapters(model, experts: dict[str, torch.Tensor], adapter_dir, alpha, dropout) -> None:
+    by_path: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in experts.items():
+        path, _, leaf = key.rpartition(".adapter.")
+        if not path:
+            raise LoraError(f"unexpected tensor {key} in {EXPERT_FILE}", file=adapter_dir, field=key)
+        by_path.setdefault(path, {})[leaf] = t
+    for path, tens in by_path.items():
+        try:
+            ex = model.get_submodule(path)
+        except AttributeError:
+            raise LoraError(f"adapter for a different base: the model has no module {path}", file=adapter_dir) from None
+        rank = tens["gate_up_A"].shape[1]
+        adapter = ex.adapter if isinstance(ex.adapter, ExpertLora) else ExpertLora(ex, rank, alpha, dropout)
+        adapter.scaling = alpha / rank
+        for name, t in tens.items():
+            own = getattr(adapter, name, None)
+            if own is None or own.shape != t.shape:
+                raise LoraError(f"adapter for a different base: {path}.adapter.{name} has shape {list(t.shape)}, "
+                                f"the model expects {None if own is None else list(own.shape)}", file=adapter_dir)
+            own.copy_(t)
+        ex.adapter = adapter
+
+
+def load_model_with_adapter(model_dir, adapter_dir, dtype: torch.dtype = torch.float32, device="cpu",
+                            merge: bool = True, **load_kw) -> nn.Module:
+    """Base checkpoint + adapter -> a blockdiff DiffusionGemma for generate/eval (eval mode). With
+    ``merge`` (default) the adapters are folded in (fp32 sums, stored in ``dtype``): plain model, no
+    inference overhead."""
+    from .model.hf_io import load_pretrained
+
+    model = load_pretrained(model_dir, dtype=dtype, device=device, **load_kw)
+    load_peft_adapter(model, adapter_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if merge:
+        merge_lora_(model)
+    else:
+        model.to(device)
+    return model.eval()
+
+
+def load_adapter(model: nn.Module, adapter_dir, merge: bool = True) -> nn.Module:
+    """``load_peft_adapter`` then (by default) ``merge_lora_``: what generate/eval call on a loaded base."""
+    load_peft_adapter(model, adapter_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return merge_lora_(model) if merge else model
