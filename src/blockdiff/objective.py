@@ -171,7 +171,9 @@ def compute_loss(
                                     chunk=settings.chunk_tokens) / max(ar_tokens, 1)
 
     soft = None
-    if settings.self_conditioning_prob > 0 and bool(noise.self_condition.any()):
+    # Always run pass 1 when self-conditioning is on (sc_mask zeroes it per example): skipping it when
+    # no local coin is set would desynchronise the collectives of sharded / expert-parallel ranks.
+    if settings.self_conditioning_prob > 0:
         with torch.no_grad():  # pass 1: no gradient, no self-conditioning signal
             h1 = model.decode(noise.noisy, cache.detach(), noise.layout)
             soft = soft_embeddings_chunked(model, h1, settings.chunk_tokens)

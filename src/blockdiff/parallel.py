@@ -1,15 +1,334 @@
-"""Parallelism applied from outside the plain model (torchtitan's pattern).
+"""Parallelism applied from outside the plain model: FSDP2, expert parallelism, activation
+checkpointing, compile. The model file imports nothing distributed; everything is installed here.
 
-Today: one process, or several processes with replicated weights and gradients summed by the
-training loop. FSDP2, expert parallelism, activation checkpointing and compile arrive with the
-scale-out issue and plug in here.
+Layout (``W`` ranks, ``ep`` dividing W and the number of experts E):
+
+- data parallel over all W ranks (mesh ``dp``). Every non-expert parameter is sharded by FSDP2
+  (``fully_shard``) over all W ranks: one FSDP unit per transformer ``Layer`` and one root unit (embedding,
+  final norm, self-conditioning block).
+- expert parallel: ranks ``[g*ep, (g+1)*ep)`` form an EP group; EP rank r keeps experts
+  ``[r*E/ep, (r+1)*E/ep)`` (the 3-D expert params are sliced). The router runs replicated; the
+  expert-sorted token rows go to the rank owning their expert with ``all_to_all_single`` (counts are
+  exchanged first: uneven splits, no padding) and come back the same way (autograd through both).
+  The local expert params then form their own FSDP unit sharded over the W/ep ranks that hold the same
+  experts (mesh dim ``edp`` of the 2-D mesh ``(ep, edp)``).
+- gradients are SUMMED over ranks (the loss is already divided by the global token counts):
+  every FSDP unit gets ``set_gradient_divide_factor(1.0)`` and sum-only collectives.
+- ep = 1: no dispatcher, experts are ordinary params of their layer's unit.
+
+Mixed precision: fp32 master params; bf16 all-gather/compute on CUDA when ``model.dtype: bfloat16``;
+fp32 gradient reduction.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
+
+import torch
+import torch.distributed as tdist
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
 from .distributed import DistInfo
+from .errors import ConfigError
+
+log = logging.getLogger("blockdiff")
+
+
+
+# ---------------------------------------------------------------------------------------- all-to-all
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        tdist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
+        tdist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+class ExpertDispatcher:
+    """Installed as ``Experts.dispatcher`` when ep > 1 (see ``model.moe.Experts``)."""
+
+    def __init__(self, group, ep: int, num_experts: int):
+        self.group, self.ep = group, ep
+        self.n_local = num_experts // ep
+
+    def dispatch(self, rows: torch.Tensor, counts: torch.Tensor):
+        # rows are sorted by global expert; experts of EP rank r are the r-th contiguous block
+        send = counts.view(self.ep, self.n_local).contiguous()
+        recv = torch.empty_like(send)  # recv[s, e]: rows source s sends for my local expert e
+        tdist.all_to_all_single(recv, send, group=self.group)
+        send_splits = send.sum(1).tolist()
+        recv_splits = recv.sum(1).tolist()
+        got = all_to_all(rows, recv_splits, send_splits, self.group)  # ordered (source, local expert)
+        expert_of = torch.arange(self.n_local, device=rows.device).repeat(self.ep)
+        expert_of = torch.repeat_interleave(expert_of, recv.reshape(-1))
+        order = torch.argsort(expert_of, stable=True)
+        return got[order], recv.sum(0), (order, send_splits, recv_splits)
+
+    def combine(self, h: torch.Tensor, ctx) -> torch.Tensor:
+        order, send_splits, recv_splits = ctx
+        back = h[torch.argsort(order)]  # undo the regrouping by local expert
+        return all_to_all(back, send_splits, recv_splits, self.group)
+
+
+# ---------------------------------------------------------------------------------------- layer wrappers
+
+
+def _ac_forward(inner, *args, **kwargs):
+    return _checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Recompute each Layer in backward (non-reentrant). The layer returns its K/V functionally, so the
+    encoder K/V the decoder reads is an ordinary output: recomputation neither duplicates nor drops it."""
+    for layer in model.layers:
+        layer.forward = functools.partial(_ac_forward, layer.forward)
+
+
+def apply_compile(model) -> None:
+    for layer in model.layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+
+
+# ---------------------------------------------------------------------------------------- parallelize
+
+
+class ParallelState:
+    """What parallelize did; kept on the model as ``_blockdiff_parallel`` for checkpoints/export."""
+
+    def __init__(self, world_size, ep, dp_mesh=None, ep_mesh=None):
+        self.world_size, self.ep, self.dp_mesh, self.ep_mesh = world_size, ep, dp_mesh, ep_mesh
+
+
+def parallel_state(model) -> ParallelState | None:
+    return getattr(model, "_blockdiff_parallel", None)
+
+
+def is_sharded(model) -> bool:
+    return parallel_state(model) is not None
+
+
+def _fsdp():
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    return FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+
+def fsdp_modules(model):
+    FSDPModule = _fsdp()[0]
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard_all(model) -> None:
+    """Put every FSDP unit in its sharded state (params registered as DTensor shards)."""
+    for m in fsdp_modules(model):
+        m.reshard()
+
+
+def _root_class(cls):
+    """Subclass of the FSDP root class: every ``embed_tokens`` access first runs the root unit's FSDP
+    pre/post-forward through the argument-less ``_blockdiff_root_enter`` (registered as an FSDP forward
+    method), which lazily initialises FSDP and all-gathers the root params (a no-op when unsharded).
+
+    Why not register ``encode``/``decode`` themselves: the objective reads ``model.embed_tokens.weight``
+    (the tied LM head) outside them, and FSDP would hook the decoder's cache inputs, running the root's
+    post-backward (reduce-scatter + reshard) before the encoder's and the LM head's gradients arrive.
+    With no inputs and no outputs the root unit is reduced once, in FSDP's final backward callback. Its
+    params stay unsharded from first use until then (root units never reshard after forward)."""
+
+    def _blockdiff_root_enter(self):
+        return None
+
+    def embed_tokens(self):
+        self._blockdiff_root_enter()
+        return self._modules["embed_tokens"]
+
+    return type(cls.__name__, (cls,), {"embed_tokens": property(embed_tokens),
+                                       "_blockdiff_root_enter": _blockdiff_root_enter})
 
 
 def parallelize(model, cfg, dist: DistInfo):
-    """Return the model to train (on ``dist.device``)."""
-    return model.to(dist.device)
+    """Return the model to train (on ``dist.device``), sharded when ``dist.world_size > 1``."""
+    p = cfg.parallel
+    E = model.config.num_experts
+    if E % p.ep:
+        raise ConfigError(f"ep={p.ep} does not divide the model's {E} experts", field="parallel.ep")
+    if dist.world_size % p.ep:
+        raise ConfigError(f"ep={p.ep} does not divide the world size {dist.world_size}", field="parallel.ep")
+    model = model.to(dist.device)
+    if p.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if p.compile:
+        apply_compile(model)
+    if dist.world_size == 1:
+        return model
+
+    FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method = _fsdp()
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    W, ep, dev = dist.world_size, p.ep, dist.device.type
+    dp_mesh = init_device_mesh(dev, (W,), mesh_dim_names=("dp",))
+    ep_mesh = None
+    if ep > 1:
+        # mesh[j, i] = i * ep + j: the "ep" dim groups consecutive ranks, "edp" strides across groups
+        grid = torch.arange(W).view(W // ep, ep).t().contiguous()
+        ep_mesh = DeviceMesh(dev, grid, mesh_dim_names=("ep", "edp"))
+        ep_rank = dist.rank % ep
+        n_local = E // ep
+        sl = slice(ep_rank * n_local, (ep_rank + 1) * n_local)
+        group = ep_mesh.get_group("ep")
+        expert_names = set()
+        for li, layer in enumerate(model.layers):
+            ex = layer.experts
+            # every [E, ...] param under the experts module: the expert weights and any LoRA adapter's
+            for mod_name, mod in list(ex.named_modules()):
+                for name, old in list(mod.named_parameters(recurse=False)):
+                    if old.ndim >= 1 and old.shape[0] == E:
+                        new = torch.nn.Parameter(old.detach()[sl].clone(), requires_grad=old.requires_grad)
+                        setattr(mod, name, new)
+                        full = ".".join(x for x in (f"layers.{li}.experts", mod_name, name) if x)
+                        expert_names.add(full)
+            ex.dispatcher = ExpertDispatcher(group, ep, E)
+
+    bf16 = dist.device.type == "cuda" and cfg.model.dtype == "bfloat16"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
+    for layer in model.layers:
+        if ep > 1:
+            fully_shard(layer.experts, mesh=ep_mesh["edp"], mp_policy=mp)
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+    model.__class__ = _root_class(type(model))
+    register_fsdp_forward_method(model, "_blockdiff_root_enter")
+    for m in fsdp_modules(model):
+        m.set_gradient_divide_factor(1.0)  # SUM over ranks: the loss is normalised by global counts
+        if hasattr(m, "set_force_sum_reduction_for_comms"):
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no AVG/PREMUL_SUM)
+        if hasattr(m, "set_reduce_scatter_unused_params"):
+            m.set_reduce_scatter_unused_params(True, recurse=False)  # a rank whose experts got no tokens
+    model._blockdiff_parallel = ParallelState(W, ep, dp_mesh, ep_mesh)
+    model._blockdiff_parallel.expert_names = expert_names if ep > 1 else set()
+    return model
+
+
+# ---------------------------------------------------------------------------------------- global views
+
+
+def global_view(model, name: str, t):
+    """The tensor as a DTensor with its GLOBAL shape (for checkpoints and export).
+
+    Non-expert params are FSDP DTensors already global. Local expert slices (ep > 1) are FSDP DTensors
+    over ``edp`` with shape [E/ep, ...]; viewed on the 2-D (ep, edp) mesh with (Shard(0), Shard(0)) they
+    are the [E, ...] tensor (same storage, no copy)."""
+    st = parallel_state(model)
+    if st is None or st.ep == 1 or name not in st.expert_names or not _is_dtensor(t):
+        return t
+    from torch.distributed.tensor import DTensor, Shard
+
+    local = t.to_local()
+    shape = (t.shape[0] * st.ep, *t.shape[1:])
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return DTensor.from_local(local, st.ep_mesh, [Shard(0), Shard(0)], run_check=False, shape=torch.Size(shape),
+                              stride=stride)
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+# ---------------------------------------------------------------------------------------- grad clipping
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """Global-norm clipping. Plain tensors: ``torch.nn.utils.clip_grad_norm_``. Sharded grads: every
+    element of every DTensor grad lives on exactly one rank (dense params sharded over all ranks, each
+    expert on one EP rank and sharded over edp), so the squared norm is the world-sum of local squares."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(_is_dtensor(g) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    dev = grads[0].device
+    sq = torch.zeros((), dtype=torch.float32, device=dev)
+    plain = torch.zeros((), dtype=torch.float32, device=dev)
+    for g in grads:
+        if _is_dtensor(g):
+            sq += g.to_local().float().pow(2).sum()
+        else:  # replicated: count once
+            plain += g.float().pow(2).sum()
+    tdist.all_reduce(sq)
+    total = (sq + plain).sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        (g.to_local() if _is_dtensor(g) else g).mul_(coef.to(g.dtype))
+    return total
+
+
+# ---------------------------------------------------------------------------------------- export
+
+
+@torch.no_grad()
+def gather_full_state(model, dist: DistInfo, cpu: bool = True) -> dict[str, torch.Tensor] | None:
+    """Full (unsharded) model state dict on rank 0 (None elsewhere), gathered one tensor at a time."""
+    reshard_all(model)
+    out = {} if dist.rank == 0 else None
+    for name, t in model.state_dict().items():
+        t = global_view(model, name, t)
+        full = t.full_tensor() if _is_dtensor(t) else t
+        if out is not None:
+            out[name] = full.detach().to("cpu") if cpu else full.detach()
+        del full
+    return out
+
+
+def export_pretrained(model, out_dir, dist: DistInfo) -> None:
+    """transformers export from a (possibly sharded) run: every rank gathers, rank 0 writes."""
+    if not is_sharded(model):
+        if dist.rank == 0:
+            model.save_pretrained(out_dir)
+        return
+    from .model.diffusion_gemma import DiffusionGemma
+    from .model.hf_io import save_pretrained
+
+    state = gather_full_state(model, dist)
+    if dist.rank == 0:
+        with torch.device("meta"):
+            plain = DiffusionGemma(model.config, attn_backend=model.attn_backend)
+        plain.load_state_dict(state, strict=True, assign=True)
+        plain.rotary.__init__(model.config)
+        for k, v in vars(model).items():  # hf_config, hf_source, ...: what hf_io attached to the model
+            if not k.startswith("_") and k not in vars(plain):
+                setattr(plain, k, v)
+        save_pretrained(plain, out_dir)
+    tdist.barrier()
+
+
+@torch.no_grad()
+def gather_grads(model, dist: DistInfo) -> dict[str, torch.Tensor]:
+    """Full gradients by parameter name (on rank 0; tests and debugging). Collective on every rank."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = global_view(model, name, p.grad)
+        full = g.full_tensor() if _is_dtensor(g) else g
+        if dist.rank == 0:
+            out[name] = full.detach().float().cpu()
+    return out

@@ -225,7 +225,9 @@ def train(cfg: Config) -> Path:
         micro = []
         for m0 in range(0, per_rank, mb):
             pos = list(mine[m0 : m0 + mb])
-            batch = collate([dataset[indices[p]] for p in pos], cfg.data.canvas_length).to(device)
+            # on GPU, lengths rounded up to 128 (flex_attention's block) keep compiled shapes few
+            batch = collate([dataset[indices[p]] for p in pos], cfg.data.canvas_length,
+                            pad_to_multiple=128 if device.type == "cuda" else None).to(device)
             stream = torch.tensor([step * G + p for p in pos])
             noise = draw_noise(batch, stream, seed=cfg.train.seed, vocab_size=model.config.vocab_size,
                                eps=settings.eps, sc_prob=settings.self_conditioning_prob)

@@ -103,7 +103,10 @@ def _flex(q, k, v, block_mask, kernel_options):
     from torch.nn.attention.flex_attention import flex_attention
 
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        # Sequence lengths vary between batches and passes: let dynamo go dynamic after the first
+        # recompile instead of specialising on every (Lq, Lk) until the recompile limit.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        _compiled_flex = torch.compile(flex_attention, dynamic=None)
     return _compiled_flex(q, k, v, block_mask=block_mask, scale=1.0, enable_gqa=True, kernel_options=kernel_options)
 
 

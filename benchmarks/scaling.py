@@ -1,0 +1,130 @@
+"""GPU scale-out checks for the lead to run on the device (NCCL). Two sub-commands:
+
+  # equivalence: 1-GPU reference vs N GPUs, same global batch (prints max rel diff per case, JSON)
+  python benchmarks/scaling.py equivalence --nproc 2 4
+
+  # weak scaling at real layer shapes, reduced depth (per-GPU micro-batch fixed, global = mb x N)
+  torchrun --nproc-per-node=N benchmarks/scaling.py throughput --layers 2 --ep N --steps 8 --dtype bfloat16
+
+``throughput`` trains through ``blockdiff.train.train`` (the production loop: FSDP2 + EP + AC) on
+synthetic data and prints one JSON line on rank 0: tokens/s per GPU, median step time, peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def equivalence(args) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from blockdiff.data.synthetic import write_splits
+
+    tmp = Path(tempfile.mkdtemp(prefix="blockdiff-eq-"))
+    data = str(write_splits(tmp / "data", 40, 8, seed=0)[0])
+    common = ["--data.train_path", data, "--model.num_layers", "2", "--train.global_batch_size", "4",
+              "--train.micro_batch_size", "1", "--objective.self_conditioning_prob", "1.0",
+              "--model.dtype", "float32"]
+    results = {}
+
+    def run(n, ep):
+        out = tmp / f"g{n}_{ep}.st"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               str(ROOT / "tests" / "dist_worker.py"), "grads", str(out), *common,
+               "--train.output_dir", str(tmp / f"run{n}_{ep}"), "--parallel.ep", str(ep)]
+        subprocess.run(cmd, cwd=ROOT, timeout=900)
+        return load_file(str(out))
+
+    ref = run(1, 1)
+    for n in args.nproc:
+        for ep in sorted({1, n}):
+            got = run(n, ep)
+            worst = max(float((got[k] - ref[k]).abs().max() / (ref[k].abs().max() + 1e-12)) for k in ref)
+            results[f"n{n}_ep{ep}"] = {"max_rel_diff": worst, "loss": got["sums"].tolist(),
+                                       "ref_loss": ref["sums"].tolist()}
+    results["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(json.dumps(results, indent=1))
+
+
+def throughput(args) -> None:
+    import torch
+
+    from blockdiff.config import demo_config_path, load_config
+    from blockdiff.data.synthetic import write_splits
+    from blockdiff.metrics import read_metrics
+    from blockdiff.model.config import REAL_SHAPES, hf_config_dict
+    from blockdiff.train import train
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    base = Path(args.workdir)
+    data = base / "data" / "train.jsonl"
+    if rank == 0 and not data.exists():
+        write_splits(base / "data", 2000, 8, seed=0)
+    out = base / f"run_w{world}_ep{args.ep}_{os.environ.get('TORCHELASTIC_RUN_ID', 'x')}"
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.barrier()
+    shapes = dict(REAL_SHAPES)
+    canvas = shapes.pop("canvas_length")
+    mc = hf_config_dict(**shapes, canvas_length=canvas, num_hidden_layers=args.layers)
+    mb = args.micro_batch
+    cfg = load_config(demo_config_path(), [
+        "--data.train_path", str(data), "--data.seq_length", str(args.seq_length), "--data.canvas_length",
+        str(canvas), "--train.output_dir", str(out), "--train.max_steps", str(args.steps),
+        "--train.micro_batch_size", str(mb), "--train.global_batch_size", str(mb * world),
+        "--train.log_every", "1", "--parallel.ep", str(args.ep), "--parallel.activation_checkpointing",
+        str(args.ac).lower(), "--model.dtype", args.dtype, "--checkpoint.every_steps", "0",
+        "--checkpoint.export_final", "false", "--logging.progress", "false", "--logging.tensorboard", "false",
+        "--objective.self_conditioning_prob", "1.0", "--scheduler.warmup_steps", "0",
+        "--scheduler.decay_steps", "1000", "--train.resume", "never"])
+    cfg.model.from_config = mc
+    train(cfg)
+    if rank == 0:
+        rows = [r for r in read_metrics(out) if "tokens_per_s" in r][args.warmup:]
+        step = statistics.median(r["step_time_s"] for r in rows)
+        tps = statistics.median(r["tokens_per_s"] for r in rows)
+        print(json.dumps({
+            "world_size": world, "ep": args.ep, "layers": args.layers, "micro_batch_per_gpu": mb,
+            "seq_length": args.seq_length, "dtype": args.dtype, "activation_checkpointing": args.ac,
+            "tokens_per_s_per_gpu": tps / world, "tokens_per_s": tps, "step_time_s": step,
+            "peak_mem_gib": max(r["peak_mem_gib"] for r in rows),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "final_loss": rows[-1]["loss"] if rows else None}))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("equivalence")
+    e.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
+    t = sub.add_parser("throughput")
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--ep", type=int, default=1)
+    t.add_argument("--steps", type=int, default=8)
+    t.add_argument("--warmup", type=int, default=3, help="steps excluded from the medians")
+    t.add_argument("--micro-batch", type=int, default=2)
+    t.add_argument("--seq-length", type=int, default=1024)
+    t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    t.add_argument("--ac", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument("--workdir", default="/tmp/blockdiff-scaling")
+    args = ap.parse_args()
+    equivalence(args) if args.cmd == "equivalence" else throughput(args)
+
+
+if __name__ == "__main__":
+    main()

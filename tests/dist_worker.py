@@ -1,0 +1,102 @@
+"""Launched by tests/test_parallel.py under torchrun (or called in-process for the 1-rank reference).
+
+    python tests/dist_worker.py grads  OUT_FILE  [--section.field value ...]
+    python tests/dist_worker.py train  DONE_FILE [--section.field value ...]
+
+``grads``: one training step's forward/backward on the global batch (no optimizer step); rank 0 writes
+the summed losses, the global grad norm and every FULL gradient (gathered, experts in their global
+layout) to OUT_FILE (safetensors). ``train``: ``blockdiff.train.train`` on the config.
+
+Either way each rank writes ``<file>.rank<R>.done`` after a clean finish and leaves with os._exit(0), so
+a gloo teardown abort cannot turn a good run into a failure (the test checks the files).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
+    from blockdiff.config import apply_world_size, demo_config_path, load_config
+    from blockdiff.data.canvas import SFTDataset, collate
+    from blockdiff.distributed import all_reduce_, init_distributed
+    from blockdiff.objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
+    from blockdiff.parallel import clip_grad_norm_, gather_grads, parallelize
+    from blockdiff.train import build_model, load_tokenizer, step_sample_indices
+
+    cfg = load_config(demo_config_path(), overrides)
+    dist = init_distributed()
+    apply_world_size(cfg, dist.world_size)
+    torch.manual_seed(cfg.train.seed)
+    tok = load_tokenizer(cfg)
+    model = build_model(cfg, dist.device)
+    ds = SFTDataset(cfg.data.train_path, tok, canvas_length=cfg.data.canvas_length, seq_length=cfg.data.seq_length,
+                    prompt_policy=cfg.data.prompt_too_long, split=cfg.data.split, eos_id=model.config.eos_token_id)
+    if cfg.objective.freeze_router:
+        freeze_router(model)
+    model = parallelize(model, cfg, dist)
+    settings = ObjectiveSettings.from_config(cfg.objective)
+    G, mb, step = cfg.train.global_batch_size, cfg.train.micro_batch_size, 0
+    indices = step_sample_indices(step, G, len(ds), cfg.train.seed)
+    per_rank = G // dist.world_size
+    mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+    micro = []
+    for m0 in range(0, per_rank, mb):
+        pos = list(mine[m0 : m0 + mb])
+        batch = collate([ds[indices[p]] for p in pos], cfg.data.canvas_length).to(dist.device)
+        noise = draw_noise(batch, torch.tensor([step * G + p for p in pos]), seed=cfg.train.seed,
+                           vocab_size=model.config.vocab_size, eps=settings.eps,
+                           sc_prob=settings.self_conditioning_prob)
+        micro.append((batch, noise))
+    counts = torch.tensor([sum(count_scored(b, n, settings)[i] for b, n in micro) for i in (0, 1)],
+                          dtype=torch.float64, device=dist.device)
+    all_reduce_(counts, dist)
+    sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
+    for batch, noise in micro:
+        out = compute_loss(model, batch, noise, settings, int(counts[0]), int(counts[1]))
+        out["loss"].backward()
+        sums += torch.stack([out["loss"].detach(), out["diffusion_loss"], out["ar_loss"]]).double()
+    all_reduce_(sums, dist)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if dist.world_size > 1 and not hasattr(model, "_blockdiff_parallel"):
+        for p in params:
+            all_reduce_(p.grad, dist)
+    norm = clip_grad_norm_(params, float("inf"))
+    grads = gather_grads(model, dist)
+    if dist.rank != 0:
+        return None
+    return {"sums": sums.cpu(), "grad_norm": norm.detach().reshape(1).double().cpu(),
+            **{f"grad.{k}": v for k, v in grads.items()}}
+
+
+def main(argv: list[str]) -> None:
+    mode, out, overrides = argv[0], Path(argv[1]), argv[2:]
+    rank = int(os.environ.get("RANK", "0"))
+    if mode == "grads":
+        result = step_grads(overrides)
+        if result is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in result.items()}, str(out))
+    elif mode == "train":
+        from blockdiff.config import demo_config_path, load_config
+        from blockdiff.train import train
+
+        train(load_config(demo_config_path(), overrides))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    Path(f"{out}.rank{rank}.done").write_text("ok\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
