@@ -87,7 +87,7 @@ def throughput(args) -> None:
         "--train.micro_batch_size", str(mb), "--train.global_batch_size", str(mb * world),
         "--train.log_every", "1", "--parallel.ep", str(args.ep), "--parallel.activation_checkpointing",
         str(args.ac).lower(), "--model.dtype", args.dtype, "--checkpoint.every_steps", "0",
-        "--checkpoint.export_final", "false", "--logging.progress", "false", "--logging.tensorboard", "false",
+        "--checkpoint.save_final", "false", "--checkpoint.export_final", "false", "--logging.progress", "false", "--logging.tensorboard", "false",
         "--objective.self_conditioning_prob", "1.0", "--scheduler.warmup_steps", "0",
         "--scheduler.decay_steps", "1000", "--train.resume", "never"])
     cfg.model.from_config = mc

@@ -145,6 +145,7 @@ class TrainSection:
 class CheckpointSection:
     every_steps: int = 400  # 0: only the final checkpoint
     keep_last: int = 2
+    save_final: bool = True  # checkpoint at the end of training (off for throw-away benchmark runs)
     export_final: bool = True  # write a HF-format model dir at the end
     export_dir: str | None = None  # default: <output_dir>/export
 

@@ -287,7 +287,8 @@ def train(cfg: Config) -> Path:
 
     if progress is not None:
         progress.close()
-    if not (cfg.checkpoint.every_steps and last_step_done % cfg.checkpoint.every_steps == 0):
+    already_saved = cfg.checkpoint.every_steps and last_step_done % cfg.checkpoint.every_steps == 0
+    if cfg.checkpoint.save_final and not already_saved:
         _checkpoint(run_dir, last_step_done, model, optimizer, cfg, dist, nan_skipped)
     metrics.close()
     if cfg.checkpoint.export_final and is_sharded(model):  # every rank gathers (streamed), rank 0 writes

@@ -41,13 +41,15 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
 
     x [N, in], weight [E, out, in] -> [N, out].
     """
-    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-        return torch._grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offs=offsets)
-    outs = [
-        chunk @ weight[e].to(x.dtype).t()
-        for e, chunk in enumerate(torch.split(x, counts.tolist()))
-        if chunk.shape[0] > 0
-    ]
+    if x.is_cuda and hasattr(torch, "_grouped_mm"):
+        # under autocast the residual stream is fp32 while compute is bf16: cast here, as autocast would
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        if dtype == torch.bfloat16:
+            return torch._grouped_mm(x.to(dtype), weight.to(dtype).transpose(1, 2), offs=offsets)
+    # Reference path (CPU, fp32 GPU): unbind once, so backward stacks the expert grads in one go
+    # instead of one full-size zero tensor per indexed expert.
+    experts = weight.to(x.dtype).unbind(0)
+    outs = [chunk @ experts[e].t() for e, chunk in enumerate(torch.split(x, counts.tolist())) if chunk.shape[0] > 0]
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
 
 
