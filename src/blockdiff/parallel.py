@@ -152,11 +152,12 @@ def _root_class(cls):
     With no inputs and no outputs the root unit is reduced once, in FSDP's final backward callback. Its
     params stay unsharded from first use until then (root units never reshard after forward)."""
 
-    def _blockdiff_root_enter(self):
+    def _blockdiff_root_enter(self, _unused):
         return None
 
     def embed_tokens(self):
-        self._blockdiff_root_enter()
+        # one non-tensor argument: FSDP's CUDA root pre-forward indexes its (moved) args tuple
+        self._blockdiff_root_enter(0)
         return self._modules["embed_tokens"]
 
     return type(cls.__name__, (cls,), {"embed_tokens": property(embed_tokens),
