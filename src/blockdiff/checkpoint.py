@@ -30,22 +30,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .fsutil import fsync_path, fsync_tree
 
 FORMAT = "blockdiff-train-checkpoint-v1"
 DCP_FORMAT = "blockdiff-train-checkpoint-dcp-v1"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic_text(path: Path, text: str) -> None:
@@ -55,7 +43,7 @@ def write_atomic_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -90,32 +78,44 @@ def save_checkpoint(run_dir, step: int, model, optimizer, meta: dict, keep_last:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f".step_{step:08d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         from .lora import checkpoint_state  # a LoRA model stores its adapters only, never the frozen base
 
         own, extra = checkpoint_state(model)
         state = {k: v.detach().to("cpu").contiguous() for k, v in own.items()}
         save_file(state, str(tmp / "model.safetensors"))
+        _test_slow_write()
         save_file(optimizer_tensors(model, optimizer), str(tmp / "optimizer.safetensors"))
         with open(tmp / "meta.json", "w") as f:
             json.dump({"format": FORMAT, "step": step, **meta, **extra}, f, indent=1)
-        for p in tmp.iterdir():
-            _fsync_file(p)
-        _fsync_dir(tmp)
+        fsync_tree(tmp)
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
-    except OSError as e:
+        fsync_path(ckpt_root)
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O errors (disk full, ...) as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint ({e.strerror or e}); the previous checkpoint is intact",
-                              file=str(final)) from None
-    write_atomic_text(ckpt_root / "latest", final.name + "\n")
+        raise CheckpointError(f"could not write checkpoint ({getattr(e, 'strerror', None) or e}); the previous "
+                              "checkpoint is intact", file=str(final)) from None
+    try:
+        write_atomic_text(ckpt_root / "latest", final.name + "\n")
+    except OSError as e:
+        raise CheckpointError(f"could not update the 'latest' pointer ({e.strerror or e}); it still names the "
+                              "previous checkpoint", file=str(ckpt_root / "latest")) from None
     rotate(ckpt_root, keep_last)
     return final
+
+
+def _test_slow_write() -> None:
+    """Test hook: with BLOCKDIFF_TEST_SLOW_CHECKPOINT=<seconds> set, pause mid-write (kill -9 tests)."""
+    delay = os.environ.get("BLOCKDIFF_TEST_SLOW_CHECKPOINT")
+    if delay:
+        import time
+
+        time.sleep(float(delay))
 
 
 def rotate(ckpt_root: Path, keep_last: int) -> None:
@@ -147,6 +147,9 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
         if meta.get("format") not in (FORMAT, DCP_FORMAT):
             raise CheckpointError(f"not a blockdiff training checkpoint (format {meta.get('format')!r})",
                                   file=str(path / "meta.json"))
+        if meta.get("adapters_only") and not _has_lora(model):
+            raise CheckpointError("this checkpoint holds LoRA adapters only: apply_lora to the base model before "
+                                  "loading it", file=str(path / "meta.json"), field="adapters_only")
         _load_into(path, meta, model, optimizer)
         return meta
     if meta.get("format") != FORMAT:
@@ -190,6 +193,12 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
 # ---------------------------------------------------------------------------------------- sharded (DCP)
 
 
+def _has_lora(model) -> bool:
+    from .lora import has_lora
+
+    return has_lora(model)
+
+
 def _sharded(model) -> bool:
     from .parallel import is_sharded
 
@@ -219,9 +228,12 @@ def _dcp_state(model, optimizer) -> dict:
 
     if _sharded(model):
         reshard_all(model)
+    # a LoRA model stores its adapters only, never the frozen base (as save_checkpoint does)
+    keep = {n for n, p in model.named_parameters() if p.requires_grad} if _has_lora(model) else None
     out = {}
     for name, t in model.state_dict().items():
-        out[f"model.{name}"] = global_view(model, name, t)
+        if keep is None or name in keep:
+            out[f"model.{name}"] = global_view(model, name, t)
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}
         for group in optimizer.param_groups:
@@ -269,14 +281,13 @@ def save_sharded_checkpoint(run_dir, step: int, model, optimizer, meta: dict, ke
     if rank == 0:
         try:
             with open(tmp / "meta.json", "w") as f:
-                json.dump({"format": DCP_FORMAT, "step": step, **meta}, f, indent=1)
-            for p in tmp.iterdir():
-                _fsync_file(p)
-            _fsync_dir(tmp)
+                extra = {"adapters_only": True} if _has_lora(model) else {}
+                json.dump({"format": DCP_FORMAT, "step": step, **meta, **extra}, f, indent=1)
+            fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(ckpt_root)
+            fsync_path(ckpt_root)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"could not publish checkpoint ({e.strerror or e}); the previous checkpoint is "

@@ -140,8 +140,14 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], l
         raise DataError("conversation must end with an assistant turn", field="messages")
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"tokenizer '{name}' has no chat template", field="chat_template")
-    enc = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    from jinja2.exceptions import TemplateError  # transformers needs jinja2 for chat templates
+
+    try:  # transformers renders templates in jinja2's SandboxedEnvironment
+        enc = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    except TemplateError as e:  # a broken template, or a sandbox violation (SecurityError)
+        raise DataError(f"chat template of tokenizer '{name}' failed to render: {type(e).__name__}: {e}",
+                        field="chat_template") from None
     ids = list(enc["input_ids"])
     mask = list(enc.get("assistant_masks") or [])
     if len(mask) != len(ids) or not any(mask):

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
+from ..fsutil import fsync_path
 from . import hf_names
 from .config import FULL, ModelConfig
 from .diffusion_gemma import DiffusionGemma
@@ -334,14 +335,6 @@ def _shard_plan(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[
     return shards
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _is_export(path: Path) -> bool:
     return (path / CONFIG).is_file() and ((path / SINGLE).is_file() or (path / INDEX).is_file())
 
@@ -419,7 +412,7 @@ def save_pretrained(model: DiffusionGemma, out_dir, max_shard_size: int = 2 * 10
             for file, shard in zip(files, shards):
                 part = tmp / (file + ".partial")
                 save_file({n: entries[n][1]() for n in shard}, os.fspath(part), metadata={"format": "pt"})
-                _fsync(part)
+                fsync_path(part)
                 os.replace(part, tmp / file)
         _write_json(tmp / CONFIG, _config_for_export(model, source, dtype))
         if source is not None:
@@ -427,7 +420,7 @@ def save_pretrained(model: DiffusionGemma, out_dir, max_shard_size: int = 2 * 10
         if len(shards) > 1:  # the index last: it is what makes the shards a checkpoint
             _write_json(tmp / INDEX, {"metadata": {"total_size": sum(size for size, _ in entries.values())},
                                       "weight_map": {n: f for f, shard in zip(files, shards) for n in shard}})
-        _fsync(tmp)
+        fsync_path(tmp)
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
