@@ -2,10 +2,18 @@
 
     python tests/dist_worker.py grads  OUT_FILE  [--section.field value ...]
     python tests/dist_worker.py train  DONE_FILE [--section.field value ...]
+    python tests/dist_worker.py script DONE_FILE SCRIPT.py [its arguments ...]
 
 ``grads``: one training step's forward/backward on the global batch (no optimizer step); rank 0 writes
 the summed losses, the global grad norm and every FULL gradient (gathered, experts in their global
-layout) to OUT_FILE (safetensors). ``train``: ``blockdiff.train.train`` on the config.
+layout) to OUT_FILE (safetensors). ``train``: ``blockdiff.train.train`` on the config. ``script``: runs
+SCRIPT.py as ``__main__`` (e.g. ``examples/dllm_sft/finetune.py -c ...``); a non-zero ``sys.exit`` leaves
+no ``.done`` file.
+
+With ``--lora.enabled true`` (and optionally ``--lora.experts true``) ``grads`` applies LoRA as training
+does, then sets every ``lora_B`` (and expert ``*_B``) to seeded random values: with the zero init of B
+the gradient of every A would be exactly zero and the comparison would prove nothing. The output then
+also holds ``frozen_with_grad``: the number of frozen parameters that received a gradient (must be 0).
 
 Either way each rank writes ``<file>.rank<R>.done`` after a clean finish and leaves with os._exit(0), so
 a gloo teardown abort cannot turn a good run into a failure (the test checks the files).
@@ -36,6 +44,11 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
     model = build_model(cfg, dist.device)
     ds = SFTDataset(cfg.data.train_path, tok, canvas_length=cfg.data.canvas_length, seq_length=cfg.data.seq_length,
                     prompt_policy=cfg.data.prompt_too_long, split=cfg.data.split, eos_id=model.config.eos_token_id)
+    if cfg.lora.enabled:
+        from blockdiff.lora import apply_lora
+
+        apply_lora(model, cfg.lora)
+        randomize_lora_b(model, cfg.train.seed)
     if cfg.objective.freeze_router:
         freeze_router(model)
     model = parallelize(model, cfg, dist)
@@ -66,11 +79,29 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
         for p in params:
             all_reduce_(p.grad, dist)
     norm = clip_grad_norm_(params, float("inf"))
+    frozen_with_grad = torch.tensor([float(sum(p.grad is not None for p in model.parameters() if not p.requires_grad))])
+    all_reduce_(frozen_with_grad, dist)
     grads = gather_grads(model, dist)
     if dist.rank != 0:
         return None
-    return {"sums": sums.cpu(), "grad_norm": norm.detach().reshape(1).double().cpu(),
+    extra = {"frozen_with_grad": frozen_with_grad} if cfg.lora.enabled else {}
+    return {"sums": sums.cpu(), "grad_norm": norm.detach().reshape(1).double().cpu(), **extra,
             **{f"grad.{k}": v for k, v in grads.items()}}
+
+
+@torch.no_grad()
+def randomize_lora_b(model, seed: int, std: float = 0.05) -> None:
+    """Seeded (identical on every rank and in the 1-process reference) non-zero B factors, full shapes,
+    set BEFORE parallelize (which slices the expert ones)."""
+    from blockdiff.lora import ExpertLora, expert_adapters, lora_modules
+
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in lora_modules(model).values():
+        m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
+    for a in expert_adapters(model).values():
+        for name in ExpertLora.NAMES:
+            B = a.factors(name)[1]
+            B.copy_(torch.randn(B.shape, generator=g) * std)
 
 
 def main(argv: list[str]) -> None:
@@ -87,6 +118,15 @@ def main(argv: list[str]) -> None:
         from blockdiff.train import train
 
         train(load_config(demo_config_path(), overrides))
+    elif mode == "script":  # run a script file as __main__ with the rest as its argv (the example entry points)
+        import runpy
+
+        sys.argv = [overrides[0], *overrides[1:]]
+        try:
+            runpy.run_path(overrides[0], run_name="__main__")
+        except SystemExit as e:
+            if e.code not in (0, None):
+                raise  # no .done file: the test reports the failure
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     if torch.distributed.is_initialized():
