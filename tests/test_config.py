@@ -77,7 +77,7 @@ def test_demo_config():
     assert fc["text_config"]["num_experts"] == 8 and fc["vision_config"]["head_dim"] == 8
     assert c.data.tokenizer == "tiny" and (c.data.seq_length, c.data.canvas_length) == (128, 32)
     assert c.model.dtype == "float32" and c.optimizer.lr == 3e-3
-    assert (c.scheduler.warmup_steps, c.scheduler.decay_steps, c.train.max_steps) == (20, 300, 300)
+    assert (c.scheduler.warmup_steps, c.scheduler.decay_steps, c.train.max_steps) == (20, 600, 600)
     assert (c.train.global_batch_size, c.train.micro_batch_size) == (16, 16)
     assert c.parallel.ep == 1 and c.parallel.activation_checkpointing is False
     assert c.checkpoint.every_steps == 100

@@ -92,6 +92,20 @@ def test_cli_train_plot_export_and_transformers_loads_it(data, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
 
 
+def test_periodic_eval_is_logged_beside_the_loss(data, tmp_path):
+    from pathlib import Path
+
+    held_out = str(Path(data).with_name("test.jsonl"))
+    run = train(cfg_for(data, tmp_path / "run", 2, "--train.eval_every", "1", "--data.eval_path", held_out,
+                        "--train.eval_samples", "3"))
+    evals = [r for r in read_metrics(run) if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 and r["eval_n"] == 3 for r in evals)
+    from blockdiff.metrics import plot_run
+
+    assert any(p.name == "eval_accuracy.png" for p in plot_run(run))
+
+
 def test_refuses_to_overwrite_another_run(data, tmp_path):
     run = tmp_path / "run"
     train(cfg_for(data, run, 1, "--train.resume", "never"))
@@ -106,3 +120,15 @@ def test_inconsistent_canvas_length_is_rejected(data, tmp_path, capsys):
             str(tmp_path / "r"), "--data.canvas_length", "16", *FAST]
     assert main(args) == 2
     assert "data.canvas_length" in capsys.readouterr().err
+
+
+def test_demo_command_end_to_end(tmp_path, capsys):
+    """`blockdiff demo` itself (few steps): data, train, plot, export, reload, sample, report."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2", "--n-train", "40", "--n-test", "4",
+                 "--logging.progress", "false", "--logging.tensorboard", "false"]) == 0
+    report = json.loads((out / "demo_report.json").read_text())
+    assert report["steps"] == 2 and report["heldout_n"] == 4
+    assert 0 <= report["heldout_accuracy"] <= 1 and 0 <= report["heldout_accuracy_reference_sampler"] <= 1
+    assert (out / "run" / "export" / "config.json").exists() and (out / "run" / "loss.png").exists()
+    assert "held-out exact match" in capsys.readouterr().out

@@ -128,13 +128,14 @@ class TrainSection:
     resume: Literal["auto", "never", "must"] = "auto"
     log_every: int = 1
     eval_every: int = 0  # 0: no periodic eval
+    eval_samples: int = 64  # held-out rows sampled at each periodic eval
     max_epochs: int | None = None
     nan_policy: Literal["skip", "stop"] = "stop"
 
     def checks(self):
         out = [_rng(self, n, ge=1) for n in ("max_steps", "global_batch_size", "micro_batch_size", "log_every",
                                              "max_epochs")]
-        out += [_rng(self, "seed", ge=0), _rng(self, "eval_every", ge=0)]
+        out += [_rng(self, "seed", ge=0), _rng(self, "eval_every", ge=0), _rng(self, "eval_samples", ge=1)]
         if self.micro_batch_size >= 1 and self.global_batch_size % self.micro_batch_size:
             out.append(("global_batch_size", f"expected a multiple of micro_batch_size ({self.micro_batch_size}), "
                                              f"got {self.global_batch_size}"))

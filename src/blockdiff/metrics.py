@@ -46,7 +46,14 @@ class MetricsLogger:
         """On resume, drop lines logged after the checkpoint so the curve has no duplicates."""
         if not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                row = json.loads(ln) if ln.strip() else None
+            except json.JSONDecodeError:  # a line torn by kill -9 mid-append: drop it
+                row = None
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(ln)
         self.path.write_text("".join(k + "\n" for k in keep))
 
     def log(self, step: int, values: dict) -> None:
@@ -108,4 +115,17 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
         written.append(out / name)
+    evals = [r for r in read_metrics(run_dir) if "eval_accuracy" in r]
+    if evals:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], marker="o")
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out exact match")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{Path(run_dir).name}: periodic eval")
+        fig.tight_layout()
+        fig.savefig(out / "eval_accuracy.png", dpi=100)
+        plt.close(fig)
+        written.append(out / "eval_accuracy.png")
     return written

@@ -25,6 +25,7 @@ from .config import Config, apply_world_size
 from .data.canvas import SFTDataset, collate, global_order
 from .distributed import DistInfo, all_reduce_, init_distributed
 from .errors import BlockdiffError, ConfigError
+from .guards import GradNormGuard
 from .metrics import MetricsLogger, peak_memory_gib
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
 from .parallel import clip_grad_norm_, export_pretrained, is_sharded, parallelize
@@ -108,23 +109,49 @@ def lr_lambda(cfg: Config):
 def prepare_run_dir(cfg: Config, dist: DistInfo) -> tuple[Path, Path | None]:
     """Create the run dir; decide whether we resume. Refuses to overwrite another run."""
     run_dir = Path(cfg.train.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("exists and is not a directory", file=str(run_dir), field="train.output_dir")
     resume_from = None
     ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
     if cfg.train.resume == "must" and ckpt is None:
         raise ConfigError(f"resume: must, but {run_dir} holds no checkpoint", field="train.resume")
     if ckpt is not None and cfg.train.resume != "never":
         resume_from = ckpt
-    elif run_dir.exists() and any(run_dir.iterdir()) and (run_dir / "config.yaml").exists():
-        raise ConfigError(f"{run_dir} already holds a run; pick another output_dir or set train.resume: auto "
-                          "(it has no checkpoint to resume from)" if ckpt is None else
+    elif (run_dir / "config.yaml").exists() and (ckpt is not None or _other_run(run_dir, cfg)):
+        raise ConfigError(f"{run_dir} already holds another run ({_other_run(run_dir, cfg)}) and no checkpoint to "
+                          "resume from; pick another output_dir" if ckpt is None else
                           f"{run_dir} already holds a run with checkpoints; resume is 'never': pick another "
                           "output_dir", field="train.output_dir")
     if dist.world_size > 1:  # every rank decides before rank 0 writes config.yaml (else the others refuse)
         torch.distributed.barrier()
     if dist.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save_yaml(run_dir / "config.yaml")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save_yaml(run_dir / "config.yaml")
+        except OSError as e:  # unwritable, a file in the way, disk full
+            raise ConfigError(f"cannot write the output directory: {e.strerror or e}", file=str(run_dir),
+                              field="train.output_dir") from None
     return run_dir, resume_from
+
+
+def _other_run(run_dir: Path, cfg: Config) -> str | None:
+    """Why a run dir without checkpoints must not be reused (None: it may be). A run that never logged a step
+    (e.g. stopped by bad data) may be reused; so may one with the same config (killed before its first checkpoint:
+    it starts over); resume 'never' always refuses a run that trained."""
+    if not ((run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()):
+        return None
+    if cfg.train.resume == "never":
+        return "resume is 'never'"
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        saved = {}
+    new = cfg.to_dict()
+    differ = [f"{s}.{k}" for s in new for k in new[s] if f"{s}.{k}" != "train.output_dir"  # a moved run is the same
+              and (not isinstance(saved.get(s), dict) or saved[s].get(k) != new[s][k])]
+    return f"its config differs in {', '.join(differ[:3])}" if differ else None
 
 
 class StopSignal:
@@ -140,6 +167,35 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+
+
+class PeriodicEval:
+    """Held-out exact-match accuracy with the sampler every ``train.eval_every`` steps, logged beside the
+    loss as ``eval_accuracy``. Single-process runs only: sampling a sharded model would need every rank."""
+
+    def __init__(self, cfg: Config, model, tokenizer, dist: DistInfo):
+        self.every, self.rows = cfg.train.eval_every, None
+        if not self.every:
+            return
+        if dist.world_size > 1:
+            log.warning("train.eval_every: periodic eval runs in single-process runs only; skipped")
+            self.every = 0
+            return
+        from .data.jsonl import load_dataset_rows
+        from .sampling import SamplerSettings
+
+        rows = load_dataset_rows(cfg.data.eval_path)
+        self.rows = [r for _, r in zip(range(cfg.train.eval_samples), rows)]
+        self.model, self.tokenizer = model, tokenizer
+        self.settings = SamplerSettings(max_new_tokens=cfg.data.canvas_length, seed=cfg.train.seed)
+
+    def maybe_run(self, step: int, metrics) -> None:
+        if not self.every or step % self.every:
+            return
+        from .evaluate import quick_accuracy
+
+        acc = quick_accuracy(self.model, self.tokenizer, self.rows, self.settings, batch_size=len(self.rows))
+        metrics.log(step, {"eval_accuracy": acc, "eval_n": len(self.rows)})
 
 
 # ---------------------------------------------------------------------------------------- the loop
@@ -212,7 +268,9 @@ def train(cfg: Config) -> Path:
         from tqdm import tqdm
 
         progress = tqdm(total=max_steps, initial=start, desc="train", dynamic_ncols=True)
-    nan_skipped = 0
+    periodic_eval = PeriodicEval(cfg, model, tokenizer, dist)
+    nan_skipped = int(meta.get("nan_skipped", 0)) if resume_from is not None else 0  # resumed runs keep counting
+    grad_guard = GradNormGuard()  # warns when the grad norm explodes repeatedly
     last_step_done = start
     for step in range(start, max_steps):
         t0 = time.perf_counter()
@@ -251,6 +309,7 @@ def train(cfg: Config) -> Path:
         clip = cfg.optimizer.grad_clip  # global norm, also over sharded (DTensor / expert-parallel) grads
         grad_norm = clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
+        grad_guard.observe(step + 1, float(grad_norm))
         if finite:
             optimizer.step()
         else:
@@ -277,6 +336,7 @@ def train(cfg: Config) -> Path:
         if progress is not None:
             progress.update(1)
 
+        periodic_eval.maybe_run(step + 1, metrics)
         every = cfg.checkpoint.every_steps
         if (every and (step + 1) % every == 0) or stop.received:
             _checkpoint(run_dir, step + 1, model, optimizer, cfg, dist, nan_skipped)
@@ -293,13 +353,11 @@ def train(cfg: Config) -> Path:
     metrics.close()
     if cfg.checkpoint.export_final and is_sharded(model):  # every rank gathers (streamed), rank 0 writes
         export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
-        if cfg.lora.enabled:
-            log.warning("LoRA export from a sharded run is not supported yet: the checkpoint holds the weights")
-        else:
-            export_pretrained(model, export_dir, dist)
-            if rank0:
-                tokenizer.save_pretrained(export_dir)
-                log.info("exported transformers checkpoint to %s", export_dir)
+        # LoRA: export_dir = adapters merged in, export_dir/adapter = the PEFT adapter (as below)
+        export_pretrained(model, export_dir, dist, cfg.model.name_or_path, cfg.lora if cfg.lora.enabled else None)
+        if rank0:
+            tokenizer.save_pretrained(export_dir)
+            log.info("exported transformers checkpoint to %s", export_dir)
     elif cfg.checkpoint.export_final and rank0:
         export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
         if cfg.lora.enabled:  # export_dir: adapters merged in; export_dir/adapter: the PEFT adapter
