@@ -25,37 +25,49 @@ FRIENDS = ["friends", "kids", "boxes", "bags", "groups"]
 # generator and return (format fields, answer lines, final answer).
 
 
-def _shopping(rng: random.Random):
-    n, p = rng.randint(2, 9), rng.randint(1, 9)
+# Operand ranges per difficulty level. "standard" is GSM8K-like small arithmetic; "easy" keeps every
+# product and sum small enough that the tiny CPU demo model can learn the facts in a few minutes.
+RANGES = {
+    "standard": dict(shop_n=(2, 9), shop_p=(1, 9), share_k=(2, 6), share_each=(2, 9), age_a=(3, 40),
+                     age_b=(1, 30), speed_s=(2, 12), speed_h=(2, 5), give_a=(5, 30), give_b=(1, 20),
+                     save_a=(2, 9), save_w=(2, 8), save_spent=(1, 9)),
+    "easy": dict(shop_n=(2, 5), shop_p=(1, 5), share_k=(2, 4), share_each=(2, 5), age_a=(3, 12),
+                 age_b=(1, 9), speed_s=(1, 4), speed_h=(2, 3), give_a=(5, 12), give_b=(1, 6),
+                 save_a=(2, 5), save_w=(2, 4), save_spent=(1, 5)),
+}
+
+
+def _shopping(rng: random.Random, r: dict):
+    n, p = rng.randint(*r["shop_n"]), rng.randint(*r["shop_p"])
     fields = {"n": n, "p": p, "item": rng.choice(ITEMS)}
     q = "{name} buys {n} {item} at ${p} each. How many dollars does {name} spend?"
     return q, fields, [f"{n} * {p} = {n * p}"], n * p
 
 
-def _sharing(rng: random.Random):
-    k, each = rng.randint(2, 6), rng.randint(2, 9)
+def _sharing(rng: random.Random, r: dict):
+    k, each = rng.randint(*r["share_k"]), rng.randint(*r["share_each"])
     fields = {"total": k * each, "k": k, "item": rng.choice(ITEMS), "group": rng.choice(FRIENDS)}
     q = ("{name} has {total} {item} and puts them equally into {k} {group}. "
          "How many {item} are in each of the {group}?")
     return q, fields, [f"{k * each} / {k} = {each}"], each
 
 
-def _ages(rng: random.Random):
-    a, b = rng.randint(3, 40), rng.randint(1, 30)
+def _ages(rng: random.Random, r: dict):
+    a, b = rng.randint(*r["age_a"]), rng.randint(*r["age_b"])
     fields = {"a": a, "b": b}
     q = "{name} is {a} years old. {other} is {b} years older than {name}. How old is {other}?"
     return q, fields, [f"{a} + {b} = {a + b}"], a + b
 
 
-def _speed(rng: random.Random):
-    s, h = rng.randint(2, 12) * 5, rng.randint(2, 5)
+def _speed(rng: random.Random, r: dict):
+    s, h = rng.randint(*r["speed_s"]) * 5, rng.randint(*r["speed_h"])
     fields = {"s": s, "h": h, "vehicle": rng.choice(VEHICLES)}
     q = "A {vehicle} goes {s} miles per hour for {h} hours. How many miles does the {vehicle} go?"
     return q, fields, [f"{s} * {h} = {s * h}"], s * h
 
 
-def _give_away(rng: random.Random):
-    a, b = rng.randint(5, 30), rng.randint(1, 20)
+def _give_away(rng: random.Random, r: dict):
+    a, b = rng.randint(*r["give_a"]), rng.randint(*r["give_b"])
     c = rng.randint(1, a + b)
     fields = {"a": a, "b": b, "c": c, "item": rng.choice(ITEMS)}
     q = ("{name} has {a} {item}. {name} gets {b} more and then gives {c} to {other}. "
@@ -63,8 +75,8 @@ def _give_away(rng: random.Random):
     return q, fields, [f"{a} + {b} = {a + b}", f"{a + b} - {c} = {a + b - c}"], a + b - c
 
 
-def _savings(rng: random.Random):
-    a, w, spent = rng.randint(2, 9), rng.randint(2, 8), rng.randint(1, 9)
+def _savings(rng: random.Random, r: dict):
+    a, w, spent = rng.randint(*r["save_a"]), rng.randint(*r["save_w"]), rng.randint(*r["save_spent"])
     total = a * w
     spent = min(spent, total)
     fields = {"a": a, "w": w, "spent": spent}
@@ -91,10 +103,10 @@ def vocabulary_words() -> list[str]:
     return sorted(words)
 
 
-def _make_problem(rng: random.Random) -> tuple[str, str, int]:
+def _make_problem(rng: random.Random, level: str = "standard") -> tuple[str, str, int]:
     template = rng.choice(TEMPLATES)
     name, other = rng.sample(NAMES, 2)
-    question, fields, lines, answer = template(rng)
+    question, fields, lines, answer = template(rng, RANGES[level])
     question = question.format(name=name, other=other, **fields)
     solution = "\n".join(lines + [f"#### {answer}"])
     return question, solution, answer
@@ -105,7 +117,7 @@ def _row(question: str, solution: str) -> dict:
                          {"role": "assistant", "content": solution}]}
 
 
-def _unique_problems(n: int, seed: int) -> list[tuple[str, str]]:
+def _unique_problems(n: int, seed: int, level: str = "standard") -> list[tuple[str, str]]:
     """``n`` problems with pairwise different questions, deterministic in ``seed``."""
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -115,21 +127,21 @@ def _unique_problems(n: int, seed: int) -> list[tuple[str, str]]:
         attempts += 1
         if attempts > 50 * n + 1000:  # the problem space is large; this only guards misuse
             raise ValueError(f"could not generate {n} distinct problems (got {len(out)})")
-        question, solution, _ = _make_problem(rng)
+        question, solution, _ = _make_problem(rng, level)
         if question not in seen:
             seen.add(question)
             out.append((question, solution))
     return out
 
 
-def generate(n: int, seed: int = 0) -> list[dict]:
+def generate(n: int, seed: int = 0, level: str = "standard") -> list[dict]:
     """``n`` distinct problems as chat rows ``{"messages": [user, assistant]}``."""
-    return [_row(q, s) for q, s in _unique_problems(n, seed)]
+    return [_row(q, s) for q, s in _unique_problems(n, seed, level)]
 
 
-def write_splits(out_dir, n_train: int, n_test: int, seed: int = 0) -> tuple[Path, Path]:
+def write_splits(out_dir, n_train: int, n_test: int, seed: int = 0, level: str = "standard") -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``test.jsonl``; no question appears in both (held-out split)."""
-    problems = _unique_problems(n_train + n_test, seed)
+    problems = _unique_problems(n_train + n_test, seed, level)
     out = Path(out_dir)
     os.makedirs(out, exist_ok=True)
     paths = []
