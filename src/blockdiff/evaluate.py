@@ -16,7 +16,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from . import sampling
-from .errors import BlockdiffError, DataError
+from .errors import DataError
 from .sampling import SamplerSettings
 
 # A number: optional sign, thousands groups or plain digits, optional decimals (or ".5").
