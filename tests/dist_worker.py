@@ -30,11 +30,11 @@ import torch
 
 def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
     from blockdiff.config import apply_world_size, demo_config_path, load_config
-    from blockdiff.data.canvas import SFTDataset, collate
+    from blockdiff.data.canvas import SFTDataset
     from blockdiff.distributed import all_reduce_, init_distributed
-    from blockdiff.objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
+    from blockdiff.objective import ObjectiveSettings, compute_loss, freeze_router
     from blockdiff.parallel import clip_grad_norm_, gather_grads, parallelize
-    from blockdiff.train import build_model, load_tokenizer, step_sample_indices
+    from blockdiff.train import build_model, global_token_counts, load_tokenizer, rank_micro_batches
 
     cfg = load_config(demo_config_path(), overrides)
     dist = init_distributed()
@@ -53,24 +53,11 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
         freeze_router(model)
     model = parallelize(model, cfg, dist)
     settings = ObjectiveSettings.from_config(cfg.objective)
-    G, mb, step = cfg.train.global_batch_size, cfg.train.micro_batch_size, 0
-    indices = step_sample_indices(step, G, len(ds), cfg.train.seed)
-    per_rank = G // dist.world_size
-    mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
-    micro = []
-    for m0 in range(0, per_rank, mb):
-        pos = list(mine[m0 : m0 + mb])
-        batch = collate([ds[indices[p]] for p in pos], cfg.data.canvas_length).to(dist.device)
-        noise = draw_noise(batch, torch.tensor([step * G + p for p in pos]), seed=cfg.train.seed,
-                           vocab_size=model.config.vocab_size, eps=settings.eps,
-                           sc_prob=settings.self_conditioning_prob)
-        micro.append((batch, noise))
-    counts = torch.tensor([sum(count_scored(b, n, settings)[i] for b, n in micro) for i in (0, 1)],
-                          dtype=torch.float64, device=dist.device)
-    all_reduce_(counts, dist)
+    micro = rank_micro_batches(0, cfg, ds, dist, model.config.vocab_size, settings)
+    n_diff, n_ar = global_token_counts(micro, settings, dist)
     sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
     for batch, noise in micro:
-        out = compute_loss(model, batch, noise, settings, int(counts[0]), int(counts[1]))
+        out = compute_loss(model, batch, noise, settings, n_diff, n_ar)
         out["loss"].backward()
         sums += torch.stack([out["loss"].detach(), out["diffusion_loss"], out["ar_loss"]]).double()
     all_reduce_(sums, dist)

@@ -213,6 +213,36 @@ def step_sample_indices(step: int, global_batch: int, dataset_size: int, seed: i
     return out
 
 
+def rank_micro_batches(step: int, cfg: Config, dataset, dist: DistInfo, vocab_size: int,
+                       settings: ObjectiveSettings) -> list[tuple]:
+    """This rank's share of the global batch at ``step``, as (canvas batch, noise) micro-batches.
+
+    Rank r takes positions [r * G/W, (r+1) * G/W) of the global batch; noise is keyed by the global
+    stream index step * G + position, so it does not depend on the world size or the split."""
+    G, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    indices = step_sample_indices(step, G, len(dataset), cfg.train.seed)
+    per_rank = G // dist.world_size
+    mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+    micro = []
+    for m0 in range(0, per_rank, mb):
+        pos = list(mine[m0 : m0 + mb])
+        # on GPU, lengths rounded up to 128 (flex_attention's block) keep compiled shapes few
+        batch = collate([dataset[indices[p]] for p in pos], cfg.data.canvas_length,
+                        pad_to_multiple=128 if dist.device.type == "cuda" else None).to(dist.device)
+        noise = draw_noise(batch, torch.tensor([step * G + p for p in pos]), seed=cfg.train.seed,
+                           vocab_size=vocab_size, eps=settings.eps, sc_prob=settings.self_conditioning_prob)
+        micro.append((batch, noise))
+    return micro
+
+
+def global_token_counts(micro, settings: ObjectiveSettings, dist: DistInfo) -> tuple[int, int]:
+    """(diffusion, AR) scored tokens of the whole global batch: every micro-batch's loss is divided by them."""
+    counts = torch.tensor([sum(count_scored(b, n, settings)[i] for b, n in micro) for i in (0, 1)],
+                          dtype=torch.float64, device=dist.device)
+    all_reduce_(counts, dist)
+    return int(counts[0]), int(counts[1])
+
+
 def train(cfg: Config) -> Path:
     dist = init_distributed()
     accum = apply_world_size(cfg, dist.world_size)
@@ -256,7 +286,7 @@ def train(cfg: Config) -> Path:
         (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
         log.info("data: %s", stats)
 
-    G, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    G = cfg.train.global_batch_size
     max_steps = cfg.train.max_steps
     if cfg.train.max_epochs:
         max_steps = min(max_steps, cfg.train.max_epochs * len(dataset) // G)
@@ -276,23 +306,8 @@ def train(cfg: Config) -> Path:
         lr = o.lr * schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = step_sample_indices(step, G, len(dataset), cfg.train.seed)
-        per_rank = G // dist.world_size
-        mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
-        micro = []
-        for m0 in range(0, per_rank, mb):
-            pos = list(mine[m0 : m0 + mb])
-            # on GPU, lengths rounded up to 128 (flex_attention's block) keep compiled shapes few
-            batch = collate([dataset[indices[p]] for p in pos], cfg.data.canvas_length,
-                            pad_to_multiple=128 if device.type == "cuda" else None).to(device)
-            stream = torch.tensor([step * G + p for p in pos])
-            noise = draw_noise(batch, stream, seed=cfg.train.seed, vocab_size=model.config.vocab_size,
-                               eps=settings.eps, sc_prob=settings.self_conditioning_prob)
-            micro.append((batch, noise))
-        counts = torch.tensor([sum(count_scored(b, n, settings)[i] for b, n in micro) for i in (0, 1)],
-                              dtype=torch.float64, device=device)
-        all_reduce_(counts, dist)
-        n_diff, n_ar = int(counts[0]), int(counts[1])
+        micro = rank_micro_batches(step, cfg, dataset, dist, model.config.vocab_size, settings)
+        n_diff, n_ar = global_token_counts(micro, settings, dist)
 
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, diffusion, ar
         for batch, noise in micro:
