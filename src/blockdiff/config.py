@@ -63,6 +63,11 @@ class DataSection:
     prompt_too_long: Literal["skip", "fail"] = "skip"
     num_workers: int = 0
     shuffle: bool = True
+    # true: supervise only the final assistant turn (reference); false: every assistant turn is its own
+    # canvas segment conditioned on the clean history before it (data/canvas.py)
+    mask_history: bool = True
+    # pack several conversations per row (document-aware masks, positions restart per conversation)
+    packing: bool = False
 
     def checks(self):
         out = [_rng(self, "canvas_length", gt=0), _rng(self, "num_workers", ge=0)]

@@ -11,6 +11,14 @@ Reference behaviour (the default):
   and divided by the global count of scored tokens; plus the encoder's next-token loss over the clean
   sequence, token-normalised, times ``ar_loss_weight``.
 
+Multi-turn and packed rows (``data.mask_history: false`` / ``data.packing: true``): a row holds
+several canvas segments (one per supervised turn) of one or several conversations. The draws are
+per CONVERSATION, keyed by its own stream index: t, the scored block (uniform over ALL the
+conversation's blocks, across its turns), the self-conditioning coin, then the per-token uniforms
+and replacements over its blocks in order. A conversation therefore gets the same noise packed or
+not, and a single-segment conversation gets exactly the reference draws. The losses stay
+normalised per token, by the global counts.
+
 All randomness comes from a generator keyed by (seed, global stream index of the sample), so the same
 sample gets the same noise, block and self-conditioning coin on any world size, accumulation split
 or after a resume.
@@ -24,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .model.diffusion_gemma import CanvasLayout, DiffusionGemma, canvas_layout
+from .model.diffusion_gemma import CanvasLayout, DiffusionGemma, canvas_layout, segment_layout
 
 LOSS_TYPES = ("all_supervised", "corrupted_only", "reweighted", "leave_one_out")
 
@@ -48,17 +56,38 @@ class ObjectiveSettings:
 class Noise:
     """Per-example draws, all on the batch's device."""
 
-    t: torch.Tensor  # [B] corruption level
+    t: torch.Tensor  # [N] corruption level per conversation (N = B unless packed)
     corrupted: torch.Tensor  # [B, R] bool (only ever True on valid canvas positions)
     noisy: torch.Tensor  # [B, R] canvas token ids after corruption
     clean: torch.Tensor  # [B, R] clean response ids
     layout: CanvasLayout
-    block: torch.Tensor  # [B] the block the loss scores
-    self_condition: torch.Tensor  # [B] bool coin
+    block: torch.Tensor  # [N] the block (index among its conversation's blocks) the loss scores
+    self_condition: torch.Tensor  # [N] bool coin
+    # [B, R] conversation index (into the [N] draws) and block index within that conversation of every
+    # canvas token (0 on invalid slots); None: the reference layout (row b = conversation b, row block ids)
+    conv: torch.Tensor | None = None
+    conv_block: torch.Tensor | None = None
+
+    def token_conv(self) -> torch.Tensor:
+        if self.conv is not None:
+            return self.conv
+        B, R = self.noisy.shape
+        return torch.arange(B, device=self.noisy.device)[:, None].expand(B, R)
+
+    def token_t(self) -> torch.Tensor:
+        """[B, R] corruption level of each canvas token's conversation."""
+        return self.t[:, None].expand_as(self.noisy) if self.conv is None else self.t[self.conv]
+
+    def token_self_condition(self) -> torch.Tensor:
+        """sc_mask for the decoder: [B] on the reference layout, [B, R] per token otherwise."""
+        return self.self_condition if self.conv is None else self.self_condition[self.conv]
 
     def scored(self, loss_type: str) -> torch.Tensor:
         """[B, R] bool: positions that enter the diffusion loss."""
-        in_block = self.layout.valid & (self.layout.blocks == self.block[:, None])
+        if self.conv is None:
+            in_block = self.layout.valid & (self.layout.blocks == self.block[:, None])
+        else:
+            in_block = self.layout.valid & (self.conv_block == self.block[self.conv])
         if loss_type in ("corrupted_only", "reweighted"):
             return in_block & self.corrupted
         return in_block
@@ -71,7 +100,11 @@ def sample_generator(seed: int, stream_index: int) -> torch.Generator:
 
 
 def draw_noise(batch, stream_index: torch.Tensor, *, seed: int, vocab_size: int, eps: float, sc_prob: float) -> Noise:
-    """Corrupt the response of every example of ``batch`` (a CanvasBatch) deterministically."""
+    """Corrupt the response of every example of ``batch`` (a CanvasBatch) deterministically.
+
+    ``stream_index`` has one entry per conversation (per row unless packed), in ``sample_ids`` order."""
+    if batch.segments is not None:
+        return _draw_noise_segments(batch, stream_index, seed=seed, vocab_size=vocab_size, eps=eps, sc_prob=sc_prob)
     C = batch.canvas_length
     R = int(batch.num_blocks.max()) * C
     layout = canvas_layout(batch.prompt_lengths, batch.num_blocks, R, C)
@@ -96,6 +129,52 @@ def draw_noise(batch, stream_index: torch.Tensor, *, seed: int, vocab_size: int,
     corrupted = (u < t[:, None]) & layout.valid
     noisy = torch.where(corrupted, repl, clean)
     return Noise(t, corrupted, noisy, clean, layout, block, coin)
+
+
+def _draw_noise_segments(batch, stream_index, *, seed, vocab_size, eps, sc_prob) -> Noise:
+    """draw_noise for multi-turn / packed rows: the same per-conversation draw sequence as the
+    reference (t, block, coin, uniforms, replacements), sized by the conversation's total blocks."""
+    C = batch.canvas_length
+    table = batch.segments.cpu()
+    blocks_per_row = table[..., 2].sum(1)
+    R = int(blocks_per_row.max()) * C
+    layout = segment_layout(table, R, C, packed=batch.packed)
+    dev = batch.input_ids.device
+    N = len(stream_index)
+    conv = torch.zeros(table.shape[0], R, dtype=torch.long)
+    conv_block = torch.zeros(table.shape[0], R, dtype=torch.long)
+    n_conv = [0] * N
+    where: list[list[tuple[int, int]]] = [[] for _ in range(N)]  # (row, block id in row) per conversation
+    for b, row in enumerate(table.tolist()):
+        k = 0
+        for _, _, n, d in row:
+            for _ in range(n):
+                conv[b, k * C: (k + 1) * C] = d
+                conv_block[b, k * C: (k + 1) * C] = n_conv[d]
+                where[d].append((b, k))
+                n_conv[d] += 1
+                k += 1
+    t = torch.empty(N)
+    block = torch.empty(N, dtype=torch.long)
+    coin = torch.empty(N, dtype=torch.bool)
+    u = torch.ones(table.shape[0], R)
+    repl = torch.zeros(table.shape[0], R, dtype=torch.long)
+    for d, idx in enumerate(stream_index.tolist()):
+        n = n_conv[d]
+        g = sample_generator(seed, int(idx))
+        t[d] = eps + (1 - eps) * torch.rand((), generator=g)
+        block[d] = torch.randint(int(n), (), generator=g)
+        coin[d] = torch.rand((), generator=g) < sc_prob
+        ud = torch.rand(n * C, generator=g)
+        rd = torch.randint(vocab_size, (n * C,), generator=g)
+        for j, (b, k) in enumerate(where[d]):
+            u[b, k * C: (k + 1) * C] = ud[j * C: (j + 1) * C]
+            repl[b, k * C: (k + 1) * C] = rd[j * C: (j + 1) * C]
+    t, block, coin, u, repl, conv, conv_block = (x.to(dev) for x in (t, block, coin, u, repl, conv, conv_block))
+    clean = torch.gather(batch.input_ids, 1, layout.gather_columns()).masked_fill(~layout.valid, 0)
+    corrupted = (u < t[conv]) & layout.valid
+    noisy = torch.where(corrupted, repl, clean)
+    return Noise(t, corrupted, noisy, clean, layout, block, coin, conv, conv_block)
 
 
 def softcapped_ce_sum(hidden, weight, targets, token_weight, cap, exclude=None, chunk=1024):
@@ -136,9 +215,14 @@ def ar_targets(batch, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token targets [B, L-1] and their 0/1 weights for the encoder co-loss."""
     ids, valid = batch.input_ids, batch.valid
     mask = valid[:, 1:] & valid[:, :-1]
+    if getattr(batch, "doc_ids", None) is not None:  # packed: never predict across conversations
+        mask = mask & (batch.doc_ids[:, 1:] == batch.doc_ids[:, :-1])
     if scope == "response":
-        pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
-        mask = mask & (pos >= batch.prompt_lengths[:, None])
+        if getattr(batch, "segments", None) is not None:  # multi-turn / packed: the canvas segments
+            mask = mask & batch.supervised_mask()[:, 1:]
+        else:
+            pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
+            mask = mask & (pos >= batch.prompt_lengths[:, None])
     return ids[:, 1:], mask
 
 
@@ -161,7 +245,11 @@ def compute_loss(
     token counts) and its parts."""
     cap = model.config.final_logit_softcapping
     weight = model.embed_tokens.weight
-    enc_hidden, cache = model.encode(batch.input_ids, batch.valid)
+    if getattr(batch, "doc_ids", None) is not None:  # packed: per-conversation positions and masks
+        enc_hidden, cache = model.encode(batch.input_ids, batch.valid, positions=batch.positions,
+                                         doc_ids=batch.doc_ids)
+    else:
+        enc_hidden, cache = model.encode(batch.input_ids, batch.valid)
 
     ar_loss = enc_hidden.new_zeros((), dtype=torch.float32)
     if settings.ar_loss_weight:
@@ -177,12 +265,12 @@ def compute_loss(
         with torch.no_grad():  # pass 1: no gradient, no self-conditioning signal
             h1 = model.decode(noise.noisy, cache.detach(), noise.layout)
             soft = soft_embeddings_chunked(model, h1, settings.chunk_tokens)
-    h2 = model.decode(noise.noisy, cache, noise.layout, soft_embeds=soft, sc_mask=noise.self_condition)
+    h2 = model.decode(noise.noisy, cache, noise.layout, soft_embeds=soft, sc_mask=noise.token_self_condition())
 
     scored = noise.scored(settings.loss_type)
     w = scored.float()
     if settings.loss_type == "reweighted":
-        w = w / noise.t[:, None]
+        w = w / noise.token_t()
     exclude = noise.noisy[scored] if settings.loss_type == "leave_one_out" else None
     diff_sum = softcapped_ce_sum(h2[scored], weight, noise.clean[scored], w[scored], cap, exclude=exclude,
                                  chunk=settings.chunk_tokens)

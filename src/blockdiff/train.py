@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from .config import Config, apply_world_size
-from .data.canvas import SFTDataset, collate, global_order
+from .data.canvas import SFTDataset, collate, collate_packed, global_order
 from .distributed import DistInfo, all_reduce_, init_distributed
 from .errors import BlockdiffError, ConfigError
 from .guards import GradNormGuard
@@ -218,7 +218,9 @@ def rank_micro_batches(step: int, cfg: Config, dataset, dist: DistInfo, vocab_si
     """This rank's share of the global batch at ``step``, as (canvas batch, noise) micro-batches.
 
     Rank r takes positions [r * G/W, (r+1) * G/W) of the global batch; noise is keyed by the global
-    stream index step * G + position, so it does not depend on the world size or the split."""
+    stream index step * G + position, so it does not depend on the world size or the split.
+    With ``data.packing`` each micro-batch's conversations are packed (in that global order, greedy
+    next-fit into rows of ``seq_length``) and every conversation keeps its own stream index."""
     G, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
     indices = step_sample_indices(step, G, len(dataset), cfg.train.seed)
     per_rank = G // dist.world_size
@@ -227,8 +229,13 @@ def rank_micro_batches(step: int, cfg: Config, dataset, dist: DistInfo, vocab_si
     for m0 in range(0, per_rank, mb):
         pos = list(mine[m0 : m0 + mb])
         # on GPU, lengths rounded up to 128 (flex_attention's block) keep compiled shapes few
-        batch = collate([dataset[indices[p]] for p in pos], cfg.data.canvas_length,
-                        pad_to_multiple=128 if dist.device.type == "cuda" else None).to(dist.device)
+        pad = 128 if dist.device.type == "cuda" else None
+        examples = [dataset[indices[p]] for p in pos]
+        if cfg.data.packing:
+            batch, order = collate_packed(examples, cfg.data.canvas_length, cfg.data.seq_length, pad_to_multiple=pad)
+            batch, pos = batch.to(dist.device), [pos[i] for i in order]
+        else:
+            batch = collate(examples, cfg.data.canvas_length, pad_to_multiple=pad).to(dist.device)
         noise = draw_noise(batch, torch.tensor([step * G + p for p in pos]), seed=cfg.train.seed,
                            vocab_size=vocab_size, eps=settings.eps, sc_prob=settings.self_conditioning_prob)
         micro.append((batch, noise))
@@ -255,7 +262,8 @@ def train(cfg: Config) -> Path:
     check_consistency(cfg, model, tokenizer)
     dataset = SFTDataset(cfg.data.train_path, tokenizer, canvas_length=cfg.data.canvas_length,
                          seq_length=cfg.data.seq_length, prompt_policy=cfg.data.prompt_too_long,
-                         split=cfg.data.split, eos_id=model.config.eos_token_id)
+                         split=cfg.data.split, eos_id=model.config.eos_token_id,
+                         mask_history=cfg.data.mask_history)
     if cfg.lora.enabled:
         from .lora import apply_lora  # base frozen, adapters trainable
 
@@ -340,9 +348,12 @@ def train(cfg: Config) -> Path:
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == max_steps:
             dt = time.perf_counter() - t0
             tokens = sum(int(b.valid.sum()) for b, _ in micro) * dist.world_size
+            # real (non-pad) tokens / padded tokens of the step (this rank's micro-batches)
+            packing_efficiency = sum(b.real_tokens() for b, _ in micro) / max(sum(b.padded_tokens() for b, _ in micro), 1)
             loss, diff, ar = sums.tolist()
             row = {"loss": loss, "diffusion_loss": diff, "ar_loss": ar, "grad_norm": float(grad_norm),
                    "lr": lr, "tokens_per_s": tokens / dt, "step_time_s": dt,
+                   "packing_efficiency": packing_efficiency,
                    "peak_mem_gib": peak_memory_gib(device), "nan_skipped": nan_skipped}
             metrics.log(step + 1, row)
             if progress is not None:

@@ -163,6 +163,21 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], l
     return ids, supervised, start
 
 
+def tokenize_turns(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """Tokenize a conversation ending in an assistant turn, supervising EVERY assistant turn.
+
+    Returns ``(input_ids, supervised)``: ``supervised[i]`` is True exactly for the tokens the
+    template marks as assistant output (each assistant turn's content + end-of-turn), i.e. one
+    contiguous run per assistant turn. As in ``tokenize_conversation`` anything rendered after the
+    final turn's end-of-turn is dropped, so the last token is supervised.
+    """
+    ids, supervised, start = tokenize_conversation(tokenizer, messages)  # validates, renders once
+    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    mask = [bool(m) for m in enc["assistant_masks"][: len(ids)]]
+    return ids, mask
+
+
 def render_generation_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Prompt ids for sampling: the conversation without its final assistant turn (if any)
     plus the generation prompt, rendered with the same template as training."""

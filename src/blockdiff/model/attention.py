@@ -16,6 +16,12 @@ always visible, clean response only from strictly earlier blocks, noisy canvas o
 block" with the block-anchored sliding bound. Invalid (padding) queries see key 0 only, so no row is
 ever fully masked (no NaN) and padding keys are never attended by real queries.
 
+Packed rows (several conversations in one row) add optional per-token document ids ``q_doc`` /
+``k_doc``: when given, every key (clean or canvas) is visible only if its document id equals the
+query's, on top of the rule above. Positions restart at 0 per document, so ``hi`` / ``lo`` compare
+positions within the query's own document. Without document ids (the reference path) the rule is
+unchanged.
+
 The same ``mask_mod`` evaluates on broadcast index grids (dense boolean mask for SDPA, used on CPU)
 and on scalars inside ``flex_attention`` (block-sparse, used on GPU): a single source of truth.
 """
@@ -41,10 +47,15 @@ class MaskInfo:
     k_pos: torch.Tensor  # [B, Lk] long
     k_block: torch.Tensor  # [B, Lk] long, -1 for clean keys
     k_valid: torch.Tensor  # [B, Lk] bool
+    q_doc: torch.Tensor | None = None  # [B, Lq] long document id (packed rows), None: one document
+    k_doc: torch.Tensor | None = None  # [B, Lk] long
 
     def mask_mod(self, sliding: bool):
         q_hi, q_lo, q_block, q_valid = self.q_hi, self.q_lo, self.q_block, self.q_valid
         k_pos, k_block, k_valid = self.k_pos, self.k_block, self.k_valid
+        q_doc, k_doc = self.q_doc, self.k_doc
+        if (q_doc is None) != (k_doc is None):
+            raise ValueError("q_doc and k_doc must be given together")
 
         def mod(b, h, q, kv):
             kb = k_block[b, kv]
@@ -53,7 +64,10 @@ class MaskInfo:
             if sliding:
                 clean = clean & (kp >= q_lo[b, q])
             canvas = (kb >= 0) & (kb == q_block[b, q])
-            return (k_valid[b, kv] & (clean | canvas)) | (~q_valid[b, q] & (kv == 0))
+            visible = k_valid[b, kv] & (clean | canvas)
+            if q_doc is not None:
+                visible = visible & (k_doc[b, kv] == q_doc[b, q])
+            return visible | (~q_valid[b, q] & (kv == 0))
 
         return mod
 

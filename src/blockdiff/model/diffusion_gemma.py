@@ -37,6 +37,7 @@ class KVCache:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     positions: torch.Tensor  # [B, S] long
     valid: torch.Tensor  # [B, S] bool
+    docs: torch.Tensor | None = None  # [B, S] long document ids (packed rows), None: one document
 
     @property
     def length(self) -> int:
@@ -48,7 +49,7 @@ class KVCache:
         return masked.max(dim=1).values + 1
 
     def detach(self) -> "KVCache":
-        return KVCache([(k.detach(), v.detach()) for k, v in self.kv], self.positions, self.valid)
+        return KVCache([(k.detach(), v.detach()) for k, v in self.kv], self.positions, self.valid, self.docs)
 
 
 @dataclass
@@ -59,6 +60,45 @@ class CanvasLayout:
     blocks: torch.Tensor  # [B, R]
     block_starts: torch.Tensor  # [B, R]
     valid: torch.Tensor  # [B, R]
+    columns: torch.Tensor | None = None  # [B, R] index of each canvas token in the clean row (None: = positions)
+    docs: torch.Tensor | None = None  # [B, R] document id (packed rows; -1 on invalid slots), None: one document
+
+    def gather_columns(self) -> torch.Tensor:
+        return self.positions if self.columns is None else self.columns
+
+
+def segment_layout(segments: torch.Tensor, width: int, canvas_length: int, packed: bool = False) -> CanvasLayout:
+    """Layout of several canvas segments per row (multi-turn SFT and packed rows).
+
+    ``segments`` [B, S, 4] long holds, per segment, (column of its first token in the clean row, its
+    position (RoPE / mask position, restarting per packed conversation), number of blocks, document
+    id); rows with fewer segments are padded with 0 blocks. The row's canvas concatenates the
+    segments' blocks in order: block ids are unique within the row (0, 1, 2, ... over all its
+    segments), and block k of a segment starting at position s has ``block_starts`` = s + k *
+    canvas_length, so the mask rule of ``attention.MaskInfo`` lets it see the clean tokens before it
+    (earlier turns, earlier blocks of its own turn) and never its own block's or later clean tokens.
+    With one segment (position = column = prompt length) this is ``canvas_layout``'s valid part.
+    ``packed`` adds the document ids to the layout (for the document-aware mask).
+    """
+    B, C = segments.shape[0], canvas_length
+    pos = torch.zeros(B, width, dtype=torch.long)
+    col = torch.zeros(B, width, dtype=torch.long)
+    blk = torch.full((B, width), -1, dtype=torch.long)
+    bst = torch.zeros(B, width, dtype=torch.long)
+    doc = torch.full((B, width), -1, dtype=torch.long)
+    valid = torch.zeros(B, width, dtype=torch.bool)
+    off = torch.arange(C)
+    for b, row in enumerate(segments.tolist()):
+        k = 0  # block id within the row
+        for c0, p0, n, d in row:
+            for j in range(n):
+                s = slice(k * C, (k + 1) * C)
+                pos[b, s], col[b, s] = p0 + j * C + off, c0 + j * C + off
+                blk[b, s], bst[b, s], doc[b, s], valid[b, s] = k, p0 + j * C, d, True
+                k += 1
+    dev = segments.device
+    return CanvasLayout(pos.to(dev), blk.to(dev), bst.to(dev), valid.to(dev), col.to(dev),
+                        doc.to(dev) if packed else None)
 
 
 def canvas_layout(prompt_lengths: torch.Tensor, num_blocks: torch.Tensor, width: int, canvas_length: int) -> CanvasLayout:
@@ -206,12 +246,16 @@ class DiffusionGemma(nn.Module):
         valid: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         past: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """Causal pass over clean tokens. Returns (final normed hidden [B, L, H], cache incl. ``past``).
 
         Default positions count valid tokens (so left or right padding both work), continuing
-        after ``past``.
+        after ``past``. ``doc_ids`` [B, L] (packed rows, not with ``past``): tokens attend only
+        within their document; pass ``positions`` restarting at 0 per document with it.
         """
+        if doc_ids is not None and past is not None:
+            raise ValueError("doc_ids (packed rows) cannot be combined with a past cache")
         B, L = input_ids.shape
         if valid is None:
             valid = torch.ones_like(input_ids, dtype=torch.bool)
@@ -224,12 +268,12 @@ class DiffusionGemma(nn.Module):
         k_valid = valid if past is None else torch.cat([past.valid, valid], 1)
         info = MaskInfo(
             q_hi=positions + 1, q_lo=positions - W + 1, q_block=torch.full_like(positions, -1), q_valid=valid,
-            k_pos=k_pos, k_block=torch.full_like(k_pos, -1), k_valid=k_valid,
+            k_pos=k_pos, k_block=torch.full_like(k_pos, -1), k_valid=k_valid, q_doc=doc_ids, k_doc=doc_ids,
         )
         hidden, new_kv = self._run_layers(self.embed(input_ids), positions, info, past, encoder=True)
         if past is not None:
             new_kv = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(past.kv, new_kv)]
-        return hidden, KVCache(new_kv, k_pos, k_valid)
+        return hidden, KVCache(new_kv, k_pos, k_valid, doc_ids)
 
     def decode(
         self,
@@ -243,7 +287,8 @@ class DiffusionGemma(nn.Module):
 
         Without a layout the canvas is one block right after the cache (inference).
         ``soft_embeds`` [B, R, H] is the self-conditioning signal (zeros when None); ``sc_mask`` [B]
-        switches it off per example.
+        switches it off per example ([B, R]: per canvas token, for packed rows).
+        A layout with document ids (packed rows) needs a cache encoded with ``doc_ids``.
         """
         B, R = canvas_ids.shape
         if layout is None:
@@ -253,7 +298,8 @@ class DiffusionGemma(nn.Module):
         if soft_embeds is None:
             soft_embeds = torch.zeros_like(embeds)
         elif sc_mask is not None:
-            soft_embeds = soft_embeds * sc_mask.to(soft_embeds.dtype)[:, None, None]
+            m = sc_mask.to(soft_embeds.dtype)
+            soft_embeds = soft_embeds * (m[:, :, None] if m.dim() == 2 else m[:, None, None])
         x = self.self_conditioning(embeds, soft_embeds.to(embeds.dtype))
         W = self.config.sliding_window
         info = MaskInfo(
@@ -262,6 +308,10 @@ class DiffusionGemma(nn.Module):
             k_block=torch.cat([torch.full_like(cache.positions, -1), layout.blocks], 1),
             k_valid=torch.cat([cache.valid, layout.valid], 1),
         )
+        if (layout.docs is None) != (cache.docs is None):
+            raise ValueError("packed rows need document ids in both the canvas layout and the cache")
+        if layout.docs is not None:
+            info.q_doc, info.k_doc = layout.docs, torch.cat([cache.docs, layout.docs], 1)
         hidden, _ = self._run_layers(x, layout.positions, info, cache, encoder=False)
         return hidden
 
