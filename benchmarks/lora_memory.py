@@ -39,7 +39,8 @@ def main() -> None:
     from blockdiff.lora import apply_lora
     from blockdiff.model import hf_io
     from blockdiff.model.config import REAL_SHAPES, hf_config_dict
-    from blockdiff.objective import ObjectiveSettings, compute_loss, count_scored, draw_noise
+    from blockdiff.bench import recipe_step
+    from blockdiff.objective import ObjectiveSettings
 
     dev = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -81,19 +82,10 @@ def main() -> None:
     for step in range(args.warmup + args.steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        noise = draw_noise(batch, torch.arange(B) + step * B, seed=0, vocab_size=V, eps=settings.eps,
-                           sc_prob=settings.self_conditioning_prob)
-        nd, na = count_scored(batch, noise, settings)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = compute_loss(model, batch, noise, settings, nd, na)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = float(recipe_step(model, batch, params, opt, settings, step))
         torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
-        loss = float(out["loss"])
 
     step_s = sum(times) / max(len(times), 1)
     print(json.dumps({

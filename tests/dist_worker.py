@@ -48,7 +48,9 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
         from blockdiff.lora import apply_lora
 
         apply_lora(model, cfg.lora)
-        randomize_lora_b(model, cfg.train.seed)
+        from helpers import randomize_lora_b
+
+        randomize_lora_b(model, cfg.train.seed + 1, std=0.05)  # identical on every rank
     if cfg.objective.freeze_router:
         freeze_router(model)
     model = parallelize(model, cfg, dist)
@@ -74,21 +76,6 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
     extra = {"frozen_with_grad": frozen_with_grad} if cfg.lora.enabled else {}
     return {"sums": sums.cpu(), "grad_norm": norm.detach().reshape(1).double().cpu(), **extra,
             **{f"grad.{k}": v for k, v in grads.items()}}
-
-
-@torch.no_grad()
-def randomize_lora_b(model, seed: int, std: float = 0.05) -> None:
-    """Seeded (identical on every rank and in the 1-process reference) non-zero B factors, full shapes,
-    set BEFORE parallelize (which slices the expert ones)."""
-    from blockdiff.lora import ExpertLora, expert_adapters, lora_modules
-
-    g = torch.Generator().manual_seed(seed + 1)
-    for m in lora_modules(model).values():
-        m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
-    for a in expert_adapters(model).values():
-        for name in ExpertLora.NAMES:
-            B = a.factors(name)[1]
-            B.copy_(torch.randn(B.shape, generator=g) * std)
 
 
 def main(argv: list[str]) -> None:

@@ -77,3 +77,18 @@ def make_hf_checkpoint(tmp_path, seed=0, randomize=True, shard_size=None, **cfg)
 def load_blockdiff(path, **kw) -> DiffusionGemma:
     kw.setdefault("attn_backend", "sdpa")
     return DiffusionGemma.from_pretrained(str(path), **kw).eval()
+
+
+@torch.no_grad()
+def randomize_lora_b(model, seed: int, std: float) -> None:
+    """Seeded non-zero LoRA B factors (zero-init B would make every A gradient exactly 0 and the
+    comparisons vacuous). Full shapes: call before parallelize slices the expert ones."""
+    from blockdiff.lora import ExpertLora, expert_adapters, lora_modules
+
+    g = torch.Generator().manual_seed(seed)
+    for m in lora_modules(model).values():
+        m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
+    for a in expert_adapters(model).values():
+        for name in ExpertLora.NAMES:
+            B = a.factors(name)[1]
+            B.copy_(torch.randn(B.shape, generator=g) * std)

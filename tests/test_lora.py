@@ -7,14 +7,14 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import load_blockdiff, make_hf_checkpoint
+from helpers import load_blockdiff, make_hf_checkpoint, randomize_lora_b
 
 from blockdiff.config import ObjectiveSection, demo_config_path, load_config
 from blockdiff.data.canvas import CanvasBatch
 from blockdiff.errors import CheckpointError
-from blockdiff.lora import (EXPERT_FILE, ExpertLora, LoraLinear, apply_lora, cast_frozen_base_, expert_adapters,
-                            load_model_with_adapter, load_peft_adapter, lora_modules, merge_lora_,
-                            save_peft_adapter, trainable_state_dict)
+from blockdiff.lora import (EXPERT_FILE, ExpertLora, LoraLinear, apply_lora, cast_frozen_base_,
+                            load_model_with_adapter, load_peft_adapter, merge_lora_, save_peft_adapter,
+                            trainable_state_dict)
 from blockdiff.objective import ObjectiveSettings, compute_loss, count_scored, draw_noise
 
 V, C = 128, 8
@@ -24,17 +24,6 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def lcfg(**kw):
     return {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ALL, "self_conditioning": False, "experts": False,
             **kw}
-
-
-def randomize_adapters(model, seed=0, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
-        for a in expert_adapters(model).values():
-            for name in ExpertLora.NAMES:
-                B = a.factors(name)[1]
-                B.copy_(torch.randn(B.shape, generator=g) * std)
 
 
 def inputs(seed=1, B=2, P=7):
@@ -111,7 +100,7 @@ def test_only_adapters_train_and_base_is_unchanged(ckpt):
 def test_merge_equals_adapted_logits(ckpt, tmp_path):
     model = load_blockdiff(ckpt[0])
     apply_lora(model, lcfg(experts=True, self_conditioning=True))
-    randomize_adapters(model)
+    randomize_lora_b(model, 0, std=0.1)
     prompt, canvas = inputs()
     sc = torch.randn(2, C, V)
     with torch.no_grad():
@@ -136,7 +125,7 @@ def test_peft_loads_adapter_and_reproduces_logits(ckpt, tmp_path, self_condition
 
     model = load_blockdiff(ckpt[0])
     apply_lora(model, lcfg(self_conditioning=self_conditioning))
-    randomize_adapters(model, seed=3)
+    randomize_lora_b(model, 3, std=0.1)
     out = save_peft_adapter(model, tmp_path / "adapter", str(ckpt[0]))
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
@@ -176,7 +165,7 @@ def test_peft_loads_adapter_and_reproduces_logits(ckpt, tmp_path, self_condition
 def test_expert_adapters_roundtrip_through_separate_file(ckpt, tmp_path):
     model = load_blockdiff(ckpt[0])
     apply_lora(model, lcfg(experts=True))
-    randomize_adapters(model, seed=4)
+    randomize_lora_b(model, 4, std=0.1)
     with pytest.warns(UserWarning, match="PEFT cannot express"):
         out = save_peft_adapter(model, tmp_path / "adapter")
     assert (out / EXPERT_FILE).is_file()

@@ -61,19 +61,25 @@ def blockdiff_step_fn(hf_cfg, batch, args, device):
     state = {"i": 0}
 
     def step():
-        noise = draw_noise(batch, torch.arange(batch.batch_size) + state["i"] * batch.batch_size, seed=0,
-                           vocab_size=model.config.vocab_size, eps=1e-3, sc_prob=0.5)
         state["i"] += 1
-        nd, na = count_scored(batch, noise, settings)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = compute_loss(model, batch, noise, settings, nd, na)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out["loss"]
+        return recipe_step(model, batch, params, opt, settings, state["i"] - 1)
 
     return model, step
+
+
+def recipe_step(model, batch, params, opt, settings: ObjectiveSettings, step: int) -> torch.Tensor:
+    """One full recipe step on one GPU (bf16 autocast, clip 1.0, AdamW); noise keyed by ``step``."""
+    B = batch.batch_size
+    noise = draw_noise(batch, torch.arange(B) + step * B, seed=0, vocab_size=model.config.vocab_size,
+                       eps=settings.eps, sc_prob=settings.self_conditioning_prob)
+    nd, na = count_scored(batch, noise, settings)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = compute_loss(model, batch, noise, settings, nd, na)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out["loss"].detach()
 
 
 def transformers_step_fn(hf_cfg, batch, args, device):
