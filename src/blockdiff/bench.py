@@ -11,6 +11,8 @@ measured in the same run with an 8192^3 matmul and also reported against the 989
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import time
@@ -22,6 +24,7 @@ from .data.canvas import CanvasBatch
 from .flops import StepShape, step_flops
 from .model.config import REAL_SHAPES, ModelConfig, hf_config_dict
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
+from .precision import compute_context
 
 DATASHEET_BF16 = 989e12
 
@@ -46,15 +49,22 @@ def measured_peak(device) -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - t)
 
 
-def blockdiff_step_fn(hf_cfg, batch, args, device):
+# blockdiff variants: "blockdiff" is the training default (bf16 working weights, precision.py);
+# "blockdiff:autocast" casts fp32 weights per use (the previous default); ":compile" adds torch.compile per layer
+BLOCKDIFF_VARIANTS = {"blockdiff": {}, "blockdiff:autocast": {"working_weights": False},
+                      "blockdiff:compile": {"compile": True}}
+
+
+def blockdiff_step_fn(hf_cfg, batch, args, device, working_weights=True, compile=False):
     from .model.hf_io import from_config
+    from .parallel import apply_activation_checkpointing, apply_compile
 
     model = from_config(hf_cfg, dtype=torch.float32, device=device, attn_backend=args.attn)
     freeze_router(model)
     if args.activation_checkpointing:
-        from .parallel import apply_activation_checkpointing
-
         apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.95, 0.99), weight_decay=1e-4, fused=True)
     settings = ObjectiveSettings()
@@ -62,20 +72,24 @@ def blockdiff_step_fn(hf_cfg, batch, args, device):
 
     def step():
         state["i"] += 1
-        return recipe_step(model, batch, params, opt, settings, state["i"] - 1)
+        return recipe_step(model, batch, params, opt, settings, state["i"] - 1, working_weights)
 
     return model, step
 
 
-def recipe_step(model, batch, params, opt, settings: ObjectiveSettings, step: int) -> torch.Tensor:
-    """One full recipe step on one GPU (bf16 autocast, clip 1.0, AdamW); noise keyed by ``step``."""
+def recipe_step(model, batch, params, opt, settings: ObjectiveSettings, step: int,
+                working_weights: bool = True) -> torch.Tensor:
+    """One full recipe step on one GPU (bf16 working weights or plain autocast, clip 1.0, AdamW); noise
+    keyed by ``step``. The same per-micro-batch work as ``train.train``."""
     B = batch.batch_size
     noise = draw_noise(batch, torch.arange(B) + step * B, seed=0, vocab_size=model.config.vocab_size,
                        eps=settings.eps, sc_prob=settings.self_conditioning_prob)
     nd, na = count_scored(batch, noise, settings)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = compute_loss(model, batch, noise, settings, nd, na)
-    out["loss"].backward()
+    ctx = compute_context(model, batch.input_ids.device, "bfloat16") if working_weights else contextlib.nullcontext()
+    with ctx:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = compute_loss(model, batch, noise, settings, nd, na)
+        out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -172,7 +186,12 @@ def main(argv=None) -> list[dict]:
         flops = step_flops(mcfg, StepShape(args.batch, P, R, mcfg.canvas_length))["total"]
         rows = {}
         for name in args.impl.split(","):
-            build = blockdiff_step_fn if name == "blockdiff" else transformers_step_fn
+            if name in BLOCKDIFF_VARIANTS:
+                build = functools.partial(blockdiff_step_fn, **BLOCKDIFF_VARIANTS[name])
+            elif name == "transformers":
+                build = transformers_step_fn
+            else:
+                raise SystemExit(f"--impl: unknown {name!r} (choose from {[*BLOCKDIFF_VARIANTS, 'transformers']})")
             try:
                 r = time_impl(name, build, hf_cfg, batch, args, device)
             except Exception as e:  # report and go on (OOM of the baseline included)

@@ -28,6 +28,7 @@ from .guards import GradNormGuard
 from .metrics import MetricsLogger, peak_memory_gib
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
 from .parallel import clip_grad_norm_, export_pretrained, is_sharded, parallelize
+from .precision import compute_context
 
 log = logging.getLogger("blockdiff")
 
@@ -319,9 +320,11 @@ def train(cfg: Config) -> Path:
 
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, diffusion, ar
         for batch, noise in micro:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                out = compute_loss(model, batch, noise, settings, n_diff, n_ar)
-            out["loss"].backward()
+            # one GPU: bf16 working weights cast once per micro-batch (precision.py); FSDP2 does it when sharded
+            with compute_context(model, device, cfg.model.dtype):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    out = compute_loss(model, batch, noise, settings, n_diff, n_ar)
+                out["loss"].backward()
             sums += torch.stack([out["loss"].detach(), out["diffusion_loss"], out["ar_loss"]]).double()
         all_reduce_(sums, dist)
         if dist.world_size > 1 and not is_sharded(model):  # FSDP already SUMMED the grads (parallel.py)
