@@ -2,7 +2,7 @@
 
 Tokens are permuted so each expert's rows are contiguous, run through all experts as grouped GEMMs
 (``torch._grouped_mm`` on CUDA; a split loop on CPU, where it is the reference), weighted, and
-scattered back with one index_add.
+gathered back through the inverse permutation with the K expert outputs summed in fp32.
 """
 
 from __future__ import annotations
@@ -53,6 +53,13 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
 
 
+def expert_counts(sorted_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows per expert from the sorted expert ids, without a host sync (``bincount`` on CUDA reads the
+    max back to size its output, which stalls the CPU every MoE layer and breaks CUDA-graph capture)."""
+    bounds = torch.arange(num_experts + 1, device=sorted_experts.device, dtype=sorted_experts.dtype)
+    return torch.diff(torch.searchsorted(sorted_experts, bounds))
+
+
 class Experts(nn.Module):
     """Experts as 3-D tensors. ``dispatcher`` (None by default) is the expert-parallel hook: an object
     installed from outside (``blockdiff.parallel``) when this module holds only a slice of the experts.
@@ -92,12 +99,48 @@ class Experts(nn.Module):
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = order // K
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        rows = x[token]
+        counts = expert_counts(flat[order], self.num_experts)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * K, device=order.device))
+        rows = _TokensToRows.apply(x, token, inverse, K)
         if self.dispatcher is None:
             h = self.expert_mlp(rows, counts)
         else:
             local_rows, local_counts, ctx = self.dispatcher.dispatch(rows, counts)
             h = self.dispatcher.combine(self.expert_mlp(local_rows, local_counts), ctx)
-        h = (h.float() * weights.reshape(-1)[order, None]).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, h)
+        h = h.float() * weights.reshape(-1)[order, None]  # the K expert outputs of a token summed in fp32
+        return _RowsToTokens.apply(h, token, inverse, K).to(x.dtype)
+
+
+# The token <-> expert-row permutation. Row i (expert order) holds token ``token[i]``; ``inverse[t*K + k]``
+# is the row of token t's k-th expert. Each direction is a gather, and its adjoint is the other direction's
+# gather plus a sum over K: no atomic scatter-add (an indexed gather's default backward), no host sync, and
+# bit-reproducible results.
+
+
+class _TokensToRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, token, inverse, K):
+        ctx.save_for_backward(inverse)
+        ctx.K = K
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _sum_k(grad, inverse, ctx.K), None, None, None
+
+
+class _RowsToTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, token, inverse, K):
+        ctx.save_for_backward(token)
+        return _sum_k(rows, inverse, K)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (token,) = ctx.saved_tensors
+        return grad.index_select(0, token), None, None, None
+
+
+def _sum_k(rows: torch.Tensor, inverse: torch.Tensor, K: int) -> torch.Tensor:
+    return rows.index_select(0, inverse).view(inverse.numel() // K, K, -1).sum(1)
