@@ -16,6 +16,7 @@ Randomness is per row and per block: row ``b`` draws from a generator seeded wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -50,6 +51,11 @@ class SamplerSettings:
     # Attention kernel for sampling. Dense-mask SDPA measured faster than flex_attention for 256-token
     # canvases on an H200 (docs/performance.md: the block mask is rebuilt every denoising step).
     attn_backend: str = "sdpa"
+    # Replay each block's self-conditioned denoising step as one CUDA graph (CUDA only; same tokens as
+    # eager: the graph runs the same kernels on the same buffers). False: plain eager steps.
+    cuda_graphs: bool = True
+    # torch.compile the full-vocabulary math of a step (fuses its passes over the 262k logits; CUDA only).
+    compile: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.eos_token_ids, int):
@@ -232,12 +238,21 @@ class _RowRandom:
             self.gens.append(g)
         self.device = device
 
-    def tokens(self, length: int, vocab: int) -> torch.Tensor:
-        return torch.stack([torch.randint(0, vocab, (length,), generator=g, device=self.device)
-                            for g in self.gens])
-
-    def uniforms(self, length: int) -> torch.Tensor:
-        return torch.stack([torch.rand(length, generator=g, device=self.device) for g in self.gens])
+    def block_draws(self, steps: int, length: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every random number a block may use, drawn up front: (initial canvas [B, C], per-step
+        uniforms [S, B, C], per-step re-noise tokens [S, B, C]). Each row's generator is read in the
+        order the steps consume it (canvas, then uniforms and tokens per step), so a row's stream
+        does not depend on how many steps run; nothing is drawn inside the step (CUDA graphs)."""
+        canvas, uniforms, renoise = [], [], []
+        for g in self.gens:
+            canvas.append(torch.randint(0, vocab, (length,), generator=g, device=self.device))
+            u, t = [], []
+            for _ in range(steps):
+                u.append(torch.rand(length, generator=g, device=self.device))
+                t.append(torch.randint(0, vocab, (length,), generator=g, device=self.device))
+            uniforms.append(torch.stack(u))
+            renoise.append(torch.stack(t))
+        return torch.stack(canvas), torch.stack(uniforms, 1), torch.stack(renoise, 1)
 
 
 def _left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,49 +271,131 @@ def _select_rows(cache, rows: torch.Tensor):
     return type(cache)(kv, cache.positions.index_select(0, rows), cache.valid.index_select(0, rows))
 
 
+@dataclass
+class _BlockState:
+    """Everything a denoising step reads and writes, as tensors updated in place: the same buffers serve
+    the eager steps and the captured CUDA graph's replays."""
+
+    canvas: torch.Tensor  # [B, C] current noisy canvas
+    argmax: torch.Tensor  # [B, C] argmax of the last logits (the block's output)
+    finished: torch.Tensor  # [B] sticky per-row stop flag
+    history: torch.Tensor  # [S, B, C] argmax history for the stability test
+    step: torch.Tensor  # [1] long: index of the next step
+    temperatures: torch.Tensor  # [steps] fp32
+    uniforms: torch.Tensor  # [steps, B, C]
+    renoise: torch.Tensor  # [steps, B, C]
+    sc_logits: torch.Tensor | None = None  # [B, C, V] previous logits (embedding dtype); None at step 0
+
+
+def _soft_embeddings(model, sc_logits: torch.Tensor) -> torch.Tensor:
+    return model.soft_embeddings(sc_logits)
+
+
+def _vocab_step(model, hidden: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor, entropy_bound: float):
+    """Everything over the 262k vocabulary in one function (so that compile can fuse its passes): lm head
+    with softcap, temperature, the sample, entropies, acceptance, argmax, and the self-conditioning
+    logits, which the reference feeds back in the embedding dtype (bf16 models round here)."""
+    logits = model.lm_logits(hidden) / temperature
+    denoised = sample_categorical(logits, uniforms)
+    entropy = token_entropy(logits)
+    accept = entropy_bound_accept(entropy, entropy_bound, is_entropy=True)
+    return denoised, entropy, accept, logits.argmax(dim=-1), logits.to(model.embed_tokens.weight.dtype)
+
+
+class _Compiled:
+    """``fn`` through ``torch.compile`` when asked (CUDA), else as is. A compile failure is logged once and
+    the eager function used from then on: it surfaces at a block's first (eager) step, never mid-capture."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled, self.failed = fn, None, False
+
+    def __call__(self, enabled: bool, *args):
+        if not enabled or self.failed:
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=False)
+        try:
+            return self.compiled(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler error: keep sampling, eagerly
+            logger.warning("torch.compile of %s failed (%s: %s); sampling eagerly", self.fn.__name__,
+                           type(e).__name__, str(e)[:300])
+            self.failed = True
+            return self.fn(*args)
+
+
+_compiled_vocab_step = _Compiled(_vocab_step)
+_compiled_soft_embeddings = _Compiled(_soft_embeddings)
+
+
+def _denoise_step(model, cache, st: _BlockState, settings: SamplerSettings, compile: bool = False) -> None:
+    """One denoising step, in place on ``st``; no host sync (capturable as a CUDA graph)."""
+    soft = None if st.sc_logits is None else _compiled_soft_embeddings(compile, model, st.sc_logits)
+    hidden = model.decode(st.canvas, cache, soft_embeds=soft)
+    denoised, entropy, accept, argmax, sc = _compiled_vocab_step(
+        compile, model, hidden, st.temperatures.index_select(0, st.step), st.uniforms.index_select(0, st.step)[0],
+        settings.entropy_bound)
+    # accept from the denoiser, re-noise every other position uniformly
+    new_canvas = torch.where(accept, denoised, st.renoise.index_select(0, st.step)[0])
+    # Rows that already stopped keep their argmax (their output) and canvas, as the reference does;
+    # where() instead of a host-side branch. Their stop flag and logits no longer matter (finished is
+    # sticky, rows are independent), so those are not frozen.
+    done = st.finished[:, None]
+    new_argmax = torch.where(done, st.argmax, argmax)
+    new_canvas = torch.where(done, st.canvas, new_canvas)
+    stop, history = should_stop(st.history, new_argmax, entropy, settings.confidence_threshold)
+    st.finished |= stop
+    st.canvas.copy_(new_canvas)
+    st.argmax.copy_(new_argmax)
+    st.history.copy_(history)
+    if st.sc_logits is None:
+        st.sc_logits = sc
+    else:
+        st.sc_logits.copy_(sc)
+    st.step += 1
+
+
 def denoise_block(model, cache, rng: _RowRandom, settings: SamplerSettings, canvas_length: int
                   ) -> tuple[torch.Tensor, int]:
-    """Denoise one block for every row of ``cache``. Returns (argmax block [B, C], steps run)."""
-    vocab = model.config.vocab_size
+    """Denoise one block for every row of ``cache``. Returns (argmax block [B, C], steps run).
+
+    On CUDA with ``settings.cuda_graphs`` the self-conditioned step is captured once per block as a
+    CUDA graph (after one eager warm-up step) and replayed: one launch per step instead of hundreds.
+    The only host sync per step is the all-rows-stopped check."""
     n_steps = settings.max_denoising_steps
     B = cache.positions.shape[0]
     device = cache.positions.device
-    embed_dtype = model.embed_tokens.weight.dtype
-
-    canvas = rng.tokens(canvas_length, vocab)
-    argmax = canvas
-    sc_logits = None
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    history = new_stability_history(settings.stability_threshold, B, canvas_length, device)
+    canvas, uniforms, renoise = rng.block_draws(n_steps, canvas_length, model.config.vocab_size)
+    temps = torch.tensor([temperature_at(i, n_steps, settings.t_max, settings.t_min) for i in range(n_steps)],
+                         dtype=torch.float32, device=device)
+    st = _BlockState(canvas=canvas, argmax=canvas.clone(), finished=torch.zeros(B, dtype=torch.bool, device=device),
+                     history=new_stability_history(settings.stability_threshold, B, canvas_length, device),
+                     step=torch.zeros(1, dtype=torch.long, device=device), temperatures=temps,
+                     uniforms=uniforms, renoise=renoise)
+    use_graph = settings.cuda_graphs and device.type == "cuda" and n_steps > 2
+    compile = settings.compile and device.type == "cuda"
+    step = functools.partial(_denoise_step, model, cache, st, settings, compile)
+    graph = None
     steps = 0
-    for step in range(n_steps):
+    while steps < n_steps:
+        if graph is not None:
+            graph.replay()
+        elif use_graph and steps == 2:  # capture the self-conditioned step (steps 0-1 ran eagerly)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            graph.replay()
+        elif use_graph and steps == 1:  # warm-up on a side stream, as CUDA-graph capture requires
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream(device).wait_stream(side)
+        else:
+            step()
         steps += 1
-        soft = None if sc_logits is None else model.soft_embeddings(sc_logits)
-        logits = model.lm_logits(model.decode(canvas, cache, soft_embeds=soft))
-        logits = logits / temperature_at(step, n_steps, settings.t_max, settings.t_min)
-
-        denoised = sample_categorical(logits, rng.uniforms(canvas_length))
-        entropy = token_entropy(logits)
-        accept = entropy_bound_accept(entropy, settings.entropy_bound, is_entropy=True)
-        # accept from the denoiser, re-noise every other position uniformly
-        new_canvas = torch.where(accept, denoised, rng.tokens(canvas_length, vocab))
-        new_argmax = logits.argmax(dim=-1)
-
-        # Rows that already stopped keep their argmax (their output) and canvas, as the reference
-        # does; where() instead of a `finished.any()` host sync. Their stop flag and logits no
-        # longer matter (finished is sticky, rows are independent), so those are not frozen.
-        new_argmax = torch.where(finished[:, None], argmax, new_argmax)
-        new_canvas = torch.where(finished[:, None], canvas, new_canvas)
-        stop, history = should_stop(history, new_argmax, entropy, settings.confidence_threshold)
-        finished = finished | stop
-
-        canvas, argmax = new_canvas, new_argmax
-        # The reference feeds the logits back in the embedding dtype (bf16 models round here).
-        sc_logits = logits.to(embed_dtype)
-        # The one host sync per step: stop the block once every row is done.
-        if bool(finished.all()):
+        if bool(st.finished.all()):  # the one host sync per step: stop once every row is done
             break
-    return argmax, steps
+    return st.argmax, steps
 
 
 @torch.inference_mode()
