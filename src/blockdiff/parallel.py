@@ -102,8 +102,12 @@ def apply_activation_checkpointing(model) -> None:
 
 
 def apply_compile(model) -> None:
+    """torch.compile per layer with static shapes: a few sequence lengths occur per run (encoder, decoder
+    passes, padded to multiples of 128 on CUDA); dynamic shapes broke inductor's flex_attention lowering
+    (torch 2.11: "CantSplit")."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for layer in model.layers:
-        layer.forward = torch.compile(layer.forward, dynamic=True)
+        layer.forward = torch.compile(layer.forward, dynamic=False)
 
 
 # ---------------------------------------------------------------------------------------- parallelize

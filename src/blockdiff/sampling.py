@@ -296,10 +296,14 @@ def _vocab_step(model, hidden: torch.Tensor, temperature: torch.Tensor, uniforms
     with softcap, temperature, the sample, entropies, acceptance, argmax, and the self-conditioning
     logits, which the reference feeds back in the embedding dtype (bf16 models round here)."""
     logits = model.lm_logits(hidden) / temperature
-    denoised = sample_categorical(logits, uniforms)
+    denoised = _sample_outside_compile(logits, uniforms)
     entropy = token_entropy(logits)
     accept = entropy_bound_accept(entropy, entropy_bound, is_entropy=True)
     return denoised, entropy, accept, logits.argmax(dim=-1), logits.to(model.embed_tokens.weight.dtype)
+
+
+# inductor (torch 2.11) fails to generate its split scan for a cumsum over 262k columns: sample eagerly
+_sample_outside_compile = torch.compiler.disable(sample_categorical)
 
 
 class _Compiled:
