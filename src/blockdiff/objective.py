@@ -138,7 +138,7 @@ def _draw_noise_segments(batch, stream_index, *, seed, vocab_size, eps, sc_prob)
     table = batch.segments.cpu()
     blocks_per_row = table[..., 2].sum(1)
     R = int(blocks_per_row.max()) * C
-    layout = segment_layout(table, R, C, packed=batch.packed)
+    layout = segment_layout(batch.segments, R, C, packed=batch.packed)  # on the batch's device
     dev = batch.input_ids.device
     N = len(stream_index)
     conv = torch.zeros(table.shape[0], R, dtype=torch.long)
