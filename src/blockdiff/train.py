@@ -220,8 +220,9 @@ def rank_micro_batches(step: int, cfg: Config, dataset, dist: DistInfo, vocab_si
 
     Rank r takes positions [r * G/W, (r+1) * G/W) of the global batch; noise is keyed by the global
     stream index step * G + position, so it does not depend on the world size or the split.
-    With ``data.packing`` each micro-batch's conversations are packed (in that global order, greedy
-    next-fit into rows of ``seq_length``) and every conversation keeps its own stream index."""
+    With ``data.packing`` each micro-batch's conversations are regrouped into rows of ``seq_length``
+    (``data.packing.pack_rows``: only the layout changes, never which samples this micro-batch holds) and
+    every conversation keeps its own stream index."""
     G, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
     indices = step_sample_indices(step, G, len(dataset), cfg.train.seed)
     per_rank = G // dist.world_size

@@ -27,11 +27,12 @@ whole blocks as fit (if at least one does) and everything after it is dropped (`
 If not even the first turn's context + one block fits, the prompt policy applies as above.
 ``mask_history: true`` is the reference path (final turn only) and builds exactly today's examples.
 
-Packing (``data.packing: true``, ``collate_packed``): a micro-batch's conversations, in their global
-order, are packed greedily (next-fit: append to the current row while it stays within
-``seq_length``, else open a new row) into rows. Each token carries its conversation's document id
-and a position restarting at 0 per conversation; the model's masks keep conversations apart in the
-encoder and the decoder. Every conversation keeps its own sample id and noise stream.
+Packing (``data.packing: true``, ``collate_packed``): a micro-batch's conversations are regrouped into
+rows of at most ``seq_length`` tokens by ``packing.pack_rows`` (best-fit decreasing at the row capacity
+that minimises the padded clean + canvas tokens; never more padding than one conversation per row). Each token
+carries its conversation's document id and a position restarting at 0 per conversation; the model's
+masks keep conversations apart in the encoder and the decoder. Every conversation keeps its own sample
+id and noise stream, so the plan changes the layout only, never what is trained on.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Iterable
 
 import torch
 
+from blockdiff.data.packing import pack_rows
 from blockdiff.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -250,29 +252,18 @@ def collate(examples: list[Example], canvas_length: int, pad_id: int = 0,
                        as_long([e.sample_id for e in examples]), canvas_length, segments)
 
 
-def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Deterministic greedy next-fit packing in the given order: indices grouped into rows whose
-    total length stays within ``capacity`` (an item longer than it gets a row of its own)."""
-    rows: list[list[int]] = []
-    used = capacity + 1
-    for i, n in enumerate(lengths):
-        if used + n > capacity:
-            rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += n
-    return rows
-
-
 def collate_packed(examples: list[Example], canvas_length: int, seq_length: int, pad_id: int = 0,
                    pad_to_multiple: int | None = None) -> tuple[CanvasBatch, list[int]]:
-    """Pack ``examples`` (in order) into rows of at most ``seq_length`` tokens (see ``pack_rows``).
+    """Pack ``examples`` into rows of at most ``seq_length`` tokens (``packing.pack_rows``: the fewest
+    padded clean + canvas tokens, given the rounding of the row width up to ``pad_to_multiple``, and
+    never more padded clean tokens than ``collate`` would give).
 
     Returns the batch and the order of its conversations (indices into ``examples``, row-major:
     ``sample_ids`` and the document ids follow it). Positions restart at 0 per conversation."""
     if not examples:
         raise DataError("cannot collate an empty list of examples")
-    groups = pack_rows([len(e.input_ids) for e in examples], seq_length)
+    groups = pack_rows([len(e.input_ids) for e in examples], seq_length, pad_to_multiple,
+                       [e.num_blocks for e in examples], canvas_length)
     length = max(sum(len(examples[i].input_ids) for i in g) for g in groups)
     if pad_to_multiple:
         length = -(-length // pad_to_multiple) * pad_to_multiple

@@ -139,6 +139,21 @@ def generate(n: int, seed: int = 0, level: str = "standard") -> list[dict]:
     return [_row(q, s) for q, s in _unique_problems(n, seed, level)]
 
 
+def generate_multiturn(n: int, seed: int = 0, max_turns: int = 3, level: str = "standard") -> list[dict]:
+    """``n`` chat rows of 1..``max_turns`` (user, assistant) problem pairs each (multi-turn SFT and
+    packing tests: conversations of different lengths). Deterministic in ``seed``."""
+    rng = random.Random(seed + 7919)
+    turns = [rng.randint(1, max_turns) for _ in range(n)]
+    problems = iter(_unique_problems(sum(turns), seed, level))
+    rows = []
+    for k in turns:
+        messages = []
+        for q, s in (next(problems) for _ in range(k)):
+            messages += _row(q, s)["messages"]
+        rows.append({"messages": messages})
+    return rows
+
+
 def write_splits(out_dir, n_train: int, n_test: int, seed: int = 0, level: str = "standard") -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``test.jsonl``; no question appears in both (held-out split)."""
     problems = _unique_problems(n_train + n_test, seed, level)
@@ -175,3 +190,45 @@ def trivial_baseline_accuracy(test_rows: list[dict]) -> float:
         return 0.0
     _, count = Counter(answers).most_common(1)[0]
     return count / len(answers)
+
+
+# Token counts of GSM8K chat rows under a Gemma-sized tokenizer (for packing benchmarks and tests, not
+# for training): the question ~40-200 tokens (median ~80), the answer ~50-300 (median ~120), plus the
+# chat template's tokens around them (<bos><start_of_turn>user\n ... <end_of_turn>\n<start_of_turn>model\n
+# before the answer, <end_of_turn> after it).
+GSM8K_LIKE = dict(question=(80, 0.35, 40, 200), answer=(120, 0.4, 50, 300), template_prompt=9, template_response=1)
+
+
+def gsm8k_like_lengths(n: int, seed: int = 0, scale: float = 1.0) -> list[tuple[int, int]]:
+    """``n`` (prompt tokens, response tokens) pairs: log-normal question / answer lengths (median,
+    sigma, clipped to [lo, hi]) of ``GSM8K_LIKE`` times ``scale`` plus the template tokens.
+    Deterministic in ``seed``."""
+    import math
+
+    rng = random.Random(seed)
+
+    def draw(median, sigma, lo, hi):
+        return max(1, round(scale * min(hi, max(lo, rng.lognormvariate(math.log(median), sigma)))))
+
+    g = GSM8K_LIKE
+    return [(draw(*g["question"]) + g["template_prompt"], draw(*g["answer"]) + g["template_response"])
+            for _ in range(n)]
+
+
+def length_examples(lengths: list[tuple[int, int]], *, canvas_length: int, seq_length: int, vocab_size: int,
+                    eos_id: int = 1, seed: int = 0) -> list:
+    """Canvas Examples (``canvas.build_example``: the response EOS-filled to whole canvas blocks, long
+    ones truncated, too-long prompts skipped) of random tokens with the given (prompt, response) lengths."""
+    import torch
+
+    from .canvas import build_example
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, (p, r) in enumerate(lengths):
+        ids = torch.randint(3, vocab_size, (p + r,), generator=g).tolist()
+        ex = build_example(ids, [False] * p + [True] * r, p, canvas_length=canvas_length, seq_length=seq_length,
+                           eos_id=eos_id, sample_id=i)
+        if ex is not None:
+            out.append(ex)
+    return out
