@@ -43,7 +43,8 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
     tok = load_tokenizer(cfg)
     model = build_model(cfg, dist.device)
     ds = SFTDataset(cfg.data.train_path, tok, canvas_length=cfg.data.canvas_length, seq_length=cfg.data.seq_length,
-                    prompt_policy=cfg.data.prompt_too_long, split=cfg.data.split, eos_id=model.config.eos_token_id)
+                    prompt_policy=cfg.data.prompt_too_long, split=cfg.data.split, eos_id=model.config.eos_token_id,
+                    mask_history=cfg.data.mask_history)
     if cfg.lora.enabled:
         from blockdiff.lora import apply_lora
 

@@ -6,7 +6,8 @@ code (gloo teardown can abort after a clean run).
 
 Tolerances (fp32 on CPU; only the float summation order differs): loss sums rel 1e-6; every gradient
 tensor max|diff| <= 1e-5 * max|g| + 1e-7; global grad norm rel 1e-5; loss curves after a resharded
-resume rel 1e-4 (Adam and top-k routing amplify reduction-order rounding a little).
+resume rel 1e-4 (Adam and top-k routing amplify reduction-order rounding a little). The packed multi-turn
+case (different row layouts on 1 and 2 processes) uses the same step tolerances.
 
 The tiny model: the demo config with 2 layers (hidden 64, 8 experts, top-2). Self-conditioning
 probability 0.5, so ranks draw different coins: pass 1 must still run on every rank (its collectives).
@@ -93,6 +94,51 @@ def test_step_equals_single_process(data, reference, tmp_path, nproc, ep):
     torchrun(nproc, "grads", out, "--data.train_path", data, "--train.output_dir", str(tmp_path / "run"), *TINY,
              "--parallel.ep", str(ep))
     assert_same_step(reference, load_file(str(out)))
+
+
+# Packing + multi-turn (data.mask_history: false) under FSDP2 + EP: the 1-process reference packs the 8
+# conversations of the global batch as ONE micro-batch; each of 2 processes (ep 2) packs its 4 as two
+# micro-batches of 2. The rows differ, every conversation keeps its noise stream and the losses are
+# normalised by the global token counts: same losses and gradients within assert_same_step's tolerances.
+PACKED = [*TINY, "--train.global_batch_size", "8", "--data.packing", "true", "--data.mask_history", "false",
+          "--data.seq_length", "256"]
+
+
+@pytest.fixture(scope="module")
+def multiturn_data(tmp_path_factory):
+    from blockdiff.data.synthetic import generate_multiturn
+
+    path = tmp_path_factory.mktemp("mtdata") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in generate_multiturn(40, seed=0)))
+    return str(path)
+
+
+def test_packed_multiturn_step_equals_single_process(multiturn_data, tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    import dist_worker
+    from blockdiff.config import demo_config_path, load_config
+    from blockdiff.data import load_tiny_tokenizer
+    from blockdiff.data.canvas import SFTDataset
+    from blockdiff.distributed import DistInfo
+    from blockdiff.objective import ObjectiveSettings
+    from blockdiff.train import rank_micro_batches
+
+    base = ["--data.train_path", multiturn_data, *PACKED]
+    # the layouts really differ and really pack (several turns, several conversations per row)
+    ds = SFTDataset(multiturn_data, load_tiny_tokenizer(), canvas_length=32, seq_length=256, mask_history=False)
+    rows = {}
+    for mb, world in ((8, 1), (2, 2)):
+        cfg = load_config(demo_config_path(), [*base, "--train.micro_batch_size", str(mb)])
+        micro = rank_micro_batches(0, cfg, ds, DistInfo(0, world, 0, torch.device("cpu")), 1024, ObjectiveSettings())
+        rows[mb] = [(b.input_ids.shape[0], len(b.sample_ids)) for b, _ in micro]
+        assert any(r < n for r, n in rows[mb]) and any(b.segment_table().shape[1] > 1 for b, _ in micro)
+    assert rows[8] != rows[2]
+
+    ref = dist_worker.step_grads([*base, "--train.output_dir", str(tmp_path / "ref"), "--train.micro_batch_size", "8"])
+    out = tmp_path / "grads.safetensors"
+    torchrun(2, "grads", out, *base, "--train.output_dir", str(tmp_path / "run"), "--train.micro_batch_size", "2",
+             "--parallel.ep", "2")
+    assert_same_step(ref, load_file(str(out)))
 
 
 def test_activation_checkpointing_gives_the_same_gradients(data, reference, tmp_path):
