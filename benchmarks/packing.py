@@ -41,7 +41,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from blockdiff.bench import recipe_step  # noqa: E402
-from blockdiff.data.canvas import CanvasBatch, collate, collate_packed  # noqa: E402
+from blockdiff.data.canvas import collate, collate_packed  # noqa: E402
 from blockdiff.data.packing import next_fit, pack_rows, plan_cost  # noqa: E402
 from blockdiff.data.synthetic import GSM8K_LIKE, gsm8k_like_lengths, length_examples  # noqa: E402
 from blockdiff.model.config import REAL_SHAPES, hf_config_dict  # noqa: E402
@@ -51,15 +51,6 @@ TINY_SHAPES = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_a
                    num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
                    sliding_window=64, num_experts=8, top_k_experts=2, moe_intermediate_size=32, canvas_length=32,
                    max_position_embeddings=4096)
-
-
-class _ByConversation(CanvasBatch):
-    """``recipe_step`` keys the noise by ``arange(batch.batch_size)``: one stream per CONVERSATION, so a
-    packed batch (fewer rows than conversations) reports its conversation count here."""
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.sample_ids)
 
 
 def efficiency_rows(lengths, blocks, mb: int, seq_length: int, canvas: int, pad, label: str) -> list[dict]:
@@ -213,7 +204,7 @@ def main(argv=None) -> list[dict]:
                     batches = [collate_packed(g, canvas, seq_length, pad_to_multiple=pad)[0] for g in groups]
                 else:
                     raise SystemExit(f"--modes: unknown {mode!r} (off, on)")
-                batches = [_ByConversation(**vars(b.to(device))) for b in batches]
+                batches = [b.to(device) for b in batches]
                 try:
                     emit(time_mode(model, params, opt, batches, args, device, mode, mb))
                 except torch.cuda.OutOfMemoryError as e:

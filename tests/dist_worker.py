@@ -69,8 +69,10 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
         for p in params:
             all_reduce_(p.grad, dist)
     norm = clip_grad_norm_(params, float("inf"))
-    frozen_with_grad = torch.tensor([float(sum(p.grad is not None for p in model.parameters() if not p.requires_grad))])
+    frozen_with_grad = torch.tensor([float(sum(p.grad is not None for p in model.parameters() if not p.requires_grad))],
+                                    device=dist.device)  # NCCL reduces device tensors only
     all_reduce_(frozen_with_grad, dist)
+    frozen_with_grad = frozen_with_grad.cpu()
     grads = gather_grads(model, dist)
     if dist.rank != 0:
         return None

@@ -81,7 +81,7 @@ def recipe_step(model, batch, params, opt, settings: ObjectiveSettings, step: in
                 working_weights: bool = True) -> torch.Tensor:
     """One full recipe step on one GPU (bf16 working weights or plain autocast, clip 1.0, AdamW); noise
     keyed by ``step``. The same per-micro-batch work as ``train.train``."""
-    B = batch.batch_size
+    B = len(batch.sample_ids)  # one noise stream per conversation (a packed row holds several)
     noise = draw_noise(batch, torch.arange(B) + step * B, seed=0, vocab_size=model.config.vocab_size,
                        eps=settings.eps, sc_prob=settings.self_conditioning_prob)
     nd, na = count_scored(batch, noise, settings)
