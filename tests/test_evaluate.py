@@ -187,3 +187,24 @@ def test_cli_eval(ckpt, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "gsm8k accuracy:" in text and "/2)" in text and "tokens/s" in text
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_cli_temperature_flags(ckpt, tmp_path, monkeypatch, capsys):
+    # --t-max / --t-min override the checkpoint's schedule (the demo's low-temperature number uses them)
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic.generate(2, seed=5)))
+    seen = []
+
+    def fake_eval(model, tokenizer, rows, settings, **kwargs):
+        seen.append(settings)
+        return {"accuracy": 0.5, "n": 2, "correct": 1, "ci_low": 0.1, "ci_high": 0.9, "seconds": 1.0,
+                "new_tokens": 4, "tokens_per_second": 4.0}
+
+    monkeypatch.setattr(evaluate, "evaluate_gsm8k", fake_eval)
+    base = ["gsm8k", "--model", str(ckpt), "--data", str(data)]
+    assert evaluate.cli_eval(base + ["--t-max", "0.1", "--t-min", "0.05"]) == 0
+    assert evaluate.cli_eval(base) == 0
+    assert (seen[0].t_max, seen[0].t_min) == (0.1, 0.05)
+    assert (seen[1].t_max, seen[1].t_min) == (SamplerSettings().t_max, SamplerSettings().t_min)
+    with pytest.raises(BlockdiffError, match="t_min"):  # validated like every sampler setting
+        evaluate.cli_eval(base + ["--t-max", "0.1", "--t-min", "0.2"])

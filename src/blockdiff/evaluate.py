@@ -159,6 +159,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="LoRA adapter directory")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--steps", type=int, help="max denoising steps per block")
+    p.add_argument("--t-max", type=float, help="first denoising step's temperature (default: the checkpoint's)")
+    p.add_argument("--t-min", type=float, help="temperature the schedule decays towards (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
                    help="default: bfloat16 on GPU, float32 on CPU")
@@ -236,7 +238,8 @@ def cli_generate(argv=None) -> int:
 
     model, tokenizer, device = load_for_inference(args.model, args.dtype, args.device, args.adapter)
     settings = settings_for_checkpoint(args.model, tokenizer, max_new_tokens=args.max_new_tokens,
-                                       max_denoising_steps=args.steps, seed=args.seed)
+                                       max_denoising_steps=args.steps, seed=args.seed,
+                                       t_max=args.t_max, t_min=args.t_min)
     convs = [[{"role": "user", "content": args.prompt}]] if args.prompt is not None else _read_prompt_file(args.input)
     outputs = []
     with _tqdm(len(convs), "generate") as bar:
@@ -275,7 +278,8 @@ def cli_eval(argv=None) -> int:
         raise DataError("no rows to evaluate", file=args.data)
     model, tokenizer, device = load_for_inference(args.model, args.dtype, args.device, args.adapter)
     settings = settings_for_checkpoint(args.model, tokenizer, max_new_tokens=args.max_new_tokens,
-                                       max_denoising_steps=args.steps, seed=args.seed)
+                                       max_denoising_steps=args.steps, seed=args.seed,
+                                       t_max=args.t_max, t_min=args.t_min)
     with _tqdm(len(rows), "eval gsm8k") as bar:
         res = evaluate_gsm8k(model, tokenizer, rows, settings, batch_size=args.batch_size,
                              out_jsonl=args.output, device=device, progress=bar)
