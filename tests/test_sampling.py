@@ -269,3 +269,33 @@ def test_behaves_like_transformers_generate(tmp_path):
     ours_eos = generate(model, [prompt], SamplerSettings(max_new_tokens=2 * C, max_denoising_steps=3,
                                                          eos_token_ids=(eos,)))[0]
     assert len(ours_eos) <= 3 and eos not in ours_eos
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    """A compiler error (first call of a block, before any CUDA-graph capture) is logged once and the
+    eager function serves from then on, with the same result."""
+    from blockdiff import sampling
+
+    calls = []
+
+    def broken_compile(fn, **kw):
+        def run(*args):
+            calls.append(args)
+            raise RuntimeError("inductor says no")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    wrapped = sampling._Compiled(lambda a, b: a + b)
+    with caplog.at_level("WARNING", logger="blockdiff.sampling"):
+        assert wrapped(True, 2, 3) == 5
+        assert wrapped(True, 4, 5) == 9
+    assert len(calls) == 1 and wrapped.failed
+    assert sum("sampling eagerly" in r.getMessage() for r in caplog.records) == 1
+    assert sampling._Compiled(lambda a: a * 2)(False, 4) == 8  # disabled: never compiles
+
+
+def test_cuda_only_switches_do_not_change_cpu_sampling(tiny_model):
+    s = gen_settings(max_new_tokens=16)
+    ref = generate(tiny_model, PROMPTS, s)
+    off = generate(tiny_model, PROMPTS, gen_settings(max_new_tokens=16, cuda_graphs=False, compile=False))
+    assert off == ref
