@@ -4,6 +4,7 @@
     python benchmarks/packing.py --micro-batch 8,16 --steps 10 --output packing.json
     python benchmarks/packing.py --tiny --steps 2        # CPU smoke run (tiny model, scaled lengths)
     python benchmarks/packing.py --efficiency-only       # the packing-efficiency table only, no model
+    python benchmarks/packing.py --turns 2               # multi-turn SFT: 2 supervised assistant turns each
 
 Data: random tokens with GSM8K-like lengths (``blockdiff.data.synthetic.gsm8k_like_lengths``: question
 ~40-200 tokens, answer ~50-300, plus the chat template), turned into canvas examples exactly as training
@@ -41,7 +42,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from blockdiff.bench import recipe_step  # noqa: E402
-from blockdiff.data.canvas import collate, collate_packed  # noqa: E402
+from blockdiff.data.canvas import build_multiturn_example, collate, collate_packed  # noqa: E402
 from blockdiff.data.packing import next_fit, pack_rows, plan_cost  # noqa: E402
 from blockdiff.data.synthetic import GSM8K_LIKE, gsm8k_like_lengths, length_examples  # noqa: E402
 from blockdiff.model.config import REAL_SHAPES, hf_config_dict  # noqa: E402
@@ -91,6 +92,22 @@ def build_model(args, device):
     return model
 
 
+def multiturn_examples(lengths, turns: int, canvas: int, seq_length: int, vocab: int, seed: int) -> list:
+    """Conversations of ``turns`` consecutive (question, answer) length pairs, random tokens, every answer
+    supervised (``build_multiturn_example``: each assistant turn its own canvas segment)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in range(len(lengths) // turns):
+        ids, sup = [], []
+        for p, r in lengths[c * turns:(c + 1) * turns]:
+            ids += torch.randint(3, vocab, (p + r,), generator=g).tolist()
+            sup += [False] * p + [True] * r
+        ex = build_multiturn_example(ids, sup, canvas_length=canvas, seq_length=seq_length, eos_id=1, sample_id=c)
+        if ex is not None:
+            out.append(ex)
+    return out
+
+
 def time_mode(model, params, opt, batches, args, device, packing: str, mb: int) -> dict:
     settings = ObjectiveSettings()
     cuda = device.type == "cuda"
@@ -120,6 +137,7 @@ def time_mode(model, params, opt, batches, args, device, packing: str, mb: int) 
            "packing_efficiency": round(real / sum(b.padded_tokens() for b in timed), 4),
            "canvas_efficiency": round(sum(c[0] for c in canvas) / sum(c[1] for c in canvas), 4),
            "rows_per_step": sum(b.input_ids.shape[0] for b in timed) / len(timed),
+           "canvas_segments_per_step": sum(int((b.segment_table()[..., 2] > 0).sum()) for b in timed) / len(timed),
            "width_mean": sum(b.input_ids.shape[1] for b in timed) / len(timed),
            "losses_finite": all(map(math.isfinite, losses)), "last_loss": losses[-1]}
     if cuda:
@@ -136,6 +154,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode")
     p.add_argument("--modes", default="off,on")
+    p.add_argument("--turns", type=int, default=1, help="assistant turns per conversation (> 1: multi-turn SFT)")
     p.add_argument("--attn", default="auto")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--efficiency-only", action="store_true", help="print the efficiency table, time nothing")
@@ -165,7 +184,7 @@ def main(argv=None) -> list[dict]:
     vocab = (TINY_SHAPES if args.tiny else REAL_SHAPES)["vocab_size"]
     meta = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "layers": args.layers, "tiny": args.tiny, "canvas": canvas,
-            "seq_length": seq_length, "gsm8k_like": GSM8K_LIKE, "length_scale": scale}
+            "seq_length": seq_length, "gsm8k_like": GSM8K_LIKE, "length_scale": scale, "turns": args.turns}
     results = []
 
     def emit(row):
@@ -194,8 +213,12 @@ def main(argv=None) -> list[dict]:
         opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.95, 0.99), weight_decay=1e-4, fused=cuda)
         for mb in mbs:
             n_batches = args.warmup + args.steps
-            convs = length_examples(gsm8k_like_lengths(n_batches * mb, args.seed + 1, scale), canvas_length=canvas,
-                                    seq_length=seq_length, vocab_size=vocab, seed=args.seed + 1)
+            if args.turns > 1:  # multi-turn SFT (data.mask_history: false): every assistant turn supervised
+                convs = multiturn_examples(gsm8k_like_lengths(n_batches * mb * args.turns, args.seed + 1, scale),
+                                           args.turns, canvas, seq_length, vocab, args.seed + 1)
+            else:
+                convs = length_examples(gsm8k_like_lengths(n_batches * mb, args.seed + 1, scale), canvas_length=canvas,
+                                        seq_length=seq_length, vocab_size=vocab, seed=args.seed + 1)
             groups = [convs[i * mb:(i + 1) * mb] for i in range(len(convs) // mb)]
             for mode in args.modes.split(","):
                 if mode == "off":

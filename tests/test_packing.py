@@ -161,11 +161,14 @@ def test_packed_noise_per_global_sample_on_any_world_size(tmp_path, mb):
         assert {k: v[1:] for k, v in got.items()} == {k: v[1:] for k, v in ref.items()}
 
 
-def test_benchmark_cpu_smoke(tmp_path):
-    """benchmarks/packing.py --tiny: JSON lines for packing off and on, the same real tokens per step."""
+@pytest.mark.parametrize("turns", [1, 2])
+def test_benchmark_cpu_smoke(tmp_path, turns):
+    """benchmarks/packing.py --tiny: JSON lines for packing off and on, the same real tokens per step
+    (``turns`` 2: multi-turn conversations, every assistant turn supervised)."""
     out = tmp_path / "packing.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "packing.py"), "--tiny", "--steps", "1",
-                        "--warmup", "0", "--micro-batch", "8", "--output", str(out)],
+                        "--warmup", "0", "--micro-batch", "8", "--turns", str(turns), "--efficiency-samples", "512",
+                        "--output", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
@@ -173,3 +176,10 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert set(runs) == {"off", "on"} and runs["on"]["real_tokens_per_step"] == runs["off"]["real_tokens_per_step"]
     assert runs["on"]["packing_efficiency"] >= runs["off"]["packing_efficiency"]
     assert json.loads(out.read_text())
+    assert all(r["turns"] == turns for r in lines)
+    for r in runs.values():  # one canvas segment per supervised assistant turn, packed or not
+        if turns == 1:
+            assert r["canvas_segments_per_step"] == 8
+        else:
+            assert r["canvas_segments_per_step"] > 8
+    assert runs["on"]["canvas_segments_per_step"] == runs["off"]["canvas_segments_per_step"]
