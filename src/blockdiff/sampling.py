@@ -363,7 +363,8 @@ def denoise_block(model, cache, rng: _RowRandom, settings: SamplerSettings, canv
     """Denoise one block for every row of ``cache``. Returns (argmax block [B, C], steps run).
 
     On CUDA with ``settings.cuda_graphs`` the self-conditioned step is captured once per block as a
-    CUDA graph (after one eager warm-up step) and replayed: one launch per step instead of hundreds.
+    CUDA graph and replayed (one launch per step instead of hundreds) after two eager steps: step 0 has
+    no self-conditioning input, step 1 is the warm-up (and compile) the capture needs.
     The only host sync per step is the all-rows-stopped check."""
     n_steps = settings.max_denoising_steps
     B = cache.positions.shape[0]
