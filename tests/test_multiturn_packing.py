@@ -2,14 +2,12 @@
 masks never leak, a packed batch's loss equals the unpacked one, data supervision masks, and the
 ``mask_history: true`` path is unchanged. The packer itself: tests/test_packing.py."""
 
-import json
-
 import pytest
 import torch
 
 from blockdiff.data import load_tiny_tokenizer
 from blockdiff.data.canvas import (
-    Example, SFTDataset, build_example, build_multiturn_example, collate, collate_packed)
+    Example, SFTDataset, _runs, build_example, build_multiturn_example, collate, collate_packed)
 from blockdiff.data.chat import tokenize_conversation, tokenize_turns
 from blockdiff.model.diffusion_gemma import segment_layout
 from blockdiff.objective import ObjectiveSettings, compute_loss, count_scored, draw_noise
@@ -203,16 +201,7 @@ def multi_chat():
 
 def test_multiturn_supervision_masks(tok):
     ids, sup = tokenize_turns(tok, multi_chat()["messages"])
-    runs, i = [], 0
-    while i < len(sup):
-        if sup[i]:
-            j = i
-            while j < len(sup) and sup[j]:
-                j += 1
-            runs.append(tok.decode(ids[i:j]))
-            i = j
-        else:
-            i += 1
+    runs = [tok.decode(ids[i:j]) for i, j in _runs(sup)]
     assert runs == ["2<end_of_turn>", "4<end_of_turn>", "6<end_of_turn>"]
     ds = SFTDataset([multi_chat()], tok, canvas_length=4, seq_length=256, mask_history=False)
     ex = ds[0]
