@@ -82,27 +82,37 @@ def throughput(args) -> None:
     mc = hf_config_dict(**shapes, canvas_length=canvas, num_hidden_layers=args.layers)
     mb = args.micro_batch
     cfg = load_config(demo_config_path(), [
-        "--data.train_path", str(data), "--data.seq_length", str(args.seq_length), "--data.canvas_length",
-        str(canvas), "--train.output_dir", str(out), "--train.max_steps", str(args.steps),
+        "--data.train_path", str(data), "--data.seq_length", str(args.seq_length),
+        *([] if args.tiny else ["--data.canvas_length", str(canvas)]), "--train.output_dir", str(out), "--train.max_steps", str(args.steps),
         "--train.micro_batch_size", str(mb), "--train.global_batch_size", str(mb * world),
         "--train.log_every", "1", "--parallel.ep", str(args.ep), "--parallel.activation_checkpointing",
         str(args.ac).lower(), "--model.dtype", args.dtype, "--checkpoint.every_steps", "0",
         "--checkpoint.save_final", "false", "--checkpoint.export_final", "false", "--logging.progress", "false", "--logging.tensorboard", "false",
         "--objective.self_conditioning_prob", "1.0", "--scheduler.warmup_steps", "0",
-        "--scheduler.decay_steps", "1000", "--train.resume", "never"])
-    cfg.model.from_config = mc
+        "--scheduler.decay_steps", "1000", "--train.resume", "never",
+        # --profile: the last two steps run under the torch profiler (excluded from the medians)
+        "--logging.profile_at", str(args.steps - 1 if args.profile else 0)])
+    if not args.tiny:  # --tiny: the demo's own small model (a CPU smoke run of this script)
+        cfg.model.from_config = mc
     train(cfg)
+    if world > 1:
+        dist.barrier()  # every rank's profile files are written
     if rank == 0:
         rows = [r for r in read_metrics(out) if "tokens_per_s" in r][args.warmup:]
+        rows = rows[:-2] if args.profile else rows
         step = statistics.median(r["step_time_s"] for r in rows)
         tps = statistics.median(r["tokens_per_s"] for r in rows)
         print(json.dumps({
-            "world_size": world, "ep": args.ep, "layers": args.layers, "micro_batch_per_gpu": mb,
+            "world_size": world, "ep": args.ep, "layers": "demo" if args.tiny else args.layers, "micro_batch_per_gpu": mb,
             "seq_length": args.seq_length, "dtype": args.dtype, "activation_checkpointing": args.ac,
             "tokens_per_s_per_gpu": tps / world, "tokens_per_s": tps, "step_time_s": step,
             "peak_mem_gib": max(r["peak_mem_gib"] for r in rows),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "final_loss": rows[-1]["loss"] if rows else None}))
+        if args.profile:  # every rank wrote <run>/profile/rank<R>.json; print them and rank 0's top ops
+            for r in range(world):
+                print(json.dumps({"profile": json.loads((out / "profile" / f"rank{r}.json").read_text())}))
+            print("\n".join((out / "profile" / "rank0.txt").read_text().splitlines()[:32]))
     sys.stdout.flush()
     os._exit(0)
 
@@ -122,6 +132,8 @@ def main() -> None:
     t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     t.add_argument("--ac", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--workdir", default="/tmp/blockdiff-scaling")
+    t.add_argument("--profile", action="store_true", help="profile the last two steps on every rank")
+    t.add_argument("--tiny", action="store_true", help="the demo's small model instead of the real shapes")
     args = ap.parse_args()
     equivalence(args) if args.cmd == "equivalence" else throughput(args)
 

@@ -197,7 +197,11 @@ class LoggingSection:
     wandb: bool = False
     wandb_project: str | None = None
     progress: bool = True
-    checks = staticmethod(lambda: [])
+    profile_at: int = 0  # > 0: torch-profile steps [profile_at, profile_at + profile_steps) into <run>/profile
+    profile_steps: int = 2
+
+    def checks(self):
+        return [_rng(self, "profile_at", ge=0), _rng(self, "profile_steps", ge=1)]
 
 
 @dataclass

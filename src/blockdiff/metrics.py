@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -74,6 +75,64 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class StepProfiler:
+    """torch-profiler window over training steps ``[start, start + steps)`` (``logging.profile_at``), per rank.
+
+    Writes ``<run>/profile/rank<R>.txt`` (ops by device and by CPU time), ``rank<R>.json`` (wall time per
+    step; device busy time split into communication kernels (NCCL) and compute) and a chrome trace."""
+
+    def __init__(self, run_dir, start: int, steps: int, rank: int, device: torch.device):
+        self.start, self.stop_at, self.rank, self.device = start, start + steps, rank, device
+        self.dir = Path(run_dir) / "profile"
+        self.prof = None
+
+    def before_step(self, step: int) -> None:
+        if self.start and step + 1 == self.start:  # steps are numbered from 1 in the logs
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self._sync()
+            self.prof = profile(activities=acts)
+            self.prof.start()
+            self.t0, self.done = time.perf_counter(), 0
+
+    def after_step(self, step: int) -> None:
+        if self.prof is not None:
+            self.done += 1
+            if step + 1 == self.stop_at - 1:
+                self.close()
+
+    def close(self) -> None:
+        """End the window (also when training ends inside it) and write the files."""
+        if self.prof is None or not self.done:
+            return
+        self._sync()
+        wall = time.perf_counter() - self.t0
+        self.prof.stop()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        events = self.prof.key_averages()
+        steps = self.done
+        summary = {"rank": self.rank, "steps": steps, "wall_s_per_step": wall / steps}
+        if self.device.type == "cuda":  # kernels only (CPU ops' device times would count them twice)
+            kernels = [e for e in events if e.device_type.name == "CUDA"]
+            comm = sum(e.self_device_time_total for e in kernels if "nccl" in e.key.lower())
+            total = sum(e.self_device_time_total for e in kernels)
+            summary.update(comm_kernel_s_per_step=comm / 1e6 / steps,
+                           compute_kernel_s_per_step=(total - comm) / 1e6 / steps)
+        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        text = (events.table(sort_by=sort, row_limit=40, max_name_column_width=70) + "\n\n" +
+                events.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=70))
+        (self.dir / f"rank{self.rank}.txt").write_text(text)
+        (self.dir / f"rank{self.rank}.json").write_text(json.dumps(summary, indent=1))
+        self.prof.export_chrome_trace(str(self.dir / f"rank{self.rank}.trace.json"))
+        log.info("profile of steps %d-%d written to %s: %s", self.start, self.start + steps - 1, self.dir, summary)
+        self.prof = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -25,7 +25,7 @@ from .data.canvas import SFTDataset, collate, collate_packed, global_order
 from .distributed import DistInfo, all_reduce_, init_distributed
 from .errors import BlockdiffError, ConfigError
 from .guards import GradNormGuard
-from .metrics import MetricsLogger, peak_memory_gib
+from .metrics import MetricsLogger, StepProfiler, peak_memory_gib
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
 from .parallel import clip_grad_norm_, export_pretrained, is_sharded, parallelize
 from .precision import compute_context
@@ -277,7 +277,11 @@ def train(cfg: Config) -> Path:
     model = parallelize(model, cfg, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optimizer
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    # one fused kernel on one GPU; sharded runs keep the foreach path (expert params live on another mesh
+    # than the rest, and a fused step over DTensors of two meshes fails)
+    fused = device.type == "cuda" and not is_sharded(model)
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                  fused=fused or None)
     schedule = lr_lambda(cfg)
     settings = ObjectiveSettings.from_config(cfg.objective)
 
@@ -311,7 +315,9 @@ def train(cfg: Config) -> Path:
     nan_skipped = int(meta.get("nan_skipped", 0)) if resume_from is not None else 0  # resumed runs keep counting
     grad_guard = GradNormGuard()  # warns when the grad norm explodes repeatedly
     last_step_done = start
+    profiler = StepProfiler(run_dir, cfg.logging.profile_at, cfg.logging.profile_steps, dist.rank, device)
     for step in range(start, max_steps):
+        profiler.before_step(step)
         t0 = time.perf_counter()
         lr = o.lr * schedule(step)
         for group in optimizer.param_groups:
@@ -362,6 +368,7 @@ def train(cfg: Config) -> Path:
             metrics.log(step + 1, row)
             if progress is not None:
                 progress.set_postfix(loss=f"{loss:.3f}", diff=f"{diff:.3f}", lr=f"{row['lr']:.2e}")
+        profiler.after_step(step)
         if progress is not None:
             progress.update(1)
 
@@ -371,9 +378,11 @@ def train(cfg: Config) -> Path:
             _checkpoint(run_dir, step + 1, model, optimizer, cfg, dist, nan_skipped)
         if stop.received:
             log.warning("%s received: checkpoint at step %d written, exiting", stop.received, step + 1)
+            profiler.close()
             metrics.close()
             return run_dir
 
+    profiler.close()
     if progress is not None:
         progress.close()
     already_saved = cfg.checkpoint.every_steps and last_step_done % cfg.checkpoint.every_steps == 0
