@@ -34,7 +34,7 @@ def equivalence(args) -> None:
     data = str(write_splits(tmp / "data", 40, 8, seed=0)[0])
     common = ["--data.train_path", data, "--model.num_layers", "2", "--train.global_batch_size", "4",
               "--train.micro_batch_size", "1", "--objective.self_conditioning_prob", "1.0",
-              "--model.dtype", "float32"]
+              "--model.dtype", "float32", "--model.attn_backend", args.attn]
     results = {}
 
     def run(n, ep):
@@ -91,7 +91,8 @@ def throughput(args) -> None:
         "--objective.self_conditioning_prob", "1.0", "--scheduler.warmup_steps", "0",
         "--scheduler.decay_steps", "1000", "--train.resume", "never",
         # --profile: the last two steps run under the torch profiler (excluded from the medians)
-        "--logging.profile_at", str(args.steps - 1 if args.profile else 0)])
+        "--logging.profile_at", str(args.steps - 1 if args.profile else 0),
+        "--parallel.compile", str(args.compile).lower()])
     if not args.tiny:  # --tiny: the demo's own small model (a CPU smoke run of this script)
         cfg.model.from_config = mc
     train(cfg)
@@ -104,7 +105,7 @@ def throughput(args) -> None:
         tps = statistics.median(r["tokens_per_s"] for r in rows)
         print(json.dumps({
             "world_size": world, "ep": args.ep, "layers": "demo" if args.tiny else args.layers, "micro_batch_per_gpu": mb,
-            "seq_length": args.seq_length, "dtype": args.dtype, "activation_checkpointing": args.ac,
+            "seq_length": args.seq_length, "dtype": args.dtype, "activation_checkpointing": args.ac, "compile": args.compile,
             "tokens_per_s_per_gpu": tps / world, "tokens_per_s": tps, "step_time_s": step,
             "peak_mem_gib": max(r["peak_mem_gib"] for r in rows),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -122,6 +123,9 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("equivalence")
     e.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
+    e.add_argument("--attn", default="sdpa", choices=["sdpa", "flex", "auto"],
+                   help="attention backend of the tiny model (sdpa: no flex compile in each of the 5 launches; "
+                        "flex vs sdpa is checked by benchmarks/gpu_checks.py)")
     t = sub.add_parser("throughput")
     t.add_argument("--layers", type=int, default=2)
     t.add_argument("--ep", type=int, default=1)
@@ -133,6 +137,7 @@ def main() -> None:
     t.add_argument("--ac", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--workdir", default="/tmp/blockdiff-scaling")
     t.add_argument("--profile", action="store_true", help="profile the last two steps on every rank")
+    t.add_argument("--compile", action="store_true", help="parallel.compile: torch.compile per layer")
     t.add_argument("--tiny", action="store_true", help="the demo's small model instead of the real shapes")
     args = ap.parse_args()
     equivalence(args) if args.cmd == "equivalence" else throughput(args)

@@ -102,13 +102,16 @@ class Experts(nn.Module):
         counts = expert_counts(flat[order], self.num_experts)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * K, device=order.device))
         rows = _TokensToRows.apply(x, token, inverse, K)
-        if self.dispatcher is None:
-            h = self.expert_mlp(rows, counts)
-        else:
-            local_rows, local_counts, ctx = self.dispatcher.dispatch(rows, counts)
-            h = self.dispatcher.combine(self.expert_mlp(local_rows, local_counts), ctx)
+        h = self.expert_mlp(rows, counts) if self.dispatcher is None else self._remote_experts(rows, counts)
         h = h.float() * weights.reshape(-1)[order, None]  # the K expert outputs of a token summed in fp32
         return _RowsToTokens.apply(h, token, inverse, K).to(x.dtype)
+
+    @torch.compiler.disable
+    def _remote_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Expert parallel: rows out to the experts' ranks, through the local experts, and back. Left out of
+        ``torch.compile``: the received row count changes every step (static shapes would recompile)."""
+        local_rows, local_counts, ctx = self.dispatcher.dispatch(rows, counts)
+        return self.dispatcher.combine(self.expert_mlp(local_rows, local_counts), ctx)
 
 
 # The token <-> expert-row permutation. Row i (expert order) holds token ``token[i]``; ``inverse[t*K + k]``
