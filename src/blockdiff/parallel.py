@@ -253,6 +253,22 @@ def global_view(model, name: str, t):
                               stride=stride)
 
 
+def full_tensor(model, name: str, t) -> torch.Tensor:
+    """The whole tensor on every rank (a collective). Local expert slices (ep > 1) are gathered over
+    ``edp`` by FSDP's DTensor, then across the EP group (EP rank r holds the r-th block of experts).
+    Not ``global_view(...).full_tensor()``: torch 2.11's redistribute tries to flatten the (ep, edp) mesh
+    and raises "Mesh dim indices should be in ascending order" on GPUs."""
+    if not _is_dtensor(t):
+        return t
+    full = t.full_tensor()
+    st = parallel_state(model)
+    if st is None or st.ep == 1 or name not in st.expert_names:
+        return full
+    parts = [torch.empty_like(full) for _ in range(st.ep)]
+    tdist.all_gather(parts, full.contiguous(), group=st.ep_mesh.get_group("ep"))
+    return torch.cat(parts)
+
+
 def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -295,8 +311,7 @@ def gather_full_state(model, dist: DistInfo, cpu: bool = True) -> dict[str, torc
     reshard_all(model)
     out = {} if dist.rank == 0 else None
     for name, t in model.state_dict().items():
-        t = global_view(model, name, t)
-        full = t.full_tensor() if _is_dtensor(t) else t
+        full = full_tensor(model, name, t)
         if out is not None:
             out[name] = full.detach().to("cpu") if cpu else full.detach()
         del full
@@ -348,8 +363,7 @@ def gather_grads(model, dist: DistInfo) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        g = global_view(model, name, p.grad)
-        full = g.full_tensor() if _is_dtensor(g) else g
+        full = full_tensor(model, name, p.grad)
         if dist.rank == 0:
             out[name] = full.detach().float().cpu()
     return out
