@@ -4,7 +4,8 @@
   python benchmarks/scaling.py equivalence --nproc 2 4
 
   # weak scaling at real layer shapes, reduced depth (per-GPU micro-batch fixed, global = mb x N)
-  torchrun --nproc-per-node=N benchmarks/scaling.py throughput --layers 2 --ep N --steps 8 --dtype bfloat16
+  torchrun --nproc-per-node=N benchmarks/scaling.py throughput --layers 2 --ep N --steps 10 --micro-batch 8
+  # --profile: torch-profiler tables of the last two steps on every rank; --tiny: CPU smoke run (gloo)
 
 ``throughput`` trains through ``blockdiff.train.train`` (the production loop: FSDP2 + EP + AC) on
 synthetic data and prints one JSON line on rank 0: tokens/s per GPU, median step time, peak memory.
