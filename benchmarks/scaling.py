@@ -76,7 +76,9 @@ def throughput(args) -> None:
     if world > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        from blockdiff.distributed import init_distributed
+
+        init_distributed()  # as train() would: the GPU is bound before NCCL starts (no device-id guessing)
         dist.barrier()
     shapes = dict(REAL_SHAPES)
     canvas = shapes.pop("canvas_length")
