@@ -148,3 +148,36 @@ def test_profile_window_writes_tables_and_summary(data, tmp_path):
     assert json.loads((short / "profile" / "rank0.json").read_text())["steps"] == 1
     off = train(cfg_for(data, tmp_path / "r", 1, "--checkpoint.every_steps", "0"))
     assert not (off / "profile").exists()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_state_round_trip_continues_identically(fused):
+    """AdamW state through the checkpoint's tensors (foreach, and fused as train.py uses on one GPU)."""
+    from blockdiff.checkpoint import load_optimizer_tensors, optimizer_tensors
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused or None)
+
+    def step(model, opt, i):
+        loss = model(torch.full((2, 4), float(i))).square().sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    straight, opt = make()
+    for i in range(4):
+        step(straight, opt, i)
+    first, opt1 = make()
+    for i in range(2):
+        step(first, opt1, i)
+    resumed, opt2 = make()
+    resumed.load_state_dict(first.state_dict())
+    load_optimizer_tensors(resumed, opt2, optimizer_tensors(first, opt1), file="optimizer.safetensors")
+    for i in range(2, 4):
+        step(resumed, opt2, i)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for p in resumed.parameters():
+        assert opt2.state[p]["step"].device == (p.device if fused else torch.device("cpu"))

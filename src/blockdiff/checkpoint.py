@@ -67,10 +67,13 @@ def load_optimizer_tensors(model, optimizer, tensors: dict[str, torch.Tensor], f
             raise CheckpointError(f"optimizer state for unknown parameter '{name}'", file=file)
         state.setdefault(name, {})[key] = t
     for group in optimizer.param_groups:
+        # AdamW keeps "step" on the CPU, except fused / capturable AdamW, which reads it on the device
+        step_on_device = bool(group.get("fused") or group.get("capturable"))
         for p in group["params"]:
             name = next(n for n, q in params.items() if q is p)
             if name in state:
-                optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in state[name].items()}
+                optimizer.state[p] = {k: v.to(p.device) if k != "step" or step_on_device else v
+                                      for k, v in state[name].items()}
 
 
 def save_checkpoint(run_dir, step: int, model, optimizer, meta: dict, keep_last: int = 2) -> Path:
