@@ -42,3 +42,25 @@ def test_block_mask_equals_create_block_mask(B, Lq, Lk, canvas, docs, sliding):
         assert torch.equal(a[keep], b[keep])
     if not docs and not canvas:  # both kinds of block occur (documents and canvas blocks can leave none full)
         assert ours.full_kv_num_blocks.sum() > 0 and ours.kv_num_blocks.sum() > 0
+
+
+def test_compiled_flex_attention_with_our_block_mask_equals_dense_sdpa():
+    """End to end on CPU: inductor's flex kernel (which skips blocks the BlockMask leaves out and calls
+    mask_mod only on partial blocks) gives SDPA's output under the dense mask. A mask missing one visible
+    block gives a different output, so the comparison does see the block structure."""
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    g = torch.Generator().manual_seed(1)
+    for B, Lq, Lk, canvas, docs, sliding in [(2, 300, 300, False, True, True), (3, 256, 700, True, False, False)]:
+        info = _info(B, Lq, Lk, canvas, docs, seed=Lq + Lk)
+        q, k, v = (torch.randn(B, 2, n, 64, generator=g) for n in (Lq, Lk, Lk))
+        bm = info.block_mask(sliding)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=info.dense(sliding))
+        assert (flex(q, k, v, block_mask=bm) - ref).abs().max() < 1e-5
+    fewer = bm.kv_num_blocks.clone()
+    fewer[0, 0, 0] -= 1  # forget the last partial block of the first query block
+    broken = BlockMask.from_kv_blocks(fewer, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                                      BLOCK_SIZE=128, mask_mod=bm.mask_mod, seq_lengths=(Lq, Lk))
+    assert (flex(q, k, v, block_mask=broken) - ref).abs().max() > 1e-3
