@@ -84,7 +84,7 @@ class StepProfiler:
     step; device busy time split into communication kernels (NCCL) and compute) and a chrome trace."""
 
     def __init__(self, run_dir, start: int, steps: int, rank: int, device: torch.device):
-        self.start, self.stop_at, self.rank, self.device = start, start + steps, rank, device
+        self.start, self.steps, self.rank, self.device = start, steps, rank, device
         self.dir = Path(run_dir) / "profile"
         self.prof = None
 
@@ -101,7 +101,7 @@ class StepProfiler:
     def after_step(self, step: int) -> None:
         if self.prof is not None:
             self.done += 1
-            if step + 1 == self.stop_at - 1:
+            if self.done == self.steps:
                 self.close()
 
     def close(self) -> None:

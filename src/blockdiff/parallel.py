@@ -236,7 +236,7 @@ def parallelize(model, cfg, dist: DistInfo):
 
 
 def global_view(model, name: str, t):
-    """The tensor as a DTensor with its GLOBAL shape (for checkpoints and export).
+    """The tensor as a DTensor with its GLOBAL shape (for DCP checkpoints; gathers use ``full_tensor``).
 
     Non-expert params are FSDP DTensors already global. Local expert slices (ep > 1) are FSDP DTensors
     over ``edp`` with shape [E/ep, ...]; viewed on the 2-D (ep, edp) mesh with (Shard(0), Shard(0)) they
