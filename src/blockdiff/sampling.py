@@ -201,17 +201,38 @@ def should_stop(history: torch.Tensor, argmax_canvas: torch.Tensor, entropy: tor
     return stable & confident, history
 
 
-def sample_categorical(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+def sample_categorical(logits: torch.Tensor, uniforms: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """Inverse-CDF sampling: one uniform in [0, 1) per token picks from softmax(logits).
 
-    Needs only B*C random numbers (not B*C*V), so per-row generators stay cheap.
-    ``right=True`` never lands on a zero-probability token; the clamp guards fp32 rounding.
+    Needs only B*C random numbers (not B*C*V), so per-row generators stay cheap. The CDF is walked in
+    two levels (sums of ``chunk``-wide vocabulary slices, then a scan inside the one slice that holds
+    the target) so nothing scans the whole 262k vocabulary: a full-width cumsum cost a 2 GB fp32 write
+    per step at batch 8 and is the one pass inductor could not fuse. Never lands on a zero-probability
+    token: the target stays strictly below each level's total.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    cdf = torch.cumsum(probs, dim=-1)
-    target = (uniforms * cdf[..., -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return idx.clamp_(max=logits.shape[-1] - 1)
+    V = logits.shape[-1]
+    cs = min(chunk, V)
+    logits = logits.float()
+    if V % cs:  # pad with -inf (probability 0) to whole chunks
+        logits = torch.nn.functional.pad(logits, (0, cs - V % cs), value=-math.inf)
+    slices = logits.unflatten(-1, (-1, cs))  # [..., n_chunks, cs]
+    top = logits.amax(-1, keepdim=True)
+    chunk_sums = torch.exp(slices - top[..., None]).sum(-1)  # [..., n_chunks]
+    chunk_cdf = torch.cumsum(chunk_sums, -1)
+    total = chunk_cdf[..., -1:]
+    target = torch.minimum(uniforms.unsqueeze(-1) * total, _just_below(total))
+    which = torch.searchsorted(chunk_cdf, target, right=True).clamp_(max=chunk_cdf.shape[-1] - 1)
+    before = chunk_cdf.gather(-1, which) - chunk_sums.gather(-1, which)
+    picked = slices.gather(-2, which[..., None].expand(*which.shape, cs)).squeeze(-2)  # [..., cs]
+    inner_cdf = torch.cumsum(torch.exp(picked - top), -1)
+    inside = torch.minimum(target - before, _just_below(inner_cdf[..., -1:])).clamp_(min=0)
+    offset = torch.searchsorted(inner_cdf, inside, right=True).clamp_(max=cs - 1)
+    return (which * cs + offset).squeeze(-1).clamp_(max=V - 1)
+
+
+def _just_below(x: torch.Tensor) -> torch.Tensor:
+    """The largest fp32 value below positive ``x`` (a relative step of 2^-23 is one ulp or more)."""
+    return x * (1.0 - 2.0**-23)
 
 
 def cut_at_eos(tokens: list[int], eos_token_ids) -> list[int]:
@@ -284,26 +305,21 @@ class _BlockState:
     temperatures: torch.Tensor  # [steps] fp32
     uniforms: torch.Tensor  # [steps, B, C]
     renoise: torch.Tensor  # [steps, B, C]
-    sc_logits: torch.Tensor | None = None  # [B, C, V] previous logits (embedding dtype); None at step 0
-
-
-def _soft_embeddings(model, sc_logits: torch.Tensor) -> torch.Tensor:
-    return model.soft_embeddings(sc_logits)
+    soft: torch.Tensor | None = None  # [B, C, H] self-conditioning input of the next step; None at step 0
 
 
 def _vocab_step(model, hidden: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor, entropy_bound: float):
-    """Everything over the 262k vocabulary in one function (so that compile can fuse its passes): lm head
-    with softcap, temperature, the sample, entropies, acceptance, argmax, and the self-conditioning
-    logits, which the reference feeds back in the embedding dtype (bf16 models round here)."""
+    """Everything over the 262k vocabulary in one function, so that compile fuses its passes: lm head
+    with softcap, temperature, the sample, entropies, acceptance, argmax, and the next step's
+    self-conditioning embeddings. The reference feeds the logits back in the embedding dtype (bf16
+    models round there) and embeds them at the next step; embedding them here keeps [B, C, H] between
+    steps instead of [B, C, V] and lets the softmax share the passes over these logits."""
     logits = model.lm_logits(hidden) / temperature
-    denoised = _sample_outside_compile(logits, uniforms)
+    denoised = sample_categorical(logits, uniforms)
     entropy = token_entropy(logits)
     accept = entropy_bound_accept(entropy, entropy_bound, is_entropy=True)
-    return denoised, entropy, accept, logits.argmax(dim=-1), logits.to(model.embed_tokens.weight.dtype)
-
-
-# inductor (torch 2.11) fails to generate its split scan for a cumsum over 262k columns: sample eagerly
-_sample_outside_compile = torch.compiler.disable(sample_categorical)
+    soft = model.soft_embeddings(logits.to(model.embed_tokens.weight.dtype))
+    return denoised, entropy, accept, logits.argmax(dim=-1), soft
 
 
 class _Compiled:
@@ -328,14 +344,12 @@ class _Compiled:
 
 
 _compiled_vocab_step = _Compiled(_vocab_step)
-_compiled_soft_embeddings = _Compiled(_soft_embeddings)
 
 
 def _denoise_step(model, cache, st: _BlockState, settings: SamplerSettings, compile: bool = False) -> None:
     """One denoising step, in place on ``st``; no host sync (capturable as a CUDA graph)."""
-    soft = None if st.sc_logits is None else _compiled_soft_embeddings(compile, model, st.sc_logits)
-    hidden = model.decode(st.canvas, cache, soft_embeds=soft)
-    denoised, entropy, accept, argmax, sc = _compiled_vocab_step(
+    hidden = model.decode(st.canvas, cache, soft_embeds=st.soft)
+    denoised, entropy, accept, argmax, soft = _compiled_vocab_step(
         compile, model, hidden, st.temperatures.index_select(0, st.step), st.uniforms.index_select(0, st.step)[0],
         settings.entropy_bound)
     # accept from the denoiser, re-noise every other position uniformly
@@ -351,10 +365,10 @@ def _denoise_step(model, cache, st: _BlockState, settings: SamplerSettings, comp
     st.canvas.copy_(new_canvas)
     st.argmax.copy_(new_argmax)
     st.history.copy_(history)
-    if st.sc_logits is None:
-        st.sc_logits = sc
+    if st.soft is None:
+        st.soft = soft
     else:
-        st.sc_logits.copy_(sc)
+        st.soft.copy_(soft)
     st.step += 1
 
 
