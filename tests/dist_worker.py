@@ -5,8 +5,9 @@
     python tests/dist_worker.py script DONE_FILE SCRIPT.py [its arguments ...]
 
 ``grads``: one training step's forward/backward on the global batch (no optimizer step); rank 0 writes
-the summed losses, the global grad norm and every FULL gradient (gathered, experts in their global
-layout) to OUT_FILE (safetensors). ``train``: ``blockdiff.train.train`` on the config. ``script``: runs
+the summed losses, the global grad norm, every FULL gradient (gathered, experts in their global
+layout), its number of ``all_to_all_single`` calls in the step and of micro-batches to OUT_FILE
+(safetensors). ``train``: ``blockdiff.train.train`` on the config. ``script``: runs
 SCRIPT.py as ``__main__`` (e.g. ``examples/dllm_sft/finetune.py -c ...``); a non-zero ``sys.exit`` leaves
 no ``.done`` file.
 
@@ -59,10 +60,21 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
     micro = rank_micro_batches(0, cfg, ds, dist, model.config.vocab_size, settings)
     n_diff, n_ar = global_token_counts(micro, settings, dist)
     sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
-    for batch, noise in micro:
-        out = compute_loss(model, batch, noise, settings, n_diff, n_ar)
-        out["loss"].backward()
-        sums += torch.stack([out["loss"].detach(), out["diffusion_loss"], out["ar_loss"]]).double()
+    exchanges = [0]  # all_to_all_single calls of this rank in the step (expert-parallel exchanges)
+    original = torch.distributed.all_to_all_single
+
+    def counting_all_to_all(*args, **kwargs):
+        exchanges[0] += 1
+        return original(*args, **kwargs)
+
+    torch.distributed.all_to_all_single = counting_all_to_all
+    try:
+        for batch, noise in micro:
+            out = compute_loss(model, batch, noise, settings, n_diff, n_ar)
+            out["loss"].backward()
+            sums += torch.stack([out["loss"].detach(), out["diffusion_loss"], out["ar_loss"]]).double()
+    finally:
+        torch.distributed.all_to_all_single = original
     all_reduce_(sums, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     if dist.world_size > 1 and not hasattr(model, "_blockdiff_parallel"):
@@ -78,6 +90,7 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
         return None
     extra = {"frozen_with_grad": frozen_with_grad} if cfg.lora.enabled else {}
     return {"sums": sums.cpu(), "grad_norm": norm.detach().reshape(1).double().cpu(), **extra,
+            "exchanges": torch.tensor([exchanges[0]]), "micro_batches": torch.tensor([len(micro)]),
             **{f"grad.{k}": v for k, v in grads.items()}}
 
 

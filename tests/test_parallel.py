@@ -150,6 +150,23 @@ def test_activation_checkpointing_gives_the_same_gradients(data, reference, tmp_
     assert_same_step(reference, got)
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-exchanges", "recompute-exchanges"])
+def test_activation_checkpointing_with_expert_parallel(data, reference, tmp_path, recompute):
+    """AC + ep 2: the same step as one process either way; by default the recomputed layers replay the
+    forward's all-to-all results (no exchange in the recomputation), with ``recompute_expert_exchanges``
+    they exchange again. Exchanges per MoE call: counts, dispatch, combine in forward; the reverse
+    dispatch and combine in backward. Per micro-batch and layer: 3 passes forward (encoder, decoder
+    passes 1 and 2), 2 backward (pass 1 has no grad), and 2 recomputed forwards when recomputing."""
+    out = tmp_path / "grads.safetensors"
+    torchrun(2, "grads", out, "--data.train_path", data, "--train.output_dir", str(tmp_path / "run"), *TINY,
+             "--parallel.ep", "2", "--parallel.activation_checkpointing", "true",
+             "--parallel.recompute_expert_exchanges", str(recompute).lower())
+    got = load_file(str(out))
+    assert_same_step(reference, got)
+    per_layer = 3 * 3 + 2 * 2 + (2 * 3 if recompute else 0)
+    assert int(got["exchanges"]) == int(got["micro_batches"]) * 2 * per_layer
+
+
 def test_expert_dispatch_is_exact_without_a_process_group():
     """The hook point: a dispatcher that keeps everything local reproduces the local path exactly."""
     from blockdiff.model.moe import Experts

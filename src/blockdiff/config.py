@@ -164,6 +164,9 @@ class ParallelSection:
     dp: int = -1  # -1: the world size
     ep: int = 1  # expert-parallel group size (experts split over ep ranks; data parallel over all)
     activation_checkpointing: bool = True
+    # ep > 1 with activation checkpointing: false keeps each layer's all-to-all results from the forward
+    # for its recomputation (faster; costs the dispatched rows' memory), true exchanges them again
+    recompute_expert_exchanges: bool = False
     compile: bool = False
 
     def checks(self):

@@ -22,6 +22,7 @@ fp32 gradient reduction.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -69,22 +70,72 @@ class ExpertDispatcher:
         self.n_local = num_experts // ep
 
     def dispatch(self, rows: torch.Tensor, counts: torch.Tensor):
-        # rows are sorted by global expert; experts of EP rank r are the r-th contiguous block
-        send = counts.view(self.ep, self.n_local).contiguous()
-        recv = torch.empty_like(send)  # recv[s, e]: rows source s sends for my local expert e
-        tdist.all_to_all_single(recv, send, group=self.group)
-        send_splits = send.sum(1).tolist()
-        recv_splits = recv.sum(1).tolist()
-        got = all_to_all(rows, recv_splits, send_splits, self.group)  # ordered (source, local expert)
+        stash = _ExchangeStash.active
+        if stash is not None and stash.replaying:  # recomputation: the forward's exchange results
+            recv, send_splits, recv_splits, got = stash.replay()
+        else:
+            # rows are sorted by global expert; experts of EP rank r are the r-th contiguous block
+            send = counts.view(self.ep, self.n_local).contiguous()
+            recv = torch.empty_like(send)  # recv[s, e]: rows source s sends for my local expert e
+            tdist.all_to_all_single(recv, send, group=self.group)
+            # the one host read per MoE call: all_to_all_single needs its split sizes as Python ints
+            send_splits, recv_splits = torch.stack([send.sum(1), recv.sum(1)]).tolist()
+            got = all_to_all(rows, recv_splits, send_splits, self.group)  # ordered (source, local expert)
+            if stash is not None and torch.is_grad_enabled():
+                stash.record((recv, send_splits, recv_splits, got))
+        # regroup by local expert (the recomputation runs this too: checkpoint matches saved tensors by count)
         expert_of = torch.arange(self.n_local, device=rows.device).repeat(self.ep)
-        expert_of = torch.repeat_interleave(expert_of, recv.reshape(-1))
+        expert_of = torch.repeat_interleave(expert_of, recv.reshape(-1), output_size=sum(recv_splits))
         order = torch.argsort(expert_of, stable=True)
         return got[order], recv.sum(0), (order, send_splits, recv_splits)
 
     def combine(self, h: torch.Tensor, ctx) -> torch.Tensor:
         order, send_splits, recv_splits = ctx
         back = h[torch.argsort(order)]  # undo the regrouping by local expert
-        return all_to_all(back, send_splits, recv_splits, self.group)
+        stash = _ExchangeStash.active
+        if stash is not None and stash.replaying:
+            return stash.replay()
+        out = all_to_all(back, send_splits, recv_splits, self.group)
+        if stash is not None and torch.is_grad_enabled():
+            stash.record(out)
+        return out
+
+
+class _ExchangeStash:
+    """Expert-parallel exchanges of one checkpointed layer call, kept from its forward for its
+    recomputation: the recomputed layer replays the received rows and the combined outputs instead of
+    exchanging again (two all-to-alls, a counts exchange and a host read of split sizes per MoE call).
+    Costs the memory of those rows until the layer's backward. ``active`` is the stash of the layer
+    running now (training is single-threaded)."""
+
+    active: "_ExchangeStash | None" = None
+
+    def __init__(self):
+        self.saved: list = []
+        self.replaying, self.next = False, 0
+
+    def record(self, value) -> None:
+        self.saved.append(value)
+
+    def replay(self):
+        value = self.saved[self.next]
+        self.next += 1
+        return value
+
+    @contextlib.contextmanager
+    def use(self, replaying: bool):
+        previous, _ExchangeStash.active = _ExchangeStash.active, self
+        self.replaying, self.next = replaying, 0
+        try:
+            yield
+        finally:
+            _ExchangeStash.active = previous
+
+
+def _exchange_stash_contexts():
+    """``context_fn`` of ``checkpoint``: (context of the forward, context of the recomputation)."""
+    stash = _ExchangeStash()
+    return stash.use(False), stash.use(True)
 
 
 # ---------------------------------------------------------------------------------------- layer wrappers
@@ -94,11 +145,18 @@ def _ac_forward(inner, *args, **kwargs):
     return _checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
 
-def apply_activation_checkpointing(model) -> None:
+def _ac_forward_keeping_exchanges(inner, *args, **kwargs):
+    return _checkpoint(inner, *args, use_reentrant=False, context_fn=_exchange_stash_contexts, **kwargs)
+
+
+def apply_activation_checkpointing(model, keep_expert_exchanges: bool = False) -> None:
     """Recompute each Layer in backward (non-reentrant). The layer returns its K/V functionally, so the
-    encoder K/V the decoder reads is an ordinary output: recomputation neither duplicates nor drops it."""
+    encoder K/V the decoder reads is an ordinary output: recomputation neither duplicates nor drops it.
+    ``keep_expert_exchanges`` (expert parallel): the recomputation replays the forward's all-to-all
+    results instead of exchanging again (see ``_ExchangeStash``)."""
+    wrapper = _ac_forward_keeping_exchanges if keep_expert_exchanges else _ac_forward
     for layer in model.layers:
-        layer.forward = functools.partial(_ac_forward, layer.forward)
+        layer.forward = functools.partial(wrapper, layer.forward)
 
 
 def apply_compile(model) -> None:
@@ -178,7 +236,7 @@ def parallelize(model, cfg, dist: DistInfo):
         raise ConfigError(f"ep={p.ep} does not divide the world size {dist.world_size}", field="parallel.ep")
     model = model.to(dist.device)
     if p.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, keep_expert_exchanges=p.ep > 1 and not p.recompute_expert_exchanges)
     if p.compile:
         apply_compile(model)
     if dist.world_size == 1:
