@@ -26,12 +26,14 @@ or after a resume.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .compiled import CompiledOrEager
+from .fused_ce import linear_softcap_ce_sum
 from .model.diffusion_gemma import CanvasLayout, DiffusionGemma, canvas_layout, segment_layout
 
 LOSS_TYPES = ("all_supervised", "corrupted_only", "reweighted", "leave_one_out")
@@ -67,6 +69,7 @@ class Noise:
     # canvas token (0 on invalid slots); None: the reference layout (row b = conversation b, row block ids)
     conv: torch.Tensor | None = None
     conv_block: torch.Tensor | None = None
+    _scored_index: dict = field(default_factory=dict, repr=False)  # loss type -> flat indices (cache)
 
     def token_conv(self) -> torch.Tensor:
         if self.conv is not None:
@@ -91,6 +94,15 @@ class Noise:
         if loss_type in ("corrupted_only", "reweighted"):
             return in_block & self.corrupted
         return in_block
+
+    def scored_index(self, loss_type: str) -> torch.Tensor:
+        """Flat indices (into [B * R]) of ``scored(loss_type)``. The host read this needs happens at the
+        first call, which the trainer makes while counting tokens before the step's work is queued; a
+        boolean-mask index after the decoder would stall the host on the whole forward (and its
+        backward once more)."""
+        if loss_type not in self._scored_index:
+            self._scored_index[loss_type] = self.scored(loss_type).flatten().nonzero().squeeze(1)
+        return self._scored_index[loss_type]
 
 
 def sample_generator(seed: int, stream_index: int) -> torch.Generator:
@@ -179,35 +191,44 @@ def _draw_noise_segments(batch, stream_index, *, seed, vocab_size, eps, sc_prob)
 
 def softcapped_ce_sum(hidden, weight, targets, token_weight, cap, exclude=None, chunk=1024):
     """sum_i token_weight[i] * CE(softcap(hidden[i] @ weight^T), targets[i]) without holding the full
-    [N, V] fp32 logits: chunks of ``chunk`` rows, each recomputed in backward (checkpoint).
+    [N, V] fp32 logits. Without ``exclude``: the fused chunked kernel (``blockdiff.fused_ce``).
 
     ``exclude`` (optional [N] ids) removes that token's logit from the softmax where it differs from the
-    target (the leave-one-out variant).
+    target (the leave-one-out variant): plain autograd over chunks of ``chunk`` rows, each recomputed in
+    backward (checkpoint).
     """
+    if exclude is None:
+        return linear_softcap_ce_sum(hidden, weight, targets, token_weight, cap, chunk=chunk)
 
     def piece(h, tgt, w, exc):
         logits = F.linear(h, weight.to(h.dtype)).float()
         if cap:
             logits = cap * torch.tanh(logits / cap)
-        if exc is not None:
-            drop = F.one_hot(exc, logits.shape[-1]).bool() & (exc != tgt)[:, None]
-            logits = logits.masked_fill(drop, float("-inf"))
+        drop = F.one_hot(exc, logits.shape[-1]).bool() & (exc != tgt)[:, None]
+        logits = logits.masked_fill(drop, float("-inf"))
         return (F.cross_entropy(logits, tgt, reduction="none") * w).sum()
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, hidden.shape[0], chunk):
         e = slice(s, s + chunk)
-        exc = None if exclude is None else exclude[e]
-        args = (hidden[e], targets[e], token_weight[e], exc)
+        args = (hidden[e], targets[e], token_weight[e], exclude[e])
         total = total + (checkpoint(piece, *args, use_reentrant=False) if torch.is_grad_enabled() else piece(*args))
     return total
 
 
+def _soft_embeddings_chunk(model: DiffusionGemma, hidden: torch.Tensor) -> torch.Tensor:
+    return model.soft_embeddings(model.lm_logits(hidden))
+
+
+_soft_embeddings_compiled = CompiledOrEager(_soft_embeddings_chunk, dynamic=None)
+
+
 @torch.no_grad()
 def soft_embeddings_chunked(model: DiffusionGemma, hidden: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Pass-1 soft embeddings from decoder hidden states, chunked over tokens (no full logits)."""
+    """Pass-1 soft embeddings from decoder hidden states, chunked over tokens (no full logits); on CUDA the
+    chunk's softcap / softmax passes are fused by ``torch.compile``."""
     flat = hidden.reshape(-1, hidden.shape[-1])
-    out = [model.soft_embeddings(model.lm_logits(flat[s : s + chunk])) for s in range(0, flat.shape[0], chunk)]
+    out = [_soft_embeddings_compiled(flat.is_cuda, model, flat[s : s + chunk]) for s in range(0, flat.shape[0], chunk)]
     return torch.cat(out).view(*hidden.shape[:-1], -1)
 
 
@@ -230,7 +251,7 @@ def count_scored(batch, noise: Noise, settings: ObjectiveSettings) -> tuple[int,
     """(diffusion tokens, AR tokens) this micro-batch contributes: summed over the global batch by the
     trainer to normalise every micro-batch's loss by the same global counts."""
     ar = ar_targets(batch, settings.ar_loss_scope)[1].sum() if settings.ar_loss_weight else torch.zeros(())
-    return int(noise.scored(settings.loss_type).sum()), int(ar)
+    return len(noise.scored_index(settings.loss_type)), int(ar)
 
 
 def compute_loss(
@@ -267,13 +288,13 @@ def compute_loss(
             soft = soft_embeddings_chunked(model, h1, settings.chunk_tokens)
     h2 = model.decode(noise.noisy, cache, noise.layout, soft_embeds=soft, sc_mask=noise.token_self_condition())
 
-    scored = noise.scored(settings.loss_type)
-    w = scored.float()
+    idx = noise.scored_index(settings.loss_type)
+    w = torch.ones(idx.shape, device=idx.device)
     if settings.loss_type == "reweighted":
-        w = w / noise.token_t()
-    exclude = noise.noisy[scored] if settings.loss_type == "leave_one_out" else None
-    diff_sum = softcapped_ce_sum(h2[scored], weight, noise.clean[scored], w[scored], cap, exclude=exclude,
-                                 chunk=settings.chunk_tokens)
+        w = w / noise.token_t().flatten()[idx]
+    exclude = noise.noisy.flatten()[idx] if settings.loss_type == "leave_one_out" else None
+    diff_sum = softcapped_ce_sum(h2.flatten(0, 1).index_select(0, idx), weight, noise.clean.flatten()[idx], w, cap,
+                                 exclude=exclude, chunk=settings.chunk_tokens)
     diffusion_loss = diff_sum / max(diffusion_tokens, 1)
     loss = diffusion_loss + settings.ar_loss_weight * ar_loss
     return {"loss": loss, "diffusion_loss": diffusion_loss.detach(), "ar_loss": ar_loss.detach()}

@@ -15,6 +15,7 @@ Randomness is per row and per block: row ``b`` draws from a generator seeded wit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -27,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from .compiled import CompiledOrEager
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ class SamplerSettings:
     # Replay each block's self-conditioned denoising step as one CUDA graph (CUDA only; same tokens as
     # eager: the graph runs the same kernels on the same buffers). False: plain eager steps.
     cuda_graphs: bool = True
-    # torch.compile the full-vocabulary math of a step (fuses its passes over the 262k logits; CUDA only).
+    # torch.compile the transformer layers and the full-vocabulary math of a step (CUDA only): fuses the
+    # elementwise chains and the passes over the 262k logits. The first call of a shape compiles.
     compile: bool = True
 
     def __post_init__(self) -> None:
@@ -322,28 +325,34 @@ def _vocab_step(model, hidden: torch.Tensor, temperature: torch.Tensor, uniforms
     return denoised, entropy, accept, logits.argmax(dim=-1), soft
 
 
-class _Compiled:
-    """``fn`` through ``torch.compile`` when asked (CUDA), else as is. A compile failure is logged once and
-    the eager function used from then on: it surfaces at a block's first (eager) step, never mid-capture."""
-
-    def __init__(self, fn):
-        self.fn, self.compiled, self.failed = fn, None, False
-
-    def __call__(self, enabled: bool, *args):
-        if not enabled or self.failed:
-            return self.fn(*args)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=False)
-        try:
-            return self.compiled(*args)
-        except Exception as e:  # noqa: BLE001 - any compiler error: keep sampling, eagerly
-            logger.warning("torch.compile of %s failed (%s: %s); sampling eagerly", self.fn.__name__,
-                           type(e).__name__, str(e)[:300])
-            self.failed = True
-            return self.fn(*args)
+_compiled_vocab_step = CompiledOrEager(_vocab_step)
 
 
-_compiled_vocab_step = _Compiled(_vocab_step)
+def _run_layer(layer, *args):
+    return type(layer).forward(layer, *args)
+
+
+# dynamic=None: the prefix length (prompt, growing cache) and the batch (finished rows dropped) go
+# dynamic after their first change instead of recompiling for every value
+_compiled_layer = CompiledOrEager(_run_layer, dynamic=None)
+
+
+@contextlib.contextmanager
+def _layers_compiled(model, enabled: bool):
+    """Each transformer layer through ``torch.compile`` for the duration of one ``generate`` call (fuses
+    the norm, rotary, routing and residual elementwise chains, which eager runs as ~50 small kernels
+    per layer). Layers that already have an instance-level forward (compiled or checkpointed by
+    ``blockdiff.parallel``) are left alone."""
+    layers = [layer for layer in model.layers if "forward" not in vars(layer)] if enabled else []
+    if layers:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for layer in layers:
+        layer.forward = functools.partial(_compiled_layer, True, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def _denoise_step(model, cache, st: _BlockState, settings: SamplerSettings, compile: bool = False) -> None:
@@ -444,7 +453,8 @@ def generate(model, prompt_ids_list: list[list[int]], settings: SamplerSettings 
 
     saved_backend, model.attn_backend = model.attn_backend, settings.attn_backend
     try:
-        return _generate(model, prompt_ids_list, settings, device, progress, row_seeds, reencode, C, n_blocks, eos)
+        with _layers_compiled(model, settings.compile and device.type == "cuda"):
+            return _generate(model, prompt_ids_list, settings, device, progress, row_seeds, reencode, C, n_blocks, eos)
     finally:
         model.attn_backend = saved_backend
 
