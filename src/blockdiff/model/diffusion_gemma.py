@@ -231,6 +231,9 @@ class DiffusionGemma(nn.Module):
 
     def _run_layers(self, x, positions, info: MaskInfo, prefix: KVCache | None, encoder: bool):
         masks = Masks(info, self.backend_for(x.device), self.config.sliding_window)
+        if masks.backend != "flex":  # dense masks up front: compiled layers (sampling) then only read them
+            for sliding in {layer.self_attn.sliding for layer in self.layers}:
+                masks.get(sliding)
         rope = self.rotary(positions)
         new_kv = []
         for i, layer in enumerate(self.layers):
