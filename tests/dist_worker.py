@@ -6,8 +6,8 @@
 
 ``grads``: one training step's forward/backward on the global batch (no optimizer step); rank 0 writes
 the summed losses, the global grad norm, every FULL gradient (gathered, experts in their global
-layout), its number of ``all_to_all_single`` calls in the step and of micro-batches to OUT_FILE
-(safetensors). ``train``: ``blockdiff.train.train`` on the config. ``script``: runs
+layout), its number of ``all_to_all_single`` calls and FSDP all-gathers in the step and
+of micro-batches to OUT_FILE (safetensors). ``train``: ``blockdiff.train.train`` on the config. ``script``: runs
 SCRIPT.py as ``__main__`` (e.g. ``examples/dllm_sft/finetune.py -c ...``); a non-zero ``sys.exit`` leaves
 no ``.done`` file.
 
@@ -60,21 +60,27 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
     micro = rank_micro_batches(0, cfg, ds, dist, model.config.vocab_size, settings)
     n_diff, n_ar = global_token_counts(micro, settings, dist)
     sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
-    exchanges = [0]  # all_to_all_single calls of this rank in the step (expert-parallel exchanges)
-    original = torch.distributed.all_to_all_single
+    # collectives of this rank in the step: all_to_all_single (expert-parallel exchanges) and
+    # all_gather_into_tensor / all_gather_single (FSDP parameter gathers; the name depends on the torch version)
+    calls = {"all_to_all_single": 0, "all_gather_into_tensor": 0, "all_gather_single": 0}
+    originals = {name: getattr(torch.distributed, name) for name in calls if hasattr(torch.distributed, name)}
 
-    def counting_all_to_all(*args, **kwargs):
-        exchanges[0] += 1
-        return original(*args, **kwargs)
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
 
-    torch.distributed.all_to_all_single = counting_all_to_all
+    for name in originals:
+        setattr(torch.distributed, name, counting(name))
     try:
         for batch, noise in micro:
             out = compute_loss(model, batch, noise, settings, n_diff, n_ar)
             out["loss"].backward()
             sums += torch.stack([out["loss"].detach(), out["diffusion_loss"], out["ar_loss"]]).double()
     finally:
-        torch.distributed.all_to_all_single = original
+        for name, fn in originals.items():
+            setattr(torch.distributed, name, fn)
     all_reduce_(sums, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     if dist.world_size > 1 and not hasattr(model, "_blockdiff_parallel"):
@@ -90,7 +96,8 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
         return None
     extra = {"frozen_with_grad": frozen_with_grad} if cfg.lora.enabled else {}
     return {"sums": sums.cpu(), "grad_norm": norm.detach().reshape(1).double().cpu(), **extra,
-            "exchanges": torch.tensor([exchanges[0]]), "micro_batches": torch.tensor([len(micro)]),
+            "exchanges": torch.tensor([calls["all_to_all_single"]]),
+            "gathers": torch.tensor([calls["all_gather_into_tensor"] + calls["all_gather_single"]]), "micro_batches": torch.tensor([len(micro)]),
             **{f"grad.{k}": v for k, v in grads.items()}}
 
 

@@ -88,12 +88,22 @@ def assert_same_step(ref: dict, got: dict) -> None:
             assert diff <= 1e-5 * scale + 1e-7, f"{k}: max|diff| {diff:.3g} vs max|g| {scale:.3g}"
 
 
-@pytest.mark.parametrize("nproc,ep", [(2, 1), (2, 2), (4, 2)], ids=["fsdp", "ep", "fsdp+ep"])
-def test_step_equals_single_process(data, reference, tmp_path, nproc, ep):
+@pytest.mark.parametrize("nproc,ep,extra", [(2, 1, []), (2, 2, []), (4, 2, []),
+                                            (4, 2, ["--parallel.reshard_after_forward", "false"])],
+                         ids=["fsdp", "ep", "fsdp+ep", "fsdp+ep-no-reshard"])
+def test_step_equals_single_process(data, reference, tmp_path, nproc, ep, extra):
     out = tmp_path / "grads.safetensors"
     torchrun(nproc, "grads", out, "--data.train_path", data, "--train.output_dir", str(tmp_path / "run"), *TINY,
-             "--parallel.ep", str(ep))
-    assert_same_step(reference, load_file(str(out)))
+             "--parallel.ep", str(ep), *extra)
+    got = load_file(str(out))
+    assert_same_step(reference, got)
+    # FSDP parameter all-gathers per micro-batch: one per unit (2 layers, + their experts' units when
+    # ep > 1) per use, + the root's one. Resharding after forward: the encoder, both decoder passes and the
+    # two backwards each gather. Without: the encoder's gather lasts through backward, except that the
+    # no-grad decoder pass 1 reshards (FSDP2 does after a forward without grad), so pass 2 gathers again.
+    units = 2 * (2 if ep > 1 else 1)
+    per_unit = 2 if extra else 5
+    assert int(got["gathers"]) == int(got["micro_batches"]) * (per_unit * units + 1)
 
 
 # Packing + multi-turn (data.mask_history: false) under FSDP2 + EP: the 1-process reference packs the 8

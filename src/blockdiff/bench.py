@@ -156,6 +156,7 @@ def time_impl(name, build, hf_cfg, batch, args, device) -> dict:
     out = {"impl": name, "step_s": dt, "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
            "losses": losses}
     del model, step
+    torch._dynamo.reset()  # compiled layers keep their model alive through dynamo's caches
     gc.collect()  # the step closure holds model + optimizer in reference cycles
     torch.cuda.empty_cache()
     return out

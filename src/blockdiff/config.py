@@ -167,6 +167,10 @@ class ParallelSection:
     # ep > 1 with activation checkpointing: false keeps each layer's all-to-all results from the forward
     # for its recomputation (faster; costs the dispatched rows' memory), true exchanges them again
     recompute_expert_exchanges: bool = False
+    # false: a layer's parameters stay gathered from its first forward (encoder) through its backward
+    # instead of being all-gathered again for each decoder pass and for backward (faster; costs the
+    # gathered bf16 copy of every layer at the forward's end)
+    reshard_after_forward: bool = True
     compile: bool = False
 
     def checks(self):

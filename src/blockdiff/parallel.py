@@ -274,8 +274,8 @@ def parallelize(model, cfg, dist: DistInfo):
                               cast_forward_inputs=False)
     for layer in model.layers:
         if ep > 1:
-            fully_shard(layer.experts, mesh=ep_mesh["edp"], mp_policy=mp)
-        fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
+            fully_shard(layer.experts, mesh=ep_mesh["edp"], mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
     model.__class__ = _root_class(type(model))
     register_fsdp_forward_method(model, "_blockdiff_root_enter")
