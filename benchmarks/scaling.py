@@ -95,7 +95,8 @@ def throughput(args) -> None:
         "--scheduler.decay_steps", "1000", "--train.resume", "never",
         # --profile: the last two steps run under the torch profiler (excluded from the medians)
         "--logging.profile_at", str(args.steps - 1 if args.profile else 0),
-        "--parallel.compile", str(args.compile).lower()])
+        "--parallel.compile", str(args.compile).lower(),
+        "--parallel.reshard_after_forward", str(args.reshard_after_forward).lower()])
     if not args.tiny:  # --tiny: the demo's own small model (a CPU smoke run of this script)
         cfg.model.from_config = mc
     train(cfg)
@@ -109,6 +110,7 @@ def throughput(args) -> None:
         print(json.dumps({
             "world_size": world, "ep": args.ep, "layers": "demo" if args.tiny else args.layers, "micro_batch_per_gpu": mb,
             "seq_length": args.seq_length, "dtype": args.dtype, "activation_checkpointing": args.ac, "compile": args.compile,
+            "reshard_after_forward": args.reshard_after_forward,
             "tokens_per_s_per_gpu": tps / world, "tokens_per_s": tps, "step_time_s": step,
             "peak_mem_gib": max(r["peak_mem_gib"] for r in rows),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -141,6 +143,8 @@ def main() -> None:
     t.add_argument("--workdir", default="/tmp/blockdiff-scaling")
     t.add_argument("--profile", action="store_true", help="profile the last two steps on every rank")
     t.add_argument("--compile", action="store_true", help="parallel.compile: torch.compile per layer")
+    t.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="parallel.reshard_after_forward")
     t.add_argument("--tiny", action="store_true", help="the demo's small model instead of the real shapes")
     args = ap.parse_args()
     equivalence(args) if args.cmd == "equivalence" else throughput(args)
