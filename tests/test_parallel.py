@@ -98,10 +98,10 @@ def test_step_equals_single_process(data, reference, tmp_path, nproc, ep, extra)
     got = load_file(str(out))
     assert_same_step(reference, got)
     # FSDP parameter all-gathers per micro-batch: one per unit (2 layers, + their experts' units when
-    # ep > 1) per use, + the root's one. Resharding after forward: the encoder, both decoder passes and the
+    # ep > 1 and an expert is sharded over more than one rank) per use, + the root's one. Resharding after forward: the encoder, both decoder passes and the
     # two backwards each gather. Without: the encoder's gather lasts through backward, except that the
     # no-grad decoder pass 1 reshards (FSDP2 does after a forward without grad), so pass 2 gathers again.
-    units = 2 * (2 if ep > 1 else 1)
+    units = 2 * (2 if 1 < ep < nproc else 1)
     per_unit = 2 if extra else 5
     assert int(got["gathers"]) == int(got["micro_batches"]) * (per_unit * units + 1)
 

@@ -181,3 +181,32 @@ def test_optimizer_state_round_trip_continues_identically(fused):
         assert torch.equal(a, b)
     for p in resumed.parameters():
         assert opt2.state[p]["step"].device == (p.device if fused else torch.device("cpu"))
+
+
+def test_clipping_inside_fused_adamw_equals_clip_then_step():
+    """One GPU: the clip factor goes to the fused AdamW kernel as grad_scale (no separate pass over the
+    grads). Same update as clipping the grads and stepping; fused AdamW runs on CPU too."""
+    from blockdiff.parallel import clip_divisor, clip_grad_norm_
+
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3), torch.randn(7)]
+    grads = [10 * torch.randn(5, 3), 10 * torch.randn(7)]  # norm far above the clip
+
+    def run(in_step: bool):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.01, fused=True)
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            norm = clip_grad_norm_(params, 1.0, apply=not in_step)
+            if in_step:
+                opt.grad_scale = clip_divisor(norm, 1.0)
+            opt.step()
+        return params, norm
+
+    (a, na), (b, nb) = run(False), run(True)
+    assert float(na) > 1.0  # the clip is active
+    torch.testing.assert_close(na, nb)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(a[0], start[0])

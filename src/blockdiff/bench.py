@@ -24,6 +24,7 @@ from .data.canvas import CanvasBatch
 from .flops import StepShape, step_flops
 from .model.config import REAL_SHAPES, ModelConfig, hf_config_dict
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
+from .parallel import clip_divisor, clip_grad_norm_
 from .precision import compute_context
 
 DATASHEET_BF16 = 989e12
@@ -80,7 +81,8 @@ def blockdiff_step_fn(hf_cfg, batch, args, device, working_weights=True, compile
 def recipe_step(model, batch, params, opt, settings: ObjectiveSettings, step: int,
                 working_weights: bool = True) -> torch.Tensor:
     """One full recipe step on one GPU (bf16 working weights or plain autocast, clip 1.0, AdamW); noise
-    keyed by ``step``. The same per-micro-batch work as ``train.train``."""
+    keyed by ``step``. The same per-micro-batch work as ``train.train`` (a fused AdamW gets the clip factor
+    as ``grad_scale``)."""
     B = len(batch.sample_ids)  # one noise stream per conversation (a packed row holds several)
     noise = draw_noise(batch, torch.arange(B) + step * B, seed=0, vocab_size=model.config.vocab_size,
                        eps=settings.eps, sc_prob=settings.self_conditioning_prob)
@@ -90,7 +92,10 @@ def recipe_step(model, batch, params, opt, settings: ObjectiveSettings, step: in
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = compute_loss(model, batch, noise, settings, nd, na)
         out["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    if opt.defaults.get("fused"):  # clipped inside the fused AdamW kernel
+        opt.grad_scale = clip_divisor(clip_grad_norm_(params, 1.0, apply=False), 1.0)
+    else:
+        clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return out["loss"].detach()

@@ -337,27 +337,34 @@ def _is_dtensor(t) -> bool:
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
-    """Global-norm clipping. Plain tensors: ``torch.nn.utils.clip_grad_norm_``. Sharded grads: every
-    element of every DTensor grad lives on exactly one rank (dense params sharded over all ranks, each
-    expert on one EP rank and sharded over edp), so the squared norm is the world-sum of local squares."""
+def clip_grad_norm_(params, max_norm: float, apply: bool = True) -> torch.Tensor:
+    """Global-norm clipping; returns the norm before clipping. Sharded grads: every element of every
+    DTensor grad lives on exactly one rank (dense params sharded over all ranks, each expert on one EP
+    rank and sharded over edp), so the squared norm is the world-sum of local squares. ``apply=False``
+    only computes the norm (a fused optimizer step applies the factor, see ``clip_divisor``)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not any(_is_dtensor(g) for g in grads):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    dev = grads[0].device
+    if not grads:
+        return torch.zeros(())
+    sharded = [g.to_local() for g in grads if _is_dtensor(g)]
+    plain = [g for g in grads if not _is_dtensor(g)]
+    dev = (sharded or plain)[0].device
     sq = torch.zeros((), dtype=torch.float32, device=dev)
-    plain = torch.zeros((), dtype=torch.float32, device=dev)
-    for g in grads:
-        if _is_dtensor(g):
-            sq += g.to_local().float().pow(2).sum()
-        else:  # replicated: count once
-            plain += g.float().pow(2).sum()
-    tdist.all_reduce(sq)
-    total = (sq + plain).sqrt()
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        (g.to_local() if _is_dtensor(g) else g).mul_(coef.to(g.dtype))
+    if sharded:
+        sq += torch.stack(torch._foreach_norm(sharded, 2.0)).float().pow(2).sum()
+        tdist.all_reduce(sq)
+    if plain:  # replicated (or everything, unsharded): counted once
+        sq += torch.stack(torch._foreach_norm(plain, 2.0)).float().pow(2).sum()
+    total = sq.sqrt()
+    if apply:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(sharded + plain, coef)
     return total
+
+
+def clip_divisor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What clipping divides the grads by: 1 / min(1, max_norm / (norm + 1e-6)). Given to a fused AdamW
+    as ``grad_scale``, its kernel clips while it reads the grads (one pass over them fewer)."""
+    return torch.clamp((total_norm + 1e-6) / max_norm, min=1.0)
 
 
 # ---------------------------------------------------------------------------------------- export
