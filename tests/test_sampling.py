@@ -292,3 +292,39 @@ def test_cuda_only_switches_do_not_change_cpu_sampling(tiny_model):
     ref = generate(tiny_model, PROMPTS, s)
     off = generate(tiny_model, PROMPTS, gen_settings(max_new_tokens=16, cuda_graphs=False, compile=False))
     assert off == ref
+
+
+def test_compiled_layers_are_installed_for_one_generate_call_only(tiny_model, monkeypatch):
+    """CUDA sampling compiles the layers for the duration of generate; here torch.compile is an identity
+    wrapper that counts calls, so the wiring (every layer through the compiled function, same tokens,
+    forwards restored, layers with their own instance forward left alone) is checked on the CPU."""
+    from blockdiff.compiled import CompiledOrEager
+
+    calls = []
+
+    def counting_compile(fn, **kw):
+        def run(*args):
+            calls.append(args[0])
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    monkeypatch.setattr(sampling, "_compiled_layer", CompiledOrEager(sampling._run_layer, dynamic=None))
+    s = gen_settings(max_new_tokens=16, cuda_graphs=False, compile=False)
+    ref = generate(tiny_model, PROMPTS, s)
+    with sampling._layers_compiled(tiny_model, True):
+        assert all("forward" in vars(layer) for layer in tiny_model.layers)
+        got = generate(tiny_model, PROMPTS, s)
+    assert got == ref
+    assert {id(layer) for layer in calls} == {id(layer) for layer in tiny_model.layers}
+    assert not any("forward" in vars(layer) for layer in tiny_model.layers)
+    own = tiny_model.layers[0].forward
+    tiny_model.layers[0].forward = own  # an instance-level forward (as activation checkpointing installs)
+    try:
+        calls.clear()
+        with sampling._layers_compiled(tiny_model, True):
+            generate(tiny_model, PROMPTS, s)
+        assert id(tiny_model.layers[0]) not in {id(layer) for layer in calls} and calls
+        assert tiny_model.layers[0].forward is own
+    finally:
+        del tiny_model.layers[0].forward
