@@ -41,12 +41,13 @@ _ce_chunk_compiled = CompiledOrEager(_ce_chunk, dynamic=None)
 
 class _LinearSoftcapCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weight, cap, chunk, compile):
+    def forward(ctx, hidden, weight, targets, token_weight, cap, chunk, compile, grad_enabled):
         # explicit compute dtype (autocast's when on, as F.linear would use) and autocast off inside:
         # the gradient matmuls write into preallocated buffers
         dev = hidden.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad ignores no_grad mode: the caller passes whether grad mode was on
+        want_h, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -72,7 +73,7 @@ class _LinearSoftcapCE(torch.autograd.Function):
             grad_h = grad_h * grad_out.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_out.to(grad_w.dtype)).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def linear_softcap_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -82,4 +83,5 @@ def linear_softcap_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     ``compile`` (default: on CUDA) fuses each chunk's vocabulary pass with ``torch.compile``."""
     if compile is None:
         compile = hidden.is_cuda
-    return _LinearSoftcapCE.apply(hidden, weight, targets, token_weight, float(cap or 0.0), chunk, compile)
+    return _LinearSoftcapCE.apply(hidden, weight, targets, token_weight, float(cap or 0.0), chunk, compile,
+                                  torch.is_grad_enabled())
