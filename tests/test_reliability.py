@@ -509,14 +509,14 @@ def test_grad_norm_guard_unit():
 def test_grad_norm_explosion_warns_during_training(data, tmp_path, monkeypatch, caplog):
     import blockdiff.train as tr
 
-    real, calls = tr.clip_grad_norm_, []
+    real, calls = tr.clip_gradients, []
 
-    def clip_grad_norm_(*a, **k):  # the real clipping; the REPORTED norm explodes from step 6 on
+    def clip_gradients(*a, **k):  # the real clipping; the REPORTED norm explodes from step 6 on
         calls.append(1)
         norm = real(*a, **k)
         return norm * 1000 if len(calls) >= 6 else norm
 
-    monkeypatch.setattr(tr, "clip_grad_norm_", clip_grad_norm_)
+    monkeypatch.setattr(tr, "clip_gradients", clip_gradients)
     with caplog.at_level(logging.WARNING, logger="blockdiff"):
         train(cfg_for(data, tmp_path / "run", 8, "--checkpoint.every_steps", "0"))
     warnings = [r.getMessage() for r in caplog.records if "grad norm exploding" in r.getMessage()]

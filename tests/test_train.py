@@ -186,7 +186,7 @@ def test_optimizer_state_round_trip_continues_identically(fused):
 def test_clipping_inside_fused_adamw_equals_clip_then_step():
     """One GPU: the clip factor goes to the fused AdamW kernel as grad_scale (no separate pass over the
     grads). Same update as clipping the grads and stepping; fused AdamW runs on CPU too."""
-    from blockdiff.parallel import clip_divisor, clip_grad_norm_
+    from blockdiff.parallel import clip_grad_norm_, clip_gradients
 
     torch.manual_seed(0)
     start = [torch.randn(5, 3), torch.randn(7)]
@@ -198,9 +198,7 @@ def test_clipping_inside_fused_adamw_equals_clip_then_step():
         for _ in range(3):
             for p, g in zip(params, grads):
                 p.grad = g.clone()
-            norm = clip_grad_norm_(params, 1.0, apply=not in_step)
-            if in_step:
-                opt.grad_scale = clip_divisor(norm, 1.0)
+            norm = clip_gradients(params, opt, 1.0) if in_step else clip_grad_norm_(params, 1.0)
             opt.step()
         return params, norm
 

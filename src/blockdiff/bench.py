@@ -24,7 +24,7 @@ from .data.canvas import CanvasBatch
 from .flops import StepShape, step_flops
 from .model.config import REAL_SHAPES, ModelConfig, hf_config_dict
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
-from .parallel import clip_divisor, clip_grad_norm_
+from .parallel import clip_gradients
 from .precision import compute_context
 
 DATASHEET_BF16 = 989e12
@@ -92,10 +92,7 @@ def recipe_step(model, batch, params, opt, settings: ObjectiveSettings, step: in
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = compute_loss(model, batch, noise, settings, nd, na)
         out["loss"].backward()
-    if opt.defaults.get("fused"):  # clipped inside the fused AdamW kernel
-        opt.grad_scale = clip_divisor(clip_grad_norm_(params, 1.0, apply=False), 1.0)
-    else:
-        clip_grad_norm_(params, 1.0)
+    clip_gradients(params, opt, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return out["loss"].detach()

@@ -367,6 +367,17 @@ def clip_divisor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return torch.clamp((total_norm + 1e-6) / max_norm, min=1.0)
 
 
+def clip_gradients(params, optimizer, max_norm: float) -> torch.Tensor:
+    """The training step's clipping; returns the global grad norm. ``max_norm <= 0``: no clipping. A fused
+    AdamW (one GPU) gets the factor as ``grad_scale`` and clips inside its kernel; any other optimizer gets
+    the grads scaled here."""
+    fused = bool(optimizer.defaults.get("fused"))
+    norm = clip_grad_norm_(params, max_norm, apply=max_norm > 0 and not fused)
+    if fused:
+        optimizer.grad_scale = clip_divisor(norm, max_norm) if max_norm > 0 else None
+    return norm
+
+
 # ---------------------------------------------------------------------------------------- export
 
 

@@ -27,7 +27,7 @@ from .errors import BlockdiffError, ConfigError
 from .guards import GradNormGuard
 from .metrics import MetricsLogger, StepProfiler, peak_memory_gib
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
-from .parallel import clip_divisor, clip_grad_norm_, export_pretrained, is_sharded, parallelize
+from .parallel import clip_gradients, export_pretrained, is_sharded, parallelize
 from .precision import compute_context
 
 log = logging.getLogger("blockdiff")
@@ -338,11 +338,8 @@ def train(cfg: Config) -> Path:
             for p in params:
                 if p.grad is not None:
                     all_reduce_(p.grad, dist)
-        clip = cfg.optimizer.grad_clip  # global norm, also over sharded (DTensor / expert-parallel) grads
-        clip_in_step = fused and clip > 0  # the fused kernel divides the grads by grad_scale as it reads them
-        grad_norm = clip_grad_norm_(params, clip if clip > 0 else float("inf"), apply=not clip_in_step)
-        if clip_in_step:
-            optimizer.grad_scale = clip_divisor(grad_norm, clip)
+        # global norm, also over sharded (DTensor / expert-parallel) grads; fused AdamW clips in its kernel
+        grad_norm = clip_gradients(params, optimizer, cfg.optimizer.grad_clip)
         finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
         grad_guard.observe(step + 1, float(grad_norm))
         if finite:
