@@ -29,13 +29,33 @@ def test_permutation_values_and_gradients():
     T, K, E, H = 7, 3, 5, 4
     token, inverse = _permutation(T, K, E, 0)
     x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
-    rows = _TokensToRows.apply(x, token, inverse, K)
+    rows = _TokensToRows.apply(x, token, inverse, K, x.dtype)
     assert torch.equal(rows, x.detach()[token])
     h = torch.randn(T * K, H, dtype=torch.float64, requires_grad=True)
     ref = torch.zeros(T, H, dtype=torch.float64).index_add_(0, token, h.detach())
     torch.testing.assert_close(_RowsToTokens.apply(h, token, inverse, K), ref)
-    assert torch.autograd.gradcheck(lambda a: _TokensToRows.apply(a, token, inverse, K), (x,))
+    assert torch.autograd.gradcheck(lambda a: _TokensToRows.apply(a, token, inverse, K, a.dtype), (x,))
     assert torch.autograd.gradcheck(lambda a: _RowsToTokens.apply(a, token, inverse, K), (h,))
+
+
+def test_rows_in_compute_dtype_keep_fp32_gradients():
+    """Under bf16 autocast the rows leave as bf16 (half the bytes to permute and exchange); the gradient
+    of the fp32 residual stream sums a token's K bf16 row gradients in fp32, as a cast after the
+    gather would."""
+    T, K, E, H = 11, 4, 6, 8
+    token, inverse = _permutation(T, K, E, 1)
+    x = torch.randn(T, H, requires_grad=True)
+    rows = _TokensToRows.apply(x, token, inverse, K, torch.bfloat16)
+    assert rows.dtype == torch.bfloat16 and torch.equal(rows, x.detach().bfloat16()[token])
+    g = torch.randn(T * K, H).bfloat16()
+    (grad,) = torch.autograd.grad(rows, x, g)
+    ref = torch.zeros(T, H, dtype=torch.float64).index_add_(0, token, g.double())
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad.double(), ref, rtol=1e-6, atol=1e-6)
+    # what the fp32 rows cast later gave: the same sums
+    x2 = x.detach().clone().requires_grad_()
+    (grad2,) = torch.autograd.grad(_TokensToRows.apply(x2, token, inverse, K, x2.dtype).bfloat16(), x2, g)
+    torch.testing.assert_close(grad, grad2, rtol=1e-6, atol=1e-6)
 
 
 def test_experts_block_equals_per_token_loop():

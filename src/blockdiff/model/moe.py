@@ -43,7 +43,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
     """
     if x.is_cuda and hasattr(torch, "_grouped_mm"):
         # under autocast the residual stream is fp32 while compute is bf16: cast here, as autocast would
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        dtype = compute_dtype(x)
         if dtype == torch.bfloat16:
             return torch._grouped_mm(x.to(dtype), weight.to(dtype).transpose(1, 2), offs=offsets)
     # Reference path (CPU, fp32 GPU): unbind once, so backward stacks the expert grads in one go
@@ -51,6 +51,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
     experts = weight.to(x.dtype).unbind(0)
     outs = [chunk @ experts[e].t() for e, chunk in enumerate(torch.split(x, counts.tolist())) if chunk.shape[0] > 0]
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: CUDA autocast's (bf16 in training), else x's."""
+    return torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
 
 
 def expert_counts(sorted_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -101,7 +106,9 @@ class Experts(nn.Module):
         token = order // K
         counts = expert_counts(flat[order], self.num_experts)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * K, device=order.device))
-        rows = _TokensToRows.apply(x, token, inverse, K)
+        # rows in the experts' compute dtype: the permutation and (expert parallel) the exchange move half
+        # the bytes under bf16 autocast, where the grouped GEMMs would cast them anyway
+        rows = _TokensToRows.apply(x, token, inverse, K, compute_dtype(x))
         h = self.expert_mlp(rows, counts) if self.dispatcher is None else self._remote_experts(rows, counts)
         h = h.float() * weights.reshape(-1)[order, None]  # the K expert outputs of a token summed in fp32
         return _RowsToTokens.apply(h, token, inverse, K).to(x.dtype)
@@ -121,16 +128,18 @@ class Experts(nn.Module):
 
 
 class _TokensToRows(torch.autograd.Function):
+    """x [T, H] -> rows [T*K, H] in ``dtype``; backward sums the K row gradients of a token in x's dtype."""
+
     @staticmethod
-    def forward(ctx, x, token, inverse, K):
+    def forward(ctx, x, token, inverse, K, dtype):
         ctx.save_for_backward(inverse)
-        ctx.K = K
-        return x.index_select(0, token)
+        ctx.K, ctx.x_dtype = K, x.dtype
+        return x.to(dtype).index_select(0, token)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return _sum_k(grad, inverse, ctx.K), None, None, None
+        return _sum_k(grad, inverse, ctx.K, ctx.x_dtype), None, None, None, None
 
 
 class _RowsToTokens(torch.autograd.Function):
@@ -145,5 +154,5 @@ class _RowsToTokens(torch.autograd.Function):
         return grad.index_select(0, token), None, None, None
 
 
-def _sum_k(rows: torch.Tensor, inverse: torch.Tensor, K: int) -> torch.Tensor:
-    return rows.index_select(0, inverse).view(inverse.numel() // K, K, -1).sum(1)
+def _sum_k(rows: torch.Tensor, inverse: torch.Tensor, K: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return rows.index_select(0, inverse).view(inverse.numel() // K, K, -1).sum(1, dtype=dtype)
