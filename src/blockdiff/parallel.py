@@ -197,6 +197,15 @@ def fsdp_modules(model):
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def begin_step(model, first: bool) -> None:
+    """Start the step's first parameter all-gathers (root: embedding and head; the first layer) without
+    waiting: they run while the host prepares the step's batches. FSDP's pre-forward waits for them.
+    Not before the ``first`` step of a process: FSDP sets up its streams in the first forward."""
+    if is_sharded(model) and not first:
+        for unit in (model, model.layers[0]):
+            unit.unshard(async_op=True)
+
+
 def reshard_all(model) -> None:
     """Put every FSDP unit in its sharded state (params registered as DTensor shards)."""
     for m in fsdp_modules(model):
@@ -277,6 +286,10 @@ def parallelize(model, cfg, dist: DistInfo):
             fully_shard(layer.experts, mesh=ep_mesh["edp"], mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+    # each layer's forward first starts the next layer's all-gather: it runs behind this layer's compute
+    # instead of waiting for the host to reach the next layer (the MoE's split-size reads hold it back)
+    for layer, nxt in zip(model.layers, model.layers[1:]):
+        layer.set_modules_to_forward_prefetch([nxt])
     model.__class__ = _root_class(type(model))
     register_fsdp_forward_method(model, "_blockdiff_root_enter")
     for m in fsdp_modules(model):
@@ -369,13 +382,22 @@ def clip_divisor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 def clip_gradients(params, optimizer, max_norm: float) -> torch.Tensor:
     """The training step's clipping; returns the global grad norm. ``max_norm <= 0``: no clipping. A fused
-    AdamW (one GPU) gets the factor as ``grad_scale`` and clips inside its kernel; any other optimizer gets
-    the grads scaled here."""
+    AdamW (the trainer's) gets the factor as ``grad_scale`` and clips inside its kernel; any other optimizer
+    gets the grads scaled here."""
     fused = bool(optimizer.defaults.get("fused"))
     norm = clip_grad_norm_(params, max_norm, apply=max_norm > 0 and not fused)
     if fused:
         optimizer.grad_scale = clip_divisor(norm, max_norm) if max_norm > 0 else None
     return norm
+
+
+def param_groups_by_mesh(params) -> list[dict]:
+    """Optimizer parameter groups, one per device mesh (plain tensors: one group), in first-seen order:
+    a fused optimizer kernel takes the DTensors of one mesh only."""
+    groups: dict = {}
+    for p in params:
+        groups.setdefault(p.device_mesh if _is_dtensor(p) else None, []).append(p)
+    return [{"params": ps} for ps in groups.values()]
 
 
 # ---------------------------------------------------------------------------------------- export

@@ -27,7 +27,7 @@ from .errors import BlockdiffError, ConfigError
 from .guards import GradNormGuard
 from .metrics import MetricsLogger, StepProfiler, peak_memory_gib
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
-from .parallel import clip_gradients, export_pretrained, is_sharded, parallelize
+from .parallel import begin_step, clip_gradients, export_pretrained, is_sharded, param_groups_by_mesh, parallelize
 from .precision import compute_context
 
 log = logging.getLogger("blockdiff")
@@ -277,11 +277,12 @@ def train(cfg: Config) -> Path:
     model = parallelize(model, cfg, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optimizer
-    # one fused kernel on one GPU; sharded runs keep the foreach path (expert params live on another mesh
-    # than the rest, and a fused step over DTensors of two meshes fails)
-    fused = device.type == "cuda" and not is_sharded(model)
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                  fused=fused or None)
+    # fused AdamW (CPU and CUDA): one kernel per parameter group, clipping (grad_scale) and the skip of a
+    # non-finite step (found_inf) inside it. A group per device mesh: expert params (ep > 1) live on
+    # another mesh than the rest, and one fused call over DTensors of two meshes fails. Checkpoints key
+    # the state by parameter name, so the grouping may differ between world sizes.
+    optimizer = torch.optim.AdamW(param_groups_by_mesh(params), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  weight_decay=o.weight_decay, fused=True)
     schedule = lr_lambda(cfg)
     settings = ObjectiveSettings.from_config(cfg.objective)
 
@@ -319,6 +320,7 @@ def train(cfg: Config) -> Path:
     for step in range(start, max_steps):
         profiler.before_step(step)
         t0 = time.perf_counter()
+        begin_step(model, first=step == start)
         lr = o.lr * schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -340,11 +342,14 @@ def train(cfg: Config) -> Path:
                     all_reduce_(p.grad, dist)
         # global norm, also over sharded (DTensor / expert-parallel) grads; fused AdamW clips in its kernel
         grad_norm = clip_gradients(params, optimizer, cfg.optimizer.grad_clip)
-        finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
+        # a non-finite loss or norm skips the update inside the fused kernel (params, moments, step count
+        # untouched), so no host read stalls the queue before the optimizer step; it is read after
+        nonfinite = ~(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
+        optimizer.found_inf = nonfinite.float()
+        optimizer.step()
+        finite = not bool(nonfinite)
         grad_guard.observe(step + 1, float(grad_norm))
-        if finite:
-            optimizer.step()
-        else:
+        if not finite:
             nan_skipped += 1
             bad = [n for n, v in zip(("loss", "diffusion_loss", "ar_loss"), sums.tolist()) if not math.isfinite(v)]
             diag = (f"non-finite {'/'.join(bad) or 'gradient'} at step {step} (grad norm {float(grad_norm)}); "
