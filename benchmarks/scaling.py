@@ -91,7 +91,7 @@ def throughput(args) -> None:
     cfg = load_config(demo_config_path(), [
         "--data.train_path", str(data), "--data.seq_length", str(args.seq_length),
         *([] if args.tiny else ["--data.canvas_length", str(canvas)]), "--train.output_dir", str(out), "--train.max_steps", str(args.steps),
-        "--train.micro_batch_size", str(mb), "--train.global_batch_size", str(mb * world),
+        "--train.micro_batch_size", str(mb), "--train.global_batch_size", str(mb * world * args.accumulate),
         "--train.log_every", "1", "--parallel.ep", str(args.ep), "--parallel.activation_checkpointing",
         str(args.ac).lower(), "--model.dtype", args.dtype, "--checkpoint.every_steps", "0",
         "--checkpoint.save_final", "false", "--checkpoint.export_final", "false", "--logging.progress", "false", "--logging.tensorboard", "false",
@@ -113,6 +113,7 @@ def throughput(args) -> None:
         tps = statistics.median(r["tokens_per_s"] for r in rows)
         print(json.dumps({
             "world_size": world, "ep": args.ep, "layers": "demo" if args.tiny else args.layers, "micro_batch_per_gpu": mb,
+            "accumulate": args.accumulate, "losses": [round(r["loss"], 5) for r in read_metrics(out) if "loss" in r],
             "seq_length": args.seq_length, "dtype": args.dtype, "activation_checkpointing": args.ac, "compile": args.compile,
             "reshard_after_forward": args.reshard_after_forward,
             "tokens_per_s_per_gpu": tps / world, "tokens_per_s": tps, "step_time_s": step,
@@ -178,6 +179,9 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=8)
     t.add_argument("--warmup", type=int, default=3, help="steps excluded from the medians")
     t.add_argument("--micro-batch", type=int, default=2)
+    t.add_argument("--accumulate", type=int, default=1,
+                   help="micro-batches per GPU per step (global batch = micro-batch x GPUs x accumulate): "
+                        "1 GPU with --accumulate N sees the global batch of N GPUs")
     t.add_argument("--seq-length", type=int, default=1024)
     t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     t.add_argument("--ac", action=argparse.BooleanOptionalAction, default=True)
