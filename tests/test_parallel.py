@@ -200,6 +200,18 @@ def test_expert_dispatch_is_exact_without_a_process_group():
     assert torch.equal(ex(x, w, idx), a)
 
 
+def test_permutation_is_a_gather_both_ways():
+    """The dispatcher's regrouping by local expert: values as plain indexing, gradient the inverse gather."""
+    from blockdiff.parallel import _Permute
+
+    order = torch.randperm(9, generator=torch.Generator().manual_seed(0))
+    inverse = torch.argsort(order)
+    x = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(_Permute.apply(x, order, inverse), x.detach()[order])
+    assert torch.equal(_Permute.apply(_Permute.apply(x, order, inverse), inverse, order), x.detach())
+    assert torch.autograd.gradcheck(lambda a: _Permute.apply(a, order, inverse), (x,))
+
+
 def _losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}

@@ -62,6 +62,21 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
+class _Permute(torch.autograd.Function):
+    """Rows reordered by a permutation ``index`` (whose inverse is ``inverse``): forward and backward are
+    both gathers. Plain indexing would scatter-add its gradient (``index_put_`` with accumulate)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 class ExpertDispatcher:
     """Installed as ``Experts.dispatcher`` when ep > 1 (see ``model.moe.Experts``)."""
 
@@ -87,11 +102,12 @@ class ExpertDispatcher:
         expert_of = torch.arange(self.n_local, device=rows.device).repeat(self.ep)
         expert_of = torch.repeat_interleave(expert_of, recv.reshape(-1), output_size=sum(recv_splits))
         order = torch.argsort(expert_of, stable=True)
-        return got[order], recv.sum(0), (order, send_splits, recv_splits)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return _Permute.apply(got, order, inverse), recv.sum(0), (order, inverse, send_splits, recv_splits)
 
     def combine(self, h: torch.Tensor, ctx) -> torch.Tensor:
-        order, send_splits, recv_splits = ctx
-        back = h[torch.argsort(order)]  # undo the regrouping by local expert
+        order, inverse, send_splits, recv_splits = ctx
+        back = _Permute.apply(h, inverse, order)  # undo the regrouping by local expert
         stash = _ExchangeStash.active
         if stash is not None and stash.replaying:
             return stash.replay()
