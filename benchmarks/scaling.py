@@ -1,4 +1,4 @@
-"""GPU scale-out checks for the lead to run on the device (NCCL). Three sub-commands:
+"""GPU scale-out checks for the lead to run on the device (NCCL). Two sub-commands:
 
   # equivalence: 1-GPU reference vs N GPUs, same global batch (prints max rel diff per case, JSON)
   python benchmarks/scaling.py equivalence --nproc 2 4
@@ -7,9 +7,6 @@
   torchrun --nproc-per-node=N benchmarks/scaling.py throughput --layers 2 --ep N --steps 10 --micro-batch 8
   # --profile: torch-profiler tables of the last two steps on every rank (and benchmarks/trace_breakdown.py
   # of their traces); --tiny: CPU smoke run (gloo)
-
-  # all_to_all_single bandwidth at the expert exchange's sizes (fp32 and bf16 rows)
-  torchrun --nproc-per-node=4 benchmarks/scaling.py a2a
 
 ``throughput`` trains through ``blockdiff.train.train`` (the production loop: FSDP2 + EP + AC) on
 synthetic data and prints one JSON line on rank 0: tokens/s per GPU, median step time, peak memory.
@@ -131,40 +128,6 @@ def throughput(args) -> None:
     os._exit(0)
 
 
-def a2a(args) -> None:
-    """all_to_all_single bandwidth at the step's sizes: ``rows`` rows of ``hidden`` per rank, split evenly
-    (what the expert exchange moves), fp32 and bf16. Prints one JSON line per case on rank 0."""
-    import time
-
-    import torch
-    import torch.distributed as dist
-
-    from blockdiff.distributed import init_distributed
-
-    info = init_distributed()
-    W = info.world_size
-    for rows in args.rows:
-        for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(rows, args.hidden, device=info.device).to(dtype)
-            out = torch.empty_like(x)
-            splits = [rows // W] * (W - 1) + [rows - rows // W * (W - 1)]
-            for _ in range(3):
-                dist.all_to_all_single(out, x, splits, splits)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(args.reps):
-                dist.all_to_all_single(out, x, splits, splits)
-            torch.cuda.synchronize()
-            dt = (time.perf_counter() - t) / args.reps
-            sent = x.numel() * x.element_size() * (W - 1) / W  # bytes leaving each rank
-            if info.rank == 0:
-                print(json.dumps({"a2a_rows": rows, "hidden": args.hidden, "dtype": str(dtype), "ms": dt * 1e3,
-                                  "MB_sent_per_rank": sent / 1e6, "GB_per_s_per_rank": sent / dt / 1e9,
-                                  "world_size": W}), flush=True)
-    dist.barrier()
-    os._exit(0)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -191,12 +154,8 @@ def main() -> None:
     t.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
                    help="parallel.reshard_after_forward")
     t.add_argument("--tiny", action="store_true", help="the demo's small model instead of the real shapes")
-    a = sub.add_parser("a2a", help="all_to_all_single bandwidth at the expert exchange's sizes (torchrun, GPUs)")
-    a.add_argument("--rows", type=int, nargs="+", default=[8192, 16384, 24576])
-    a.add_argument("--hidden", type=int, default=2816)
-    a.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
-    {"equivalence": equivalence, "throughput": throughput, "a2a": a2a}[args.cmd](args)
+    equivalence(args) if args.cmd == "equivalence" else throughput(args)
 
 
 if __name__ == "__main__":

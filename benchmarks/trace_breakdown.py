@@ -5,7 +5,7 @@
 
 Per rank (times per step, ms): the window from first to last kernel; time with no kernel running (idle);
 compute kernels (union of the non-NCCL kernels); NCCL kernels by collective, and the part of each that no
-compute kernel overlaps (exposed); the host's synchronisations (cudaStreamSynchronize, cudaMemcpy...).
+compute kernel overlaps (exposed); the time the host spent waiting for the GPU (cudaStreamSynchronize, ...).
 Across ranks, for every collective occurrence (matched by order per kind): the duration of the shortest
 rank's kernel (about the transfer itself: the last rank to arrive waits least) against each rank's,
 so ``wait`` is how long each rank's kernel sat waiting for the others; and which rank arrived last.
@@ -21,7 +21,8 @@ from pathlib import Path
 
 NCCL_KINDS = (("AllGather", "all_gather"), ("ReduceScatter", "reduce_scatter"), ("AllReduce", "all_reduce"),
               ("SendRecv", "all_to_all"), ("AllToAll", "all_to_all"), ("Broadcast", "broadcast"))
-HOST_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+# the host waiting for the GPU (a D2H read is a cudaMemcpyAsync followed by a cudaStreamSynchronize)
+HOST_SYNCS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
 
 
 def nccl_kind(name: str) -> str | None:
@@ -76,7 +77,7 @@ def rank_breakdown(events: list[dict], steps: int, top_gaps: int = 8, base_us: f
         row["kernel_ms"] += e["dur"] / per
         row["exposed_ms"] += uncovered((e["ts"], e["ts"] + e["dur"]), compute) / per
         occurrences[kind].append((e["ts"] + base_us, e["dur"]))
-    syncs = [e for e in events if e.get("cat") == "cuda_runtime" and e.get("name", "").startswith(HOST_SYNCS)]
+    syncs = [e for e in events if e.get("cat") == "cuda_runtime" and e.get("name") in HOST_SYNCS]
     # the host op that launched the kernel after each of the largest idle gaps
     launches = {e["args"].get("correlation"): e for e in events
                 if e.get("cat") == "cuda_runtime" and "args" in e and "correlation" in e["args"]}

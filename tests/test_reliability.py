@@ -487,6 +487,9 @@ def test_nan_policy_skip_counts_and_keeps_weights_finite(data, tmp_path, monkeyp
     assert [r["nan_skipped"] for r in read_metrics(run)] == [0, 0, 1]
     w2, w3 = final_weights(run, 2), final_weights(run, 3)
     assert all(torch.equal(w2[k], w3[k]) for k in w2)  # the skipped step changed nothing
+    # ... nor the optimizer: moments and step counts (the fused AdamW skips inside its kernel)
+    o2, o3 = (load_file(str(run / "checkpoints" / f"step_{s:08d}" / "optimizer.safetensors")) for s in (2, 3))
+    assert o2.keys() == o3.keys() and all(torch.equal(o2[k], o3[k]) for k in o2)
     assert check_checkpoint_invariants(run, 3) == 3
     # the count survives a resume (it is stored in the checkpoint)
     monkeypatch.undo()

@@ -361,6 +361,8 @@ def train(cfg: Config) -> Path:
         last_step_done = step + 1
 
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == max_steps:
+            # the host already waited for the whole step, optimizer included (``bool(nonfinite)`` is queued
+            # after it), so this is the step's wall time, not the time to queue it
             dt = time.perf_counter() - t0
             tokens = sum(int(b.valid.sum()) for b, _ in micro) * dist.world_size
             # real (non-pad) tokens / padded tokens of the step (this rank's micro-batches)
