@@ -31,15 +31,6 @@ def nccl_kind(name: str) -> str | None:
     return next((kind for key, kind in NCCL_KINDS if key in name), "other")
 
 
-def union_length(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
-
-
 def merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     out: list[list[float]] = []
     for a, b in sorted(intervals):
@@ -48,6 +39,10 @@ def merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
         else:
             out.append([a, b])
     return [(a, b) for a, b in out]
+
+
+def covered_length(merged: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in merged)
 
 
 def uncovered(interval: tuple[float, float], cover: list[tuple[float, float]]) -> float:
@@ -99,8 +94,8 @@ def rank_breakdown(events: list[dict], steps: int, top_gaps: int = 8, base_us: f
     window = t1 - t0
     return {
         "window_ms": window / per,
-        "idle_ms": (window - union_length(busy)) / per,
-        "compute_ms": union_length(compute) / per,
+        "idle_ms": (window - covered_length(busy)) / per,
+        "compute_ms": covered_length(compute) / per,
         "nccl": {k: {**v, "kernel_ms": round(v["kernel_ms"], 2), "exposed_ms": round(v["exposed_ms"], 2)}
                  for k, v in nccl.items()},
         "host_sync_ms": sum(e["dur"] for e in syncs) / per,

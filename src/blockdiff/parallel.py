@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .distributed import DistInfo
 from .errors import ConfigError
+from .model.moe import inverse_permutation
 
 log = logging.getLogger("blockdiff")
 
@@ -102,7 +103,7 @@ class ExpertDispatcher:
         expert_of = torch.arange(self.n_local, device=rows.device).repeat(self.ep)
         expert_of = torch.repeat_interleave(expert_of, recv.reshape(-1), output_size=sum(recv_splits))
         order = torch.argsort(expert_of, stable=True)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        inverse = inverse_permutation(order)
         return _Permute.apply(got, order, inverse), recv.sum(0), (order, inverse, send_splits, recv_splits)
 
     def combine(self, h: torch.Tensor, ctx) -> torch.Tensor:

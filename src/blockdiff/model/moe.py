@@ -58,6 +58,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """inverse[order[i]] = i, by one scatter (no second sort)."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
 def expert_counts(sorted_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Rows per expert from the sorted expert ids, without a host sync (``bincount`` on CUDA reads the
     max back to size its output, which stalls the CPU every MoE layer and breaks CUDA-graph capture)."""
@@ -105,7 +110,7 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         token = order // K
         counts = expert_counts(flat[order], self.num_experts)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * K, device=order.device))
+        inverse = inverse_permutation(order)
         # rows in the experts' compute dtype: the permutation and (expert parallel) the exchange move half
         # the bytes under bf16 autocast, where the grouped GEMMs would cast them anyway
         rows = _TokensToRows.apply(x, token, inverse, K, compute_dtype(x))
