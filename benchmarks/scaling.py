@@ -96,13 +96,17 @@ def throughput(args) -> None:
         "--scheduler.decay_steps", "1000", "--train.resume", "never",
         # --profile: the last two steps run under the torch profiler (excluded from the medians)
         "--logging.profile_at", str(args.steps - 1 if args.profile else 0),
+        "--logging.profile_host_ops", str(not args.profile_device_only).lower(),
         "--parallel.compile", str(args.compile).lower(),
         "--parallel.reshard_after_forward", str(args.reshard_after_forward).lower()])
     if not args.tiny:  # --tiny: the demo's own small model (a CPU smoke run of this script)
         cfg.model.from_config = mc
+    loads = record_expert_loads() if args.expert_load else None
     train(cfg)
+    if loads is not None:
+        (out / f"expert_load_rank{rank}.json").write_text(json.dumps(loads))
     if world > 1:
-        dist.barrier()  # every rank's profile files are written
+        dist.barrier()  # every rank's profile (and expert-load) files are written
     if rank == 0:
         rows = [r for r in read_metrics(out) if "tokens_per_s" in r][args.warmup:]
         rows = rows[:-2] if args.profile else rows
@@ -116,7 +120,9 @@ def throughput(args) -> None:
             "tokens_per_s_per_gpu": tps / world, "tokens_per_s": tps, "step_time_s": step,
             "peak_mem_gib": max(r["peak_mem_gib"] for r in rows),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "final_loss": rows[-1]["loss"] if rows else None}))
+            "final_loss": rows[-1]["loss"] if rows else None,
+            "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries") if torch.cuda.is_available() else None,
+            **({"expert_load": expert_load_summary(out, world)} if args.expert_load else {})}))
         if args.profile:  # every rank wrote <run>/profile/rank<R>.json; print them and rank 0's top ops
             for r in range(world):
                 print(json.dumps({"profile": json.loads((out / "profile" / f"rank{r}.json").read_text())}))
@@ -126,6 +132,34 @@ def throughput(args) -> None:
             print(json.dumps({"trace_breakdown": breakdown(out / "profile", steps=2)}, default=str))
     sys.stdout.flush()
     os._exit(0)
+
+
+def record_expert_loads() -> list[int]:
+    """Rows each expert-parallel call hands to this rank's experts (recomputations included: they run the
+    experts again), appended to the returned list as the run goes."""
+    from blockdiff.parallel import ExpertDispatcher
+
+    loads, dispatch = [], ExpertDispatcher.dispatch
+
+    def counting(self, rows, counts):
+        local_rows, local_counts, ctx = dispatch(self, rows, counts)
+        loads.append(int(local_rows.shape[0]))
+        return local_rows, local_counts, ctx
+
+    ExpertDispatcher.dispatch = counting
+    return loads
+
+
+def expert_load_summary(out: Path, world: int) -> dict:
+    """Per call, the most loaded rank's rows over the mean: the expert GEMMs of a call end when the most
+    loaded rank's do, so this is the slowdown of the expert compute against a perfectly balanced split."""
+    per_rank = [json.loads((out / f"expert_load_rank{r}.json").read_text()) for r in range(world)]
+    ratios = [max(call) / (sum(call) / world) for call in zip(*per_rank) if sum(call)]
+    if not ratios:
+        return {}
+    return {"calls": len(ratios), "max_over_mean_median": statistics.median(ratios),
+            "max_over_mean_mean": statistics.fmean(ratios), "max_over_mean_worst": max(ratios),
+            "rows_per_call_mean": statistics.fmean(sum(c) / world for c in zip(*per_rank))}
 
 
 def main() -> None:
@@ -150,6 +184,10 @@ def main() -> None:
     t.add_argument("--ac", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--workdir", default="/tmp/blockdiff-scaling")
     t.add_argument("--profile", action="store_true", help="profile the last two steps on every rank")
+    t.add_argument("--profile-device-only", action="store_true",
+                   help="with --profile: GPU kernels only, no host ops (logging.profile_host_ops false)")
+    t.add_argument("--expert-load", action="store_true",
+                   help="record the rows each rank's experts get per expert-parallel call (ep > 1)")
     t.add_argument("--compile", action="store_true", help="parallel.compile: torch.compile per layer")
     t.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
                    help="parallel.reshard_after_forward")

@@ -9,7 +9,9 @@ compute kernel overlaps (exposed); the time the host spent waiting for the GPU (
 Across ranks, for every collective occurrence (matched by order per kind): the duration of the shortest
 rank's kernel (about the transfer itself: the last rank to arrive waits least) against each rank's,
 so ``wait`` is how long each rank's kernel sat waiting for the others; and which rank arrived last.
-The largest idle gaps are listed with the kernel that ended each and the host op that launched the next.
+The largest idle gaps are listed with the kernel that ended each and the host op that launched the next
+(host ops are in the trace unless it was written with ``logging.profile_host_ops: false``), and the compute
+kernels taking the most time.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def uncovered(interval: tuple[float, float], cover: list[tuple[float, float]]) -
     return (b - a) - covered
 
 
-def rank_breakdown(events: list[dict], steps: int, top_gaps: int = 8, base_us: float = 0.0) -> dict:
+def rank_breakdown(events: list[dict], steps: int, top_gaps: int = 8, base_us: float = 0.0,
+                   top_kernels: int = 12) -> dict:
     """``base_us``: the trace's time origin (``baseTimeNanoseconds``), so arrivals compare across ranks."""
     kernels = sorted((e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"), key=lambda e: e["ts"])
     if not kernels:
@@ -92,6 +95,10 @@ def rank_breakdown(events: list[dict], steps: int, top_gaps: int = 8, base_us: f
                        "after": (ended.get(start) or {}).get("name", "?")[:60],
                        "next": (nxt or {}).get("name", "?")[:60], "host_ops": ops[-3:]})
     window = t1 - t0
+    by_name = Counter()
+    for e in kernels:
+        if nccl_kind(e["name"]) is None:
+            by_name[e["name"][:80]] += e["dur"] / per
     return {
         "window_ms": window / per,
         "idle_ms": (window - covered_length(busy)) / per,
@@ -101,6 +108,7 @@ def rank_breakdown(events: list[dict], steps: int, top_gaps: int = 8, base_us: f
         "host_sync_ms": sum(e["dur"] for e in syncs) / per,
         "host_syncs": dict(Counter(e["name"] for e in syncs)),
         "largest_idle_gaps": listed,
+        "top_compute_kernels_ms": {k: round(v, 3) for k, v in by_name.most_common(top_kernels)},
         "_occurrences": occurrences,
     }
 

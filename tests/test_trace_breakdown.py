@@ -31,6 +31,8 @@ def test_rank_breakdown_idle_and_exposed_comm():
     assert abs(got["host_sync_ms"] - 30 * us) < 1e-9
     gap = got["largest_idle_gaps"][0]
     assert gap["next"] == "elementwise" and gap["host_ops"] == ["aten::mul"]
+    # compute kernels by time, NCCL kernels left out
+    assert got["top_compute_kernels_ms"] == {"gemm": 0.1, "elementwise": 0.05}
 
 
 def test_compare_ranks_waiting_and_last_arrival():

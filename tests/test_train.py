@@ -150,6 +150,19 @@ def test_profile_window_writes_tables_and_summary(data, tmp_path):
     assert not (off / "profile").exists()
 
 
+def test_profile_host_ops_off_records_kernels_only_on_gpu(tmp_path):
+    from torch.profiler import ProfilerActivity
+
+    from blockdiff.metrics import StepProfiler
+
+    def acts(device, host_ops):
+        return StepProfiler(tmp_path, 1, 1, 0, torch.device(device), host_ops=host_ops).activities()
+
+    assert acts("cuda", False) == [ProfilerActivity.CUDA]
+    assert acts("cuda", True) == [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    assert acts("cpu", False) == [ProfilerActivity.CPU]  # a CPU run has nothing else to record
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_optimizer_state_round_trip_continues_identically(fused):
     """AdamW state through the checkpoint's tensors (foreach, and fused as train.py uses on one GPU)."""

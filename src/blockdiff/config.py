@@ -206,6 +206,9 @@ class LoggingSection:
     progress: bool = True
     profile_at: int = 0  # > 0: torch-profile steps [profile_at, profile_at + profile_steps) into <run>/profile
     profile_steps: int = 2
+    # false: record GPU kernels only, not host ops (far less host overhead, so the profiled steps run closer
+    # to unprofiled ones; the tables then list kernels only). CPU runs always record host ops.
+    profile_host_ops: bool = True
 
     def checks(self):
         return [_rng(self, "profile_at", ge=0), _rng(self, "profile_steps", ge=1)]

@@ -83,20 +83,26 @@ class StepProfiler:
     Writes ``<run>/profile/rank<R>.txt`` (ops by device and by CPU time), ``rank<R>.json`` (wall time per
     step; device busy time split into communication kernels (NCCL) and compute) and a chrome trace."""
 
-    def __init__(self, run_dir, start: int, steps: int, rank: int, device: torch.device):
+    def __init__(self, run_dir, start: int, steps: int, rank: int, device: torch.device, host_ops: bool = True):
         self.start, self.steps, self.rank, self.device = start, steps, rank, device
+        self.host_ops = host_ops or device.type != "cuda"
         self.dir = Path(run_dir) / "profile"
         self.prof = None
 
     def before_step(self, step: int) -> None:
         if self.start and step + 1 == self.start:  # steps are numbered from 1 in the logs
-            from torch.profiler import ProfilerActivity, profile
+            from torch.profiler import profile
 
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             self._sync()
-            self.prof = profile(activities=acts)
+            self.prof = profile(activities=self.activities())
             self.prof.start()
             self.t0, self.done = time.perf_counter(), 0
+
+    def activities(self) -> list:
+        from torch.profiler import ProfilerActivity
+
+        return ([ProfilerActivity.CPU] if self.host_ops else []) + (
+            [ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
 
     def after_step(self, step: int) -> None:
         if self.prof is not None:
@@ -122,8 +128,9 @@ class StepProfiler:
             summary.update(comm_kernel_s_per_step=comm / 1e6 / steps,
                            compute_kernel_s_per_step=(total - comm) / 1e6 / steps)
         sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        text = (events.table(sort_by=sort, row_limit=40, max_name_column_width=70) + "\n\n" +
-                events.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=70))
+        text = events.table(sort_by=sort, row_limit=40, max_name_column_width=70)
+        if self.host_ops:
+            text += "\n\n" + events.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=70)
         (self.dir / f"rank{self.rank}.txt").write_text(text)
         (self.dir / f"rank{self.rank}.json").write_text(json.dumps(summary, indent=1))
         self.prof.export_chrome_trace(str(self.dir / f"rank{self.rank}.trace.json"))

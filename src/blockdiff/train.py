@@ -316,7 +316,8 @@ def train(cfg: Config) -> Path:
     nan_skipped = int(meta.get("nan_skipped", 0)) if resume_from is not None else 0  # resumed runs keep counting
     grad_guard = GradNormGuard()  # warns when the grad norm explodes repeatedly
     last_step_done = start
-    profiler = StepProfiler(run_dir, cfg.logging.profile_at, cfg.logging.profile_steps, dist.rank, device)
+    profiler = StepProfiler(run_dir, cfg.logging.profile_at, cfg.logging.profile_steps, dist.rank, device,
+                            host_ops=cfg.logging.profile_host_ops)
     for step in range(start, max_steps):
         profiler.before_step(step)
         t0 = time.perf_counter()
