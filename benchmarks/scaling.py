@@ -101,6 +101,8 @@ def throughput(args) -> None:
         "--parallel.reshard_after_forward", str(args.reshard_after_forward).lower()])
     if not args.tiny:  # --tiny: the demo's own small model (a CPU smoke run of this script)
         cfg.model.from_config = mc
+    if args.routing == "balanced":
+        balanced_routing()
     loads = record_expert_loads() if args.expert_load else None
     train(cfg)
     if loads is not None:
@@ -116,7 +118,7 @@ def throughput(args) -> None:
             "world_size": world, "ep": args.ep, "layers": "demo" if args.tiny else args.layers, "micro_batch_per_gpu": mb,
             "accumulate": args.accumulate, "losses": [round(r["loss"], 5) for r in read_metrics(out) if "loss" in r],
             "seq_length": args.seq_length, "dtype": args.dtype, "activation_checkpointing": args.ac, "compile": args.compile,
-            "reshard_after_forward": args.reshard_after_forward,
+            "reshard_after_forward": args.reshard_after_forward, "routing": args.routing,
             "tokens_per_s_per_gpu": tps / world, "tokens_per_s": tps, "step_time_s": step,
             "peak_mem_gib": max(r["peak_mem_gib"] for r in rows),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -134,6 +136,26 @@ def throughput(args) -> None:
     os._exit(0)
 
 
+def balanced_routing() -> None:
+    """--routing balanced: every token picks top_k experts uniformly at random (global RNG, so activation
+    checkpointing's recomputation draws the same), weighted by the router's renormalised probabilities of
+    those experts. The router's own work still runs. A random-init router sends most tokens to a few
+    experts (``--expert-load``), which a trained router with its load balancing does not; this bounds the
+    other side."""
+    import torch
+
+    from blockdiff.model.moe import Router
+
+    def forward(self, x):
+        h = self.norm(x) * self.scale * self.root_size
+        probs = torch.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        index = torch.rand(probs.shape, device=probs.device).topk(self.top_k, dim=-1).indices
+        weights = probs.gather(-1, index)
+        return weights / weights.sum(-1, keepdim=True) * self.per_expert_scale[index], index
+
+    Router.forward = forward
+
+
 def record_expert_loads() -> list[int]:
     """Rows each expert-parallel call hands to this rank's experts (recomputations included: they run the
     experts again), appended to the returned list as the run goes."""
@@ -141,8 +163,8 @@ def record_expert_loads() -> list[int]:
 
     loads, dispatch = [], ExpertDispatcher.dispatch
 
-    def counting(self, rows, counts):
-        local_rows, local_counts, ctx = dispatch(self, rows, counts)
+    def counting(self, rows, counts, *ticket):
+        local_rows, local_counts, ctx = dispatch(self, rows, counts, *ticket)
         loads.append(int(local_rows.shape[0]))
         return local_rows, local_counts, ctx
 
@@ -186,6 +208,8 @@ def main() -> None:
     t.add_argument("--profile", action="store_true", help="profile the last two steps on every rank")
     t.add_argument("--profile-device-only", action="store_true",
                    help="with --profile: GPU kernels only, no host ops (logging.profile_host_ops false)")
+    t.add_argument("--routing", default="model", choices=["model", "balanced"],
+                   help="model: the random-init router's choices; balanced: uniformly random experts per token")
     t.add_argument("--expert-load", action="store_true",
                    help="record the rows each rank's experts get per expert-parallel call (ep > 1)")
     t.add_argument("--compile", action="store_true", help="parallel.compile: torch.compile per layer")

@@ -200,6 +200,40 @@ def test_expert_dispatch_is_exact_without_a_process_group():
     assert torch.equal(ex(x, w, idx), a)
 
 
+def test_dense_work_is_queued_between_count_exchange_and_row_exchange():
+    """Experts.forward(meanwhile=...): the dispatcher's count exchange starts first, the callable (the
+    layer's dense MLP) runs next, and only then does the dispatch read the counts (with the ticket); the
+    output is the plain local result."""
+    from blockdiff.model.moe import Experts
+
+    calls = []
+
+    class Recording:
+        def announce(self, counts):
+            calls.append("announce")
+            return ("ticket", counts.clone())
+
+        def dispatch(self, rows, counts, ticket):
+            calls.append("dispatch")
+            assert ticket[0] == "ticket" and torch.equal(ticket[1], counts)
+            return rows, counts, None
+
+        def combine(self, h, ctx):
+            calls.append("combine")
+            return h
+
+    cfg = type("C", (), dict(num_experts=4, hidden_size=8, moe_intermediate_size=6,
+                             hidden_activation="gelu_pytorch_tanh"))()
+    ex = Experts(cfg)
+    torch.nn.init.normal_(ex.gate_up_proj), torch.nn.init.normal_(ex.down_proj)
+    x, idx, w = torch.randn(5, 8), torch.randint(4, (5, 2)), torch.rand(5, 2)
+    plain = ex(x, w, idx)
+    ex.dispatcher = Recording()
+    out, extra = ex(x, w, idx, meanwhile=lambda: calls.append("dense") or "dense-result")
+    assert calls == ["announce", "dense", "dispatch", "combine"] and extra == "dense-result"
+    assert torch.equal(out, plain)
+
+
 def test_permutation_is_a_gather_both_ways():
     """The dispatcher's regrouping by local expert: values as plain indexing, gradient the inverse gather."""
     from blockdiff.parallel import _Permute

@@ -85,17 +85,36 @@ class ExpertDispatcher:
         self.group, self.ep = group, ep
         self.n_local = num_experts // ep
 
-    def dispatch(self, rows: torch.Tensor, counts: torch.Tensor):
+    def announce(self, counts: torch.Tensor):
+        """Start the exchange of row counts and the copy of the split sizes to the host; ``dispatch`` reads
+        them. The layer queues its dense MLP in between, so the GPU is busy while the host waits.
+        Returns None in a recomputation that replays the forward's exchanges."""
+        stash = _ExchangeStash.active
+        if stash is not None and stash.replaying:
+            return None
+        # rows are sorted by global expert; experts of EP rank r are the r-th contiguous block
+        send = counts.view(self.ep, self.n_local).contiguous()
+        recv = torch.empty_like(send)  # recv[s, e]: rows source s sends for my local expert e
+        tdist.all_to_all_single(recv, send, group=self.group)
+        splits = torch.stack([send.sum(1), recv.sum(1)])
+        if not splits.is_cuda:
+            return recv, splits, None
+        host = torch.empty(splits.shape, dtype=splits.dtype, pin_memory=True)
+        host.copy_(splits, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return recv, host, copied
+
+    def dispatch(self, rows: torch.Tensor, counts: torch.Tensor, ticket=None):
         stash = _ExchangeStash.active
         if stash is not None and stash.replaying:  # recomputation: the forward's exchange results
             recv, send_splits, recv_splits, got = stash.replay()
         else:
-            # rows are sorted by global expert; experts of EP rank r are the r-th contiguous block
-            send = counts.view(self.ep, self.n_local).contiguous()
-            recv = torch.empty_like(send)  # recv[s, e]: rows source s sends for my local expert e
-            tdist.all_to_all_single(recv, send, group=self.group)
+            recv, splits, copied = ticket if ticket is not None else self.announce(counts)
+            if copied is not None:
+                copied.synchronize()
             # the one host read per MoE call: all_to_all_single needs its split sizes as Python ints
-            send_splits, recv_splits = torch.stack([send.sum(1), recv.sum(1)]).tolist()
+            send_splits, recv_splits = splits.tolist()
             got = all_to_all(rows, recv_splits, send_splits, self.group)  # ordered (source, local expert)
             if stash is not None and torch.is_grad_enabled():
                 stash.record((recv, send_splits, recv_splits, got))

@@ -154,11 +154,13 @@ class Layer(nn.Module):
         attn, kv = self.self_attn(self.input_layernorm(x), rope, masks, prefix_kv)
         x = x + self.post_attention_layernorm(attn)
 
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])
         weights, index = self.router(flat)  # the router reads the raw residual
-        moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index).view_as(x)
-        moe = self.post_feedforward_layernorm_2(moe)
+        # the dense MLP runs between the MoE's two halves: under expert parallelism the GPU has it queued
+        # while the host waits for the exchanged row counts (Experts.forward)
+        moe, dense = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index, meanwhile=lambda: (
+            self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))))
+        moe = self.post_feedforward_layernorm_2(moe.view_as(x))
         x = x + self.post_feedforward_layernorm(dense + moe)
         scalar = self.encoder_layer_scalar if encoder else self.layer_scalar
         return x * scalar.to(x.dtype), kv

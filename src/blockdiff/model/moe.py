@@ -7,6 +7,8 @@ gathered back through the inverse permutation with the K expert outputs summed i
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -75,7 +77,9 @@ class Experts(nn.Module):
     installed from outside (``blockdiff.parallel``) when this module holds only a slice of the experts.
     Its ``dispatch(rows, counts)`` sends the expert-sorted rows to the ranks owning their experts and
     returns ``(local rows grouped by local expert, per-local-expert counts, ctx)``; ``combine(h, ctx)``
-    returns the outputs to the original ranks, in the original row order. None: everything runs here."""
+    returns the outputs to the original ranks, in the original row order. None: everything runs here.
+    An optional ``announce(counts)`` starts the exchange of counts in the first half of ``forward`` and
+    returns a ticket that the second half passes on as ``dispatch(rows, counts, ticket)``."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -103,8 +107,20 @@ class Experts(nn.Module):
             h = h + self.adapter.delta("down_proj", inner, counts, offsets)
         return h
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """x [T, H], weights/index [T, K] -> [T, H]."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, meanwhile=None):
+        """x [T, H], weights/index [T, K] -> [T, H].
+
+        ``meanwhile``: a callable run between the two halves (the layer's dense MLP); the result is then
+        ``(out, meanwhile())``. Under expert parallelism the first half starts the exchange of row counts,
+        and the second waits on the host for them (the all-to-all of rows needs its split sizes as Python
+        ints), so the GPU has the callable's work queued while the host waits. It runs inside this module's
+        call, so hooks on it (FSDP's unsharding) cover both halves."""
+        pending = self._start(x, weights, index)
+        extra = meanwhile() if meanwhile is not None else None
+        out = self._finish(pending)
+        return out if meanwhile is None else (out, extra)
+
+    def _start(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> "PendingExperts":
         T, K = index.shape
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -114,16 +130,43 @@ class Experts(nn.Module):
         # rows in the experts' compute dtype: the permutation and (expert parallel) the exchange move half
         # the bytes under bf16 autocast, where the grouped GEMMs would cast them anyway
         rows = _TokensToRows.apply(x, token, inverse, K, compute_dtype(x))
-        h = self.expert_mlp(rows, counts) if self.dispatcher is None else self._remote_experts(rows, counts)
-        h = h.float() * weights.reshape(-1)[order, None]  # the K expert outputs of a token summed in fp32
-        return _RowsToTokens.apply(h, token, inverse, K).to(x.dtype)
+        ticket = self._announce(counts) if getattr(self.dispatcher, "announce", None) else None
+        return PendingExperts(x.dtype, weights.reshape(-1)[order, None], token, inverse, K, rows, counts, ticket)
+
+    def _finish(self, p: "PendingExperts") -> torch.Tensor:
+        if self.dispatcher is None:
+            h = self.expert_mlp(p.rows, p.counts)
+        else:
+            h = self._remote_experts(p.rows, p.counts, p.ticket)
+        h = h.float() * p.row_weights  # the K expert outputs of a token summed in fp32
+        return _RowsToTokens.apply(h, p.token, p.inverse, p.K).to(p.dtype)
 
     @torch.compiler.disable
-    def _remote_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _announce(self, counts: torch.Tensor):
+        return self.dispatcher.announce(counts)
+
+    @torch.compiler.disable
+    def _remote_experts(self, rows: torch.Tensor, counts: torch.Tensor, ticket=None) -> torch.Tensor:
         """Expert parallel: rows out to the experts' ranks, through the local experts, and back. Left out of
         ``torch.compile``: the received row count changes every step (static shapes would recompile)."""
-        local_rows, local_counts, ctx = self.dispatcher.dispatch(rows, counts)
+        if ticket is None:
+            local_rows, local_counts, ctx = self.dispatcher.dispatch(rows, counts)
+        else:
+            local_rows, local_counts, ctx = self.dispatcher.dispatch(rows, counts, ticket)
         return self.dispatcher.combine(self.expert_mlp(local_rows, local_counts), ctx)
+
+
+class PendingExperts(NamedTuple):
+    """What the first half of ``Experts.forward`` hands to the second."""
+
+    dtype: torch.dtype
+    row_weights: torch.Tensor  # [T*K, 1] routing weight of each expert-sorted row
+    token: torch.Tensor
+    inverse: torch.Tensor
+    K: int
+    rows: torch.Tensor
+    counts: torch.Tensor
+    ticket: object  # the dispatcher's started count exchange (None without one)
 
 
 # The token <-> expert-row permutation. Row i (expert order) holds token ``token[i]``; ``inverse[t*K + k]``
