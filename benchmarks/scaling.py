@@ -120,6 +120,7 @@ def throughput(args) -> None:
             "seq_length": args.seq_length, "dtype": args.dtype, "activation_checkpointing": args.ac, "compile": args.compile,
             "reshard_after_forward": args.reshard_after_forward, "routing": args.routing,
             "tokens_per_s_per_gpu": tps / world, "tokens_per_s": tps, "step_time_s": step,
+            "step_times_s": [round(r["step_time_s"], 4) for r in rows],
             "peak_mem_gib": max(r["peak_mem_gib"] for r in rows),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "final_loss": rows[-1]["loss"] if rows else None,

@@ -221,3 +221,63 @@ def test_clipping_inside_fused_adamw_equals_clip_then_step():
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
     assert not torch.equal(a[0], start[0])
+
+
+def test_host_micro_batches_counts_and_losses_match_the_device_path(data):
+    """The trainer's host-built micro-batches: CPU tensors with the scored indices already cached; moved
+    unchanged; token counts as a device tensor that divides the loss exactly as the plain ints do."""
+    from dataclasses import fields
+
+    from blockdiff.data.canvas import SFTDataset
+    from blockdiff.distributed import DistInfo, to_device
+    from blockdiff.objective import ObjectiveSettings, compute_loss, count_scored
+    from blockdiff.train import build_model, global_token_counts, host_micro_batches, load_tokenizer
+
+    cfg = cfg_for(data, "unused", 1)
+    tok = load_tokenizer(cfg)
+    model = build_model(cfg, torch.device("cpu"))
+    ds = SFTDataset(cfg.data.train_path, tok, canvas_length=cfg.data.canvas_length, seq_length=cfg.data.seq_length,
+                    eos_id=model.config.eos_token_id)
+    settings = ObjectiveSettings.from_config(cfg.objective)
+    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    host = host_micro_batches(2, cfg, ds, dist, model.config.vocab_size, settings)
+    assert len(host) == 2  # global 4, micro 2
+    for batch, noise in host:
+        assert settings.loss_type in noise._scored_index  # computed on the host, travels with the noise
+        moved = to_device(noise, dist.device)
+        for f in fields(noise):
+            a, b = getattr(noise, f.name), getattr(moved, f.name)
+            assert type(a) is type(b) and (not isinstance(a, torch.Tensor) or torch.equal(a, b))
+        assert torch.equal(moved.layout.valid, noise.layout.valid)
+        assert torch.equal(moved.scored_index(settings.loss_type), noise.scored_index(settings.loss_type))
+    counts = global_token_counts(host, settings, dist)
+    ints = [sum(count_scored(b, n, settings)[i] for b, n in host) for i in (0, 1)]
+    assert counts.dtype == torch.float64 and counts.tolist() == ints and min(ints) > 0
+    batch, noise = host[0]
+    with torch.no_grad():
+        by_tensor = compute_loss(model, batch, noise, settings, counts[0], counts[1])
+        by_int = compute_loss(model, batch, noise, settings, *ints)
+    for k in by_int:
+        assert by_tensor[k].dtype == by_int[k].dtype and torch.equal(by_tensor[k], by_int[k])
+
+
+def test_to_device_walks_dataclasses_dicts_and_leaves_the_rest():
+    from dataclasses import dataclass, field
+
+    from blockdiff.distributed import to_device
+
+    @dataclass
+    class Inner:
+        x: torch.Tensor
+        n: int = 3
+
+    @dataclass
+    class Outer:
+        inner: Inner
+        maybe: torch.Tensor | None = None
+        cache: dict = field(default_factory=dict)
+
+    obj = Outer(Inner(torch.arange(3)), None, {"a": torch.ones(2)})
+    got = to_device(obj, torch.device("meta"))  # a device other than the host's
+    assert got.inner.x.device.type == "meta" and got.cache["a"].device.type == "meta"
+    assert got.inner.n == 3 and got.maybe is None and obj.inner.x.device.type == "cpu"

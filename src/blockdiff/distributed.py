@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -36,3 +37,19 @@ def all_reduce_(t: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     if dist.world_size > 1:
         torch.distributed.all_reduce(t)
     return t
+
+
+def to_device(obj, device: torch.device):
+    """A tensor, or a dataclass of tensors (nested dataclasses, dicts and None allowed), with every tensor
+    on ``device``. From the host to a GPU each tensor is pinned first, so the copy is queued without the
+    host waiting for the GPU's queue (a copy from pageable memory would)."""
+    if isinstance(obj, torch.Tensor):
+        if device.type == "cuda" and obj.device.type == "cpu":
+            return obj.pin_memory().to(device, non_blocking=True)
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        moved = {f.name: to_device(getattr(obj, f.name), device) for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **moved)
+    return obj  # None, numbers, strings

@@ -259,11 +259,11 @@ def compute_loss(
     batch,
     noise: Noise,
     settings: ObjectiveSettings,
-    diffusion_tokens: int,
-    ar_tokens: int,
+    diffusion_tokens: int | torch.Tensor,
+    ar_tokens: int | torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """One micro-batch of the objective. Returns the loss to backward (already divided by the global
-    token counts) and its parts."""
+    token counts, ints or 0-dim tensors on the device) and its parts."""
     cap = model.config.final_logit_softcapping
     weight = model.embed_tokens.weight
     if getattr(batch, "doc_ids", None) is not None:  # packed: per-conversation positions and masks
@@ -277,7 +277,7 @@ def compute_loss(
         tgt, m = ar_targets(batch, settings.ar_loss_scope)
         h = enc_hidden[:, :-1].reshape(-1, enc_hidden.shape[-1])
         ar_loss = softcapped_ce_sum(h, weight, tgt.reshape(-1), m.reshape(-1).float(), cap,
-                                    chunk=settings.chunk_tokens) / max(ar_tokens, 1)
+                                    chunk=settings.chunk_tokens) / _at_least_one(ar_tokens)
 
     soft = None
     # Always run pass 1 when self-conditioning is on (sc_mask zeroes it per example): skipping it when
@@ -295,9 +295,14 @@ def compute_loss(
     exclude = noise.noisy.flatten()[idx] if settings.loss_type == "leave_one_out" else None
     diff_sum = softcapped_ce_sum(h2.flatten(0, 1).index_select(0, idx), weight, noise.clean.flatten()[idx], w, cap,
                                  exclude=exclude, chunk=settings.chunk_tokens)
-    diffusion_loss = diff_sum / max(diffusion_tokens, 1)
+    diffusion_loss = diff_sum / _at_least_one(diffusion_tokens)
     loss = diffusion_loss + settings.ar_loss_weight * ar_loss
     return {"loss": loss, "diffusion_loss": diffusion_loss.detach(), "ar_loss": ar_loss.detach()}
+
+
+def _at_least_one(count: int | torch.Tensor):
+    """A token count as a divisor (a device tensor stays one: dividing by it needs no host read)."""
+    return count.clamp(min=1).float() if isinstance(count, torch.Tensor) else max(count, 1)
 
 
 def freeze_router(model: DiffusionGemma) -> int:

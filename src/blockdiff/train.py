@@ -22,7 +22,7 @@ import torch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from .config import Config, apply_world_size
 from .data.canvas import SFTDataset, collate, collate_packed, global_order
-from .distributed import DistInfo, all_reduce_, init_distributed
+from .distributed import DistInfo, all_reduce_, init_distributed, to_device
 from .errors import BlockdiffError, ConfigError
 from .guards import GradNormGuard
 from .metrics import MetricsLogger, StepProfiler, peak_memory_gib
@@ -216,7 +216,17 @@ def step_sample_indices(step: int, global_batch: int, dataset_size: int, seed: i
 
 def rank_micro_batches(step: int, cfg: Config, dataset, dist: DistInfo, vocab_size: int,
                        settings: ObjectiveSettings) -> list[tuple]:
-    """This rank's share of the global batch at ``step``, as (canvas batch, noise) micro-batches.
+    """This rank's share of the global batch at ``step``, as (canvas batch, noise) micro-batches on the
+    device (``host_micro_batches`` moved with ``to_device``)."""
+    return [(to_device(b, dist.device), to_device(n, dist.device))
+            for b, n in host_micro_batches(step, cfg, dataset, dist, vocab_size, settings)]
+
+
+def host_micro_batches(step: int, cfg: Config, dataset, dist: DistInfo, vocab_size: int,
+                       settings: ObjectiveSettings) -> list[tuple]:
+    """This rank's share of the global batch at ``step``, as (canvas batch, noise) micro-batches built on
+    the host (CPU tensors, scored-token indices included), so that building them never waits for the GPU:
+    the trainer builds the next step's while the GPU finishes this one.
 
     Rank r takes positions [r * G/W, (r+1) * G/W) of the global batch; noise is keyed by the global
     stream index step * G + position, so it does not depend on the world size or the split.
@@ -235,21 +245,22 @@ def rank_micro_batches(step: int, cfg: Config, dataset, dist: DistInfo, vocab_si
         examples = [dataset[indices[p]] for p in pos]
         if cfg.data.packing:
             batch, order = collate_packed(examples, cfg.data.canvas_length, cfg.data.seq_length, pad_to_multiple=pad)
-            batch, pos = batch.to(dist.device), [pos[i] for i in order]
+            pos = [pos[i] for i in order]
         else:
-            batch = collate(examples, cfg.data.canvas_length, pad_to_multiple=pad).to(dist.device)
+            batch = collate(examples, cfg.data.canvas_length, pad_to_multiple=pad)
         noise = draw_noise(batch, torch.tensor([step * G + p for p in pos]), seed=cfg.train.seed,
                            vocab_size=vocab_size, eps=settings.eps, sc_prob=settings.self_conditioning_prob)
+        noise.scored_index(settings.loss_type)  # cached in the noise, computed here on the host
         micro.append((batch, noise))
     return micro
 
 
-def global_token_counts(micro, settings: ObjectiveSettings, dist: DistInfo) -> tuple[int, int]:
-    """(diffusion, AR) scored tokens of the whole global batch: every micro-batch's loss is divided by them."""
-    counts = torch.tensor([sum(count_scored(b, n, settings)[i] for b, n in micro) for i in (0, 1)],
-                          dtype=torch.float64, device=dist.device)
-    all_reduce_(counts, dist)
-    return int(counts[0]), int(counts[1])
+def global_token_counts(micro, settings: ObjectiveSettings, dist: DistInfo) -> torch.Tensor:
+    """[2] float64 on the device: (diffusion, AR) scored tokens of the whole global batch; every
+    micro-batch's loss is divided by them. Counted from ``micro`` (host micro-batches: no host read of the
+    GPU) and summed over ranks on the device, where the losses read them."""
+    local = [sum(count_scored(b, n, settings)[i] for b, n in micro) for i in (0, 1)]
+    return all_reduce_(to_device(torch.tensor(local, dtype=torch.float64), dist.device), dist)
 
 
 def train(cfg: Config) -> Path:
@@ -318,6 +329,7 @@ def train(cfg: Config) -> Path:
     last_step_done = start
     profiler = StepProfiler(run_dir, cfg.logging.profile_at, cfg.logging.profile_steps, dist.rank, device,
                             host_ops=cfg.logging.profile_host_ops)
+    prefetched = None
     for step in range(start, max_steps):
         profiler.before_step(step)
         t0 = time.perf_counter()
@@ -325,8 +337,11 @@ def train(cfg: Config) -> Path:
         lr = o.lr * schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro = rank_micro_batches(step, cfg, dataset, dist, model.config.vocab_size, settings)
-        n_diff, n_ar = global_token_counts(micro, settings, dist)
+        # built on the host during the previous step (or now, on the first step of this process)
+        host_micro = (prefetched if prefetched is not None
+                      else host_micro_batches(step, cfg, dataset, dist, model.config.vocab_size, settings))
+        n_diff, n_ar = global_token_counts(host_micro, settings, dist)
+        micro = [(to_device(b, device), to_device(n, device)) for b, n in host_micro]
 
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, diffusion, ar
         for batch, noise in micro:
@@ -348,6 +363,9 @@ def train(cfg: Config) -> Path:
         nonfinite = ~(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
         optimizer.found_inf = nonfinite.float()
         optimizer.step()
+        # the next step's micro-batches, built on the host while the GPU runs this step's queued work
+        prefetched = (host_micro_batches(step + 1, cfg, dataset, dist, model.config.vocab_size, settings)
+                      if step + 1 < max_steps else None)
         finite = not bool(nonfinite)
         grad_guard.observe(step + 1, float(grad_norm))
         if not finite:
@@ -365,9 +383,10 @@ def train(cfg: Config) -> Path:
             # the host already waited for the whole step, optimizer included (``bool(nonfinite)`` is queued
             # after it), so this is the step's wall time, not the time to queue it
             dt = time.perf_counter() - t0
-            tokens = sum(int(b.valid.sum()) for b, _ in micro) * dist.world_size
+            tokens = sum(int(b.valid.sum()) for b, _ in host_micro) * dist.world_size
             # real (non-pad) tokens / padded tokens of the step (this rank's micro-batches)
-            packing_efficiency = sum(b.real_tokens() for b, _ in micro) / max(sum(b.padded_tokens() for b, _ in micro), 1)
+            packing_efficiency = (sum(b.real_tokens() for b, _ in host_micro)
+                                  / max(sum(b.padded_tokens() for b, _ in host_micro), 1))
             loss, diff, ar = sums.tolist()
             row = {"loss": loss, "diffusion_loss": diff, "ar_loss": ar, "grad_norm": float(grad_norm),
                    "lr": lr, "tokens_per_s": tokens / dt, "step_time_s": dt,
