@@ -44,8 +44,8 @@ def to_device(obj, device: torch.device):
     on ``device``. From the host to a GPU each tensor is pinned first, so the copy is queued without the
     host waiting for the GPU's queue (a copy from pageable memory would)."""
     if isinstance(obj, torch.Tensor):
-        if device.type == "cuda" and obj.device.type == "cpu":
-            return obj.pin_memory().to(device, non_blocking=True)
+        if device.type == "cuda" and obj.device.type == "cpu":  # contiguous: pinning refuses expanded views
+            return obj.contiguous().pin_memory().to(device, non_blocking=True)
         return obj.to(device)
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
