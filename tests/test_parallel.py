@@ -315,11 +315,12 @@ def test_impossible_layouts_are_refused(data, tmp_path):
         parallelize(model, cfg, DistInfo(0, 3, 0, torch.device("cpu")))
 
 
-def test_scaling_benchmark_smoke_reports_expert_load(tmp_path):
+@pytest.mark.parametrize("routing", ["model", "balanced"])
+def test_scaling_benchmark_smoke_reports_expert_load(tmp_path, routing):
     """benchmarks/scaling.py throughput (the device benchmark) on 2 CPU processes with its expert-load record."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(ROOT / "benchmarks" / "scaling.py"), "throughput", "--tiny", "--ep", "2", "--steps", "3",
-           "--warmup", "1", "--expert-load", "--workdir", str(tmp_path)]
+           "--warmup", "1", "--expert-load", "--routing", routing, "--workdir", str(tmp_path)]
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith('{"world_size"')]
     assert lines, p.stdout[-3000:] + p.stderr[-3000:]
@@ -330,3 +331,6 @@ def test_scaling_benchmark_smoke_reports_expert_load(tmp_path):
     # every MoE call of 3 steps x 2 layers, forward and recomputation: encoder, decoder pass 1 and 2
     assert load["calls"] >= 3 * 2 * 3 and load["rows_per_call_mean"] > 0
     assert 1.0 <= load["max_over_mean_median"] <= load["max_over_mean_worst"] <= 2.0  # 2 ranks: max/mean <= 2
+    assert got["routing"] == routing
+    if routing == "balanced":  # uniformly random experts: ~180 rows per call split close to evenly
+        assert load["max_over_mean_median"] < 1.25
