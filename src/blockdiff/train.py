@@ -218,8 +218,11 @@ def rank_micro_batches(step: int, cfg: Config, dataset, dist: DistInfo, vocab_si
                        settings: ObjectiveSettings) -> list[tuple]:
     """This rank's share of the global batch at ``step``, as (canvas batch, noise) micro-batches on the
     device (``host_micro_batches`` moved with ``to_device``)."""
-    return [(to_device(b, dist.device), to_device(n, dist.device))
-            for b, n in host_micro_batches(step, cfg, dataset, dist, vocab_size, settings)]
+    return micro_to_device(host_micro_batches(step, cfg, dataset, dist, vocab_size, settings), dist.device)
+
+
+def micro_to_device(micro: list[tuple], device: torch.device) -> list[tuple]:
+    return [(to_device(b, device), to_device(n, device)) for b, n in micro]
 
 
 def host_micro_batches(step: int, cfg: Config, dataset, dist: DistInfo, vocab_size: int,
@@ -329,6 +332,9 @@ def train(cfg: Config) -> Path:
     last_step_done = start
     profiler = StepProfiler(run_dir, cfg.logging.profile_at, cfg.logging.profile_steps, dist.rank, device,
                             host_ops=cfg.logging.profile_host_ops)
+    def build_host_micro(step: int) -> list[tuple]:
+        return host_micro_batches(step, cfg, dataset, dist, model.config.vocab_size, settings)
+
     prefetched = None
     for step in range(start, max_steps):
         profiler.before_step(step)
@@ -338,10 +344,9 @@ def train(cfg: Config) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         # built on the host during the previous step (or now, on the first step of this process)
-        host_micro = (prefetched if prefetched is not None
-                      else host_micro_batches(step, cfg, dataset, dist, model.config.vocab_size, settings))
+        host_micro = prefetched if prefetched is not None else build_host_micro(step)
         n_diff, n_ar = global_token_counts(host_micro, settings, dist)
-        micro = [(to_device(b, device), to_device(n, device)) for b, n in host_micro]
+        micro = micro_to_device(host_micro, device)
 
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, diffusion, ar
         for batch, noise in micro:
@@ -364,8 +369,7 @@ def train(cfg: Config) -> Path:
         optimizer.found_inf = nonfinite.float()
         optimizer.step()
         # the next step's micro-batches, built on the host while the GPU runs this step's queued work
-        prefetched = (host_micro_batches(step + 1, cfg, dataset, dist, model.config.vocab_size, settings)
-                      if step + 1 < max_steps else None)
+        prefetched = build_host_micro(step + 1) if step + 1 < max_steps else None
         finite = not bool(nonfinite)
         grad_guard.observe(step + 1, float(grad_norm))
         if not finite:
