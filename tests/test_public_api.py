@@ -80,7 +80,7 @@ def test_script_trains_exports_loads_denoises_and_generates(tmp_path):
             if "loss" in json.loads(line)] == [1, 2]
 
     export_dir = blockdiff.export_run(run_dir)
-    model = blockdiff.DiffusionGemma.from_pretrained(str(export_dir)).eval()
+    model = blockdiff.DiffusionGemma.from_pretrained(export_dir).eval()
     _, tokenizer, device = blockdiff.load_for_inference(export_dir, device="cpu")
     prompt = tokenizer(rows[0]["messages"][0]["content"], return_tensors="pt")["input_ids"]
     canvas = torch.randint(0, model.config.vocab_size, (1, C), generator=torch.Generator().manual_seed(0))

@@ -155,13 +155,17 @@ def _truncation(runs, spans, C: int, S: int) -> str:
 # ---- rendering -----------------------------------------------------------------------------------
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def _header(r: RowPreview, C: int) -> str:
     if r.skipped:
         return f"line {r.line}: SKIPPED: {r.reason}"
     turns = f", {len(r.spans)} supervised turns" if len(r.spans) > 1 else ""
     state = f"TRUNCATED: {r.reason}" if r.truncated else "ok"
     return (f"line {r.line}: prompt {r.n_prompt_tokens} tokens, supervised {r.n_supervised_tokens} "
-            f"(+{r.n_fill_tokens} EOS fill), {r.n_blocks} block{'s' * (r.n_blocks != 1)} of {C}{turns}, "
+            f"(+{r.n_fill_tokens} EOS fill), {_count(r.n_blocks, 'block')} of {C}{turns}, "
             f"{r.n_tokens} tokens: {state}")
 
 
@@ -170,15 +174,15 @@ def summary(previews: list[RowPreview], cfg) -> str:
 
     d = cfg.data
     kept = [r for r in previews if not r.skipped]
-    text = (f"{len(previews)} rows of {d.train_path}: {len(kept)} kept, "
+    text = (f"{_count(len(previews), 'row')} of {d.train_path}: {len(kept)} kept, "
             f"{sum(r.truncated for r in kept)} truncated, {len(previews) - len(kept)} skipped; "
-            f"{sum(r.n_supervised_tokens for r in kept)} supervised tokens in {sum(r.n_blocks for r in kept)} "
-            f"blocks (seq_length {d.seq_length}, canvas_length {d.canvas_length}, "
-            f"mask_history {str(d.mask_history).lower()})")
+            f"{_count(sum(r.n_supervised_tokens for r in kept), 'supervised token')} in "
+            f"{_count(sum(r.n_blocks for r in kept), 'block')} (seq_length {d.seq_length}, "
+            f"canvas_length {d.canvas_length}, mask_history {str(d.mask_history).lower()})")
     if d.packing and kept:
         n = len(pack_rows([r.n_tokens for r in kept], d.seq_length, None, [r.n_blocks for r in kept],
                           d.canvas_length))
-        text += f"; packing on: as one micro-batch they fill {n} rows of <= {d.seq_length} tokens"
+        text += f"; packing on: as one micro-batch they fill {_count(n, 'row')} of <= {d.seq_length} tokens"
     return text
 
 
