@@ -49,7 +49,8 @@ class RowPreview:
     skipped: bool = False
     reason: str | None = None  # why truncated or skipped
     spans: list[Span] = field(default_factory=list)
-    pieces: list[tuple[str, str]] = field(default_factory=list, repr=False)  # (kind, text) for rendering
+    # (kind, text) for rendering: kind is "prompt" (context), "supervised" or "fill" (its label)
+    pieces: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -131,9 +132,10 @@ def _describe(tokenizer, line, ids, sup, ex, C: int, S: int) -> RowPreview:
     seq, spans, pieces, prev = ex.input_ids, [], [], 0
     for (a, e), (start, n_blocks) in zip(runs, ex.segment_list()):
         kept = min(e - a, n_blocks * C)
-        spans.append(Span(start, kept, n_blocks * C - kept, n_blocks, decode(seq[start:start + kept])))
+        fill = n_blocks * C - kept
+        spans.append(Span(start, kept, fill, n_blocks, decode(seq[start:start + kept])))
         pieces += [("prompt", decode(seq[prev:start])), ("supervised", spans[-1].text),
-                   ("fill", f"{n_blocks * C - kept}")]
+                   ("fill", f"\u27e8{fill} x EOS fill\u27e9" if fill else "")]
         prev = start + n_blocks * C
     reason = _truncation(runs, spans, C, S) if ex.truncated else None
     return RowPreview(line, decode(seq[:spans[0].start]), "".join(s.text for s in spans), spans[0].start,
@@ -195,8 +197,6 @@ def render_plain(previews: list[RowPreview], cfg) -> str:
         for kind, piece in r.pieces:
             if kind == "supervised":
                 text += OPEN + piece + CLOSE
-            elif kind == "fill":
-                text += f"\u27e8{piece} x EOS fill\u27e9" if piece != "0" else ""
             else:
                 text += piece
         out.append(text)
@@ -216,7 +216,7 @@ def render_rich(previews: list[RowPreview], cfg, console) -> None:
             if kind == "supervised":
                 text.append(piece, style="black on green")
             elif kind == "fill":
-                text.append(f"\u27e8{piece} x EOS fill\u27e9" if piece != "0" else "", style="dim green")
+                text.append(piece, style="dim green")
             else:
                 text.append(piece)
         console.print(text)
