@@ -1,4 +1,4 @@
-"""``blockdiff`` command line: train, export, generate, eval, plot, demo.
+"""``blockdiff`` command line: train, export, generate, eval, data preview, plot, demo.
 
 Every error blockdiff raises on purpose (bad config, data, checkpoint) is printed as one line naming
 file, line and field, with exit status 2: never a traceback from deep inside torch.
@@ -19,6 +19,7 @@ commands:
   export RUN_DIR [--out DIR] [--step N]       write a transformers-loadable model from a run's checkpoint
   generate --model DIR (--prompt T | --input F.jsonl) [...]   sample with the entropy-bound sampler
   eval gsm8k --model DIR --data F.jsonl [...] GSM8K exact-match accuracy
+  data preview -c FILE [--rows N] [--json]    the first rows of data.train_path as the trainer sees them
   plot RUN_DIR [--out DIR]                    loss / grad-norm / lr curves as PNG
   demo [--out DIR] [--steps N]                the embedded CPU demo: data, train, plot, export, eval
   bench [--layers 6] [--shapes 768+256,...]   one-GPU step benchmark, blockdiff vs transformers
@@ -78,6 +79,12 @@ def _bench(argv):
     bench_main(argv)
 
 
+def _data(argv):
+    from .data.preview import cli_data
+
+    cli_data(argv)
+
+
 def _demo(argv):
     from .demo import main as demo_main
 
@@ -85,7 +92,7 @@ def _demo(argv):
 
 
 COMMANDS = {"train": _train, "export": _export, "plot": _plot, "generate": _generate, "eval": _eval, "demo": _demo,
-            "bench": _bench}
+            "bench": _bench, "data": _data}
 
 
 def main(argv: list[str] | None = None) -> int:

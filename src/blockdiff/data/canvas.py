@@ -294,6 +294,41 @@ def collate_packed(examples: list[Example], canvas_length: int, seq_length: int,
     return batch, order
 
 
+def fill_token_id(tokenizer, eos_id: int | list[int] | None = None) -> int:
+    """The id that EOS-fills canvases: ``eos_id`` (the model config's; a list: its first entry), else the
+    tokenizer's EOS."""
+    eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
+    if isinstance(eos_id, (list, tuple)):  # generation configs list several stop ids; fill uses the first
+        eos_id = eos_id[0] if eos_id else None
+    if eos_id is None:
+        raise DataError("tokenizer has no eos_token_id; pass eos_id explicitly", field="eos_id")
+    return int(eos_id)
+
+
+def build_row_example(tokenizer, messages: list[dict], *, canvas_length: int, seq_length: int, eos_id: int,
+                      sample_id: int, prompt_policy: str = "skip", mask_history: bool = True, file=None,
+                      line=None) -> tuple[list[int], list[bool], Example | None]:
+    """Tokenize one chat row and build its canvas Example, as ``SFTDataset`` does for every row.
+
+    Returns ``(input_ids, supervised, example)``: the tokenized conversation (``supervised`` marks the
+    final reply with ``mask_history``, every assistant turn without) and its Example (None: skipped,
+    prompt too long). A DataError gets ``file`` / ``line`` where it names none."""
+    from blockdiff.data.chat import tokenize_conversation, tokenize_turns
+
+    try:
+        if mask_history:  # reference: the final assistant turn only
+            ids, sup, plen = tokenize_conversation(tokenizer, messages)
+            ex = build_example(ids, sup, plen, canvas_length=canvas_length, seq_length=seq_length,
+                               eos_id=eos_id, sample_id=sample_id, prompt_policy=prompt_policy)
+        else:  # every assistant turn
+            ids, sup = tokenize_turns(tokenizer, messages)
+            ex = build_multiturn_example(ids, sup, canvas_length=canvas_length, seq_length=seq_length,
+                                         eos_id=eos_id, sample_id=sample_id, prompt_policy=prompt_policy)
+    except DataError as e:
+        raise e.with_location(file=file, line=line) from None
+    return list(ids), [bool(m) for m in sup], ex
+
+
 class SFTDataset(torch.utils.data.Dataset):
     """Map-style dataset of canvas Examples built from chat rows and a tokenizer.
 
@@ -305,14 +340,9 @@ class SFTDataset(torch.utils.data.Dataset):
     def __init__(self, source, tokenizer, *, canvas_length: int, seq_length: int,
                  prompt_policy: str = "skip", split: str = "train", eos_id: int | None = None,
                  mask_history: bool = True):
-        from blockdiff.data.chat import tokenize_conversation, tokenize_turns
         from blockdiff.data.jsonl import load_dataset_rows
 
-        eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
-        if isinstance(eos_id, (list, tuple)):  # generation configs list several stop ids; fill uses the first
-            eos_id = eos_id[0] if eos_id else None
-        if eos_id is None:
-            raise DataError("tokenizer has no eos_token_id; pass eos_id explicitly", field="eos_id")
+        eos_id = fill_token_id(tokenizer, eos_id)
         if isinstance(source, (str, os.PathLike)):
             file = os.fspath(source)
             located = load_dataset_rows(source, split=split, with_lines=True)
@@ -326,17 +356,10 @@ class SFTDataset(torch.utils.data.Dataset):
         self.n_rows = self.n_skipped_prompt_too_long = self.n_truncated = 0
         for index, (line, row) in enumerate(located):
             self.n_rows += 1
-            try:
-                if mask_history:  # reference: the final assistant turn only
-                    ids, sup, plen = tokenize_conversation(tokenizer, row["messages"])
-                    ex = build_example(ids, sup, plen, canvas_length=canvas_length, seq_length=seq_length,
-                                       eos_id=eos_id, sample_id=index, prompt_policy=prompt_policy)
-                else:  # every assistant turn
-                    ids, sup = tokenize_turns(tokenizer, row["messages"])
-                    ex = build_multiturn_example(ids, sup, canvas_length=canvas_length, seq_length=seq_length,
-                                                 eos_id=eos_id, sample_id=index, prompt_policy=prompt_policy)
-            except DataError as e:
-                raise e.with_location(file=file, line=line if line is not None else index + 1) from None
+            _, _, ex = build_row_example(tokenizer, row["messages"], canvas_length=canvas_length,
+                                         seq_length=seq_length, eos_id=eos_id, sample_id=index,
+                                         prompt_policy=prompt_policy, mask_history=mask_history, file=file,
+                                         line=line if line is not None else index + 1)
             if ex is None:
                 self.n_skipped_prompt_too_long += 1
                 continue

@@ -167,6 +167,10 @@ class Layer(nn.Module):
 
 
 class DiffusionGemma(nn.Module):
+    """The DiffusionGemma text model (``blockdiff.DiffusionGemma``): transformers-format checkpoints in and
+    out (``from_pretrained`` / ``save_pretrained``), the two passes ``encode`` / ``decode``, and
+    ``denoise_logits``, the logits of transformers' ``DiffusionGemmaForBlockDiffusion`` forward."""
+
     def __init__(self, config: ModelConfig, attn_backend: str = "auto"):
         super().__init__()
         if attn_backend not in ("auto", "sdpa", "flex"):
@@ -199,11 +203,21 @@ class DiffusionGemma(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype = torch.float32, **kwargs) -> "DiffusionGemma":
+        """Load the text model of a transformers DiffusionGemma checkpoint (a local directory or a hub id)
+        in ``dtype``. Keyword arguments of ``hf_io.load_pretrained``: ``device``, ``attn_backend``
+        (auto / sdpa / flex), ``num_layers`` (the first N layers only), ``revision``. Raises
+        CheckpointError naming the file and tensor when the checkpoint does not fit the config."""
         from .hf_io import load_pretrained
 
         return load_pretrained(path_or_hub_id, dtype=dtype, **kwargs)
 
     def save_pretrained(self, out_dir, **kwargs) -> None:
+        """Write a checkpoint transformers loads (``DiffusionGemmaForBlockDiffusion.from_pretrained``):
+        config.json, safetensors shards and, from the source checkpoint, the tensors this model does not
+        hold (the vision tower) and the tokenizer files (a model built from a config gets transformers'
+        own vision init). Written to a temporary directory and swapped into place. Keyword arguments of
+        ``hf_io.save_pretrained``: ``max_shard_size`` (bytes), ``dtype`` (default: the parameters'),
+        ``source_dir``."""
         from .hf_io import save_pretrained
 
         save_pretrained(self, out_dir, **kwargs)
