@@ -106,7 +106,7 @@ class MasterAdamW(torch.optim.Optimizer):
             device = live[0][0].device
             lr = _device_scalar(group["lr"], device)
             div = divisor if divisor is not None else self._constant(1.0, device)
-            inf = found_inf if found_inf is not None else self._constant(0.0, device)
+            inf = found_inf.to(torch.float32) if found_inf is not None else self._constant(0.0, device)
             for p, _ in live:
                 if not self.state[p]:
                     self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
