@@ -16,6 +16,7 @@ of one step on the new path (norm over bf16 grads + the fused update, 30 B/param
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 
@@ -125,7 +126,8 @@ def time_new(shapes, dev, iters) -> float:
         clip_gradients(params, opt, 1.0)
         opt.step()
     ms = median_ms(run, iters)
-    del holder, params, opt
+    del holder, params, opt, run
+    gc.collect()
     torch.cuda.empty_cache()
     return ms
 
@@ -146,7 +148,8 @@ def time_old(shapes, dev, iters) -> tuple[float, float]:
         opt.step()
     total = median_ms(run, iters)
     alone = median_ms(adamw, iters)
-    del params, grads16, opt
+    del params, grads16, opt, run, adamw
+    gc.collect()
     torch.cuda.empty_cache()
     return total, alone
 
