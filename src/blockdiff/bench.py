@@ -2,10 +2,11 @@
 
 The step (both implementations do the same work): encoder over all clean tokens with the AR loss,
 decoder pass 1 without grad, decoder pass 2 with self-conditioning, backward, fp32-master AdamW step
-with bf16 autocast, frozen router, grad clip. The model is random-init at the real layer shapes with a
-configurable depth. tokens/s counts B * (prompt + response) clean sequence tokens per step (the facts
-file's convention). MFU = model FLOP/s (``blockdiff.flops``) / the card's dense bf16 peak, which is
-measured in the same run with an 8192^3 matmul and also reported against the 989 TFLOP/s datasheet.
+(blockdiff: MasterAdamW, which also writes the bf16 working weights) with bf16 autocast, frozen router,
+grad clip. The model is random-init at the real layer shapes with a configurable depth. tokens/s counts
+B * (prompt + response) clean sequence tokens per step (the facts file's convention). MFU = model FLOP/s
+(``blockdiff.flops``) / the card's dense bf16 peak, which is measured in the same run with an 8192^3
+matmul and also reported against the 989 TFLOP/s datasheet.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from .data.canvas import CanvasBatch
 from .flops import StepShape, step_flops
+from .master_adamw import MasterAdamW
 from .model.config import REAL_SHAPES, ModelConfig, hf_config_dict
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
 from .parallel import clip_gradients
@@ -50,13 +52,17 @@ def measured_peak(device) -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - t)
 
 
-# blockdiff variants: "blockdiff" is the training default (bf16 working weights, precision.py);
-# "blockdiff:autocast" casts fp32 weights per use (the previous default); ":compile" adds torch.compile per layer
-BLOCKDIFF_VARIANTS = {"blockdiff": {}, "blockdiff:autocast": {"working_weights": False},
-                      "blockdiff:compile": {"compile": True}}
+# blockdiff variants: "blockdiff" is the training default (persistent bf16 working weights written by
+# MasterAdamW, master_adamw.py); "+torch_adamw": torch's fused AdamW over fp32 grads, the weights cast to bf16
+# once per step (precision.working_weights); "blockdiff:autocast" casts fp32 weights per use (torch's AdamW);
+# ":compile" adds torch.compile per layer
+BLOCKDIFF_VARIANTS = {"blockdiff": {}, "blockdiff+torch_adamw": {"master_adamw": False},
+                      "blockdiff:autocast": {"working_weights": False},
+                      "blockdiff:compile": {"compile": True},
+                      "blockdiff:compile+torch_adamw": {"compile": True, "master_adamw": False}}
 
 
-def blockdiff_step_fn(hf_cfg, batch, args, device, working_weights=True, compile=False):
+def blockdiff_step_fn(hf_cfg, batch, args, device, working_weights=True, compile=False, master_adamw=True):
     from .model.hf_io import from_config
     from .parallel import apply_activation_checkpointing, apply_compile
 
@@ -67,7 +73,10 @@ def blockdiff_step_fn(hf_cfg, batch, args, device, working_weights=True, compile
     if compile:
         apply_compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.95, 0.99), weight_decay=1e-4, fused=True)
+    if master_adamw and working_weights:
+        opt = MasterAdamW(model, params, lr=1e-5, betas=(0.95, 0.99), weight_decay=1e-4)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.95, 0.99), weight_decay=1e-4, fused=True)
     settings = ObjectiveSettings()
     state = {"i": 0}
 
@@ -81,13 +90,14 @@ def blockdiff_step_fn(hf_cfg, batch, args, device, working_weights=True, compile
 def recipe_step(model, batch, params, opt, settings: ObjectiveSettings, step: int,
                 working_weights: bool = True) -> torch.Tensor:
     """One full recipe step on one GPU (bf16 working weights or plain autocast, clip 1.0, AdamW); noise
-    keyed by ``step``. The same per-micro-batch work as ``train.train`` (a fused AdamW gets the clip factor
-    as ``grad_scale``)."""
+    keyed by ``step``. The same per-micro-batch work as ``train.train`` (a fused AdamW or MasterAdamW gets
+    the clip factor as ``grad_scale``; MasterAdamW supplies its persistent working weights)."""
     B = len(batch.sample_ids)  # one noise stream per conversation (a packed row holds several)
     noise = draw_noise(batch, torch.arange(B) + step * B, seed=0, vocab_size=model.config.vocab_size,
                        eps=settings.eps, sc_prob=settings.self_conditioning_prob)
     nd, na = count_scored(batch, noise, settings)
-    ctx = compute_context(model, batch.input_ids.device, "bfloat16") if working_weights else contextlib.nullcontext()
+    ctx = (compute_context(model, batch.input_ids.device, "bfloat16", opt) if working_weights
+           else contextlib.nullcontext())
     with ctx:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = compute_loss(model, batch, noise, settings, nd, na)
@@ -190,7 +200,7 @@ def main(argv=None) -> list[dict]:
         rows = {}
         # compiled variants last: an eager flex_attention run after a compiled one measured 1.44 s instead of
         # 0.35 s (flex ran unfused; H200, torch 2.11, cause not investigated)
-        for name in sorted(args.impl.split(","), key=lambda n: n.endswith(":compile")):
+        for name in sorted(args.impl.split(","), key=lambda n: ":compile" in n):
             if name in BLOCKDIFF_VARIANTS:
                 build = functools.partial(blockdiff_step_fn, **BLOCKDIFF_VARIANTS[name])
             elif name == "transformers":

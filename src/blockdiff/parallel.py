@@ -399,15 +399,21 @@ def clip_grad_norm_(params, max_norm: float, apply: bool = True) -> torch.Tensor
     dev = (sharded or plain)[0].device
     sq = torch.zeros((), dtype=torch.float32, device=dev)
     if sharded:
-        sq += torch.stack(torch._foreach_norm(sharded, 2.0)).float().pow(2).sum()
+        sq += _sum_of_squares(sharded)
         tdist.all_reduce(sq)
     if plain:  # replicated (or everything, unsharded): counted once
-        sq += torch.stack(torch._foreach_norm(plain, 2.0)).float().pow(2).sum()
+        sq += _sum_of_squares(plain)
     total = sq.sqrt()
     if apply:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(sharded + plain, coef)
     return total
+
+
+def _sum_of_squares(grads) -> torch.Tensor:
+    # low-precision grads (MasterAdamW's, on the bf16 working copies) are reduced in fp32
+    kw = {} if all(g.dtype == torch.float32 for g in grads) else {"dtype": torch.float32}
+    return torch.stack(torch._foreach_norm(grads, 2.0, **kw)).float().pow(2).sum()
 
 
 def clip_divisor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -419,9 +425,11 @@ def clip_divisor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 def clip_gradients(params, optimizer, max_norm: float) -> torch.Tensor:
     """The training step's clipping; returns the global grad norm. ``max_norm <= 0``: no clipping. A fused
     AdamW (the trainer's) gets the factor as ``grad_scale`` and clips inside its kernel; any other optimizer
-    gets the grads scaled here."""
+    gets the grads scaled here. An optimizer that keeps the gradients elsewhere (``MasterAdamW``: on the bf16
+    working copies) names the tensors that hold them."""
     fused = bool(optimizer.defaults.get("fused"))
-    norm = clip_grad_norm_(params, max_norm, apply=max_norm > 0 and not fused)
+    holders = optimizer.grad_holders(params) if hasattr(optimizer, "grad_holders") else params
+    norm = clip_grad_norm_(holders, max_norm, apply=max_norm > 0 and not fused)
     if fused:
         optimizer.grad_scale = clip_divisor(norm, max_norm) if max_norm > 0 else None
     return norm

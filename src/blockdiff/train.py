@@ -27,7 +27,8 @@ from .errors import BlockdiffError, ConfigError
 from .guards import GradNormGuard
 from .metrics import MetricsLogger, StepProfiler, peak_memory_gib
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
-from .parallel import begin_step, clip_gradients, export_pretrained, is_sharded, param_groups_by_mesh, parallelize
+from .master_adamw import build_optimizer
+from .parallel import begin_step, clip_gradients, export_pretrained, is_sharded, parallelize
 from .precision import compute_context
 
 log = logging.getLogger("blockdiff")
@@ -291,12 +292,8 @@ def train(cfg: Config) -> Path:
     model = parallelize(model, cfg, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optimizer
-    # fused AdamW (CPU and CUDA): one kernel per parameter group, clipping (grad_scale) and the skip of a
-    # non-finite step (found_inf) inside it. A group per device mesh: expert params (ep > 1) live on
-    # another mesh than the rest, and one fused call over DTensors of two meshes fails. Checkpoints key
-    # the state by parameter name, so the grouping may differ between world sizes.
-    optimizer = torch.optim.AdamW(param_groups_by_mesh(params), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                  weight_decay=o.weight_decay, fused=True)
+    # one GPU in bf16: MasterAdamW (persistent bf16 working weights written by the update); else fused AdamW
+    optimizer = build_optimizer(model, params, o, device, cfg.model.dtype)
     schedule = lr_lambda(cfg)
     settings = ObjectiveSettings.from_config(cfg.objective)
 
@@ -350,8 +347,8 @@ def train(cfg: Config) -> Path:
 
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, diffusion, ar
         for batch, noise in micro:
-            # one GPU: bf16 working weights cast once per micro-batch (precision.py); FSDP2 does it when sharded
-            with compute_context(model, device, cfg.model.dtype):
+            # one GPU: bf16 working weights (precision.py, the optimizer's); FSDP2 casts when sharded
+            with compute_context(model, device, cfg.model.dtype, optimizer):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     out = compute_loss(model, batch, noise, settings, n_diff, n_ar)
                 out["loss"].backward()
