@@ -204,7 +204,7 @@ class DiffusionGemma(nn.Module):
         return load_pretrained(path_or_hub_id, dtype=dtype, **kwargs)
 
     def save_pretrained(self, out_dir, **kwargs) -> None:
-        from .hf_io import save_pretrained
+        from .hf_save import save_pretrained
 
         save_pretrained(self, out_dir, **kwargs)
 
