@@ -139,8 +139,9 @@ def write_peft_adapter(out_dir, config: dict, tensors: dict, experts: dict) -> P
                       f"are written to {EXPERT_FILE} (read by blockdiff.lora.load_peft_adapter only); a plain "
                       "peft/transformers consumer ignores them. Use `blockdiff export RUN --merge` for a "
                       "checkpoint with every adapter folded in.", stacklevel=3)
-        save_file(experts, os.fspath(out_dir / EXPERT_FILE),
-                  metadata={"format": "pt", "r": str(config["r"]), "lora_alpha": str(config["lora_alpha"])})
+        # r and alpha live in adapter_config.json: a header with one metadata key is the same bytes on every
+        # write (safetensors orders metadata keys arbitrarily)
+        save_file(experts, os.fspath(out_dir / EXPERT_FILE), metadata={"format": "pt"})
     if config["target_modules"] is None:  # experts only: nothing PEFT can load
         config = {**config, "target_modules": []}
     save_file(tensors, os.fspath(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
