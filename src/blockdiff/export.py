@@ -21,14 +21,8 @@ import torch
 from .checkpoint import DCP_FORMAT, latest_checkpoint
 from .config import load_config
 from .errors import CheckpointError
-from .model.hf_save import (DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES, TensorFiles, check_overwritable, is_export,
-                            own_state)
-
-
-def _check_dtype(dtype) -> None:
-    if dtype not in (None, "auto", *EXPORT_DTYPES):
-        raise CheckpointError(f"unknown export dtype {dtype!r}: choose auto, {', '.join(EXPORT_DTYPES)}",
-                              field="dtype")
+from .model.hf_save import (DEFAULT_MAX_SHARD_SIZE, TensorFiles, check_overwritable, is_export, own_state,
+                            parse_export_dtype)
 
 
 class _CheckpointTensors:
@@ -119,7 +113,7 @@ def _base_reader(model, stack: contextlib.ExitStack):
 def export_run(run_dir, out=None, step: int | None = None, merge: bool = False, dtype=None,
                max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     run_dir = Path(run_dir)
-    _check_dtype(dtype)
+    parse_export_dtype(dtype)  # bad values fail before anything is read
     if not (run_dir / "config.yaml").exists():
         raise CheckpointError("not a blockdiff run directory (no config.yaml)", file=str(run_dir))
     cfg = load_config(run_dir / "config.yaml")

@@ -59,18 +59,24 @@ class ExportEntry:
 # ---- dtype ---------------------------------------------------------------------------------------
 
 
-def export_dtype(requested, model, source: Path | None) -> torch.dtype:
-    """The dtype an export writes: ``requested`` (a torch dtype or "bfloat16" / "float32"), or for None /
-    "auto" the source checkpoint's (the dtype its text weights are stored in), else the model's."""
-    if isinstance(requested, torch.dtype):
-        if requested not in EXPORT_DTYPES.values():
-            raise CheckpointError(f"cannot export in {requested}: choose {' or '.join(EXPORT_DTYPES)}", field="dtype")
+def parse_export_dtype(requested) -> torch.dtype | None:
+    """A torch dtype or "bfloat16" / "float32" -> that dtype; None or "auto" -> None (the source's)."""
+    if requested in (None, "auto"):
+        return None
+    if isinstance(requested, torch.dtype) and requested in EXPORT_DTYPES.values():
         return requested
-    if requested not in (None, "auto"):
-        if requested not in EXPORT_DTYPES:
-            raise CheckpointError(f"unknown export dtype {requested!r}: choose auto, {', '.join(EXPORT_DTYPES)}",
-                                  field="dtype")
+    if isinstance(requested, str) and requested in EXPORT_DTYPES:
         return EXPORT_DTYPES[requested]
+    raise CheckpointError(f"unknown export dtype {str(requested).removeprefix('torch.')!r}: choose auto, "
+                          f"{', '.join(EXPORT_DTYPES)}", field="dtype")
+
+
+def export_dtype(requested, model, source: Path | None) -> torch.dtype:
+    """The dtype an export writes: ``requested``, or for None / "auto" the source checkpoint's (the dtype
+    its text weights are stored in), else the model's."""
+    dtype = parse_export_dtype(requested)
+    if dtype is not None:
+        return dtype
     stored = source_dtype(source) if source is not None else None
     return stored or model.embed_tokens.weight.dtype
 
