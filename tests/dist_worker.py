@@ -13,7 +13,8 @@ SCRIPT.py as ``__main__`` (e.g. ``examples/dllm_sft/finetune.py -c ...``); a non
 no ``.done`` file. ``export``: loads SOURCE_CHECKPOINT, parallelizes it (ep = world size) and writes the
 transformers export of each ``EXPORT_CASES`` model to OUT_DIR/<case> with ``EXPORT_SHARD``-byte shards;
 rank 0 writes the writer's stats to OUT_DIR/stats.json (``export_models``; called in-process for the
-1-process reference).
+1-process reference); on several ranks it then checks that a failure on rank 0 is raised on every rank
+(``export_failures``).
 
 With ``--lora.enabled true`` (and optionally ``--lora.experts true``) ``grads`` applies LoRA as training
 does, then sets every ``lora_B`` (and expert ``*_B``) to seeded random values: with the zero init of B
@@ -144,6 +145,39 @@ def export_models(out: Path, source: str) -> None:
         stats[case] = export_model(model, out / case, dist, max_shard_size=EXPORT_SHARD, lora_cfg=lora)
     if dist.rank == 0:
         (out / "stats.json").write_text(json.dumps(stats))
+    if dist.world_size > 1:
+        export_failures(out, model, dist)
+
+
+def export_failures(out: Path, model, dist) -> None:
+    """Every rank must raise (not hang) when rank 0 cannot write: a refused path, then a full disk on
+    rank 0's second shard. Each rank writes what it raised to OUT_DIR/failure.<kind>.rank<R>."""
+    from blockdiff.errors import CheckpointError
+    from blockdiff.model import hf_save
+    from blockdiff.model_export import export_model
+
+    if dist.rank == 0:
+        (out / "a-file").write_text("keep")
+        real, calls = hf_save.save_file, []
+
+        def disk_full_on_second_shard(tensors, path, metadata=None):
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+            real(tensors, path, metadata=metadata)
+
+    torch.distributed.barrier()
+    for kind, target in (("refused", out / "a-file"), ("disk_full", out / "full")):
+        if kind == "disk_full" and dist.rank == 0:
+            hf_save.save_file = disk_full_on_second_shard
+        try:
+            export_model(model, target, dist, max_shard_size=EXPORT_SHARD, lora_cfg=EXPORT_CASES["lora_experts"])
+            raised = "nothing"
+        except CheckpointError as e:
+            raised = str(e)
+        (out / f"failure.{kind}.rank{dist.rank}").write_text(raised)
+    if dist.rank == 0:
+        hf_save.save_file = real
 
 
 def main(argv: list[str]) -> None:

@@ -119,6 +119,20 @@ def test_two_process_export_equals_one_process_byte_for_byte(exports, case):
     assert held < total / 4
 
 
+def test_a_failure_on_rank_0_is_raised_on_every_rank_and_keeps_the_export(exports, source):
+    _, two, _ = exports
+    for rank in (0, 1):
+        refused = (two / f"failure.refused.rank{rank}").read_text()
+        assert ("refusing to overwrite: the export path is a file" if rank == 0 else "rank 0 could not start") \
+            in refused, refused
+        disk_full = (two / f"failure.disk_full.rank{rank}").read_text()
+        assert "could not write the export" in disk_full and "previous export there is intact" in disk_full
+    assert "No space left" in (two / "failure.disk_full.rank0").read_text()
+    assert (two / "a-file").read_text() == "keep"
+    assert files_of(two / "full") == files_of(exports[0] / "full")  # the earlier export, untouched
+    assert not list(two.glob("*.tmp-*"))
+
+
 def test_export_is_the_source_with_its_files_and_dtype_fields(exports, source):
     one, _, _ = exports
     out = one / "full"

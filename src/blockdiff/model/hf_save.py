@@ -311,7 +311,9 @@ def write_export(entries: list[ExportEntry], out_dir, config: dict, source: Path
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(error, CheckpointError):
             raise error
-        raise CheckpointError(f"cannot create the export directory ({error or 'on the writing rank'})", file=out_dir)
+        if error is not None:
+            raise CheckpointError(f"cannot create the export directory ({error})", file=out_dir)
+        raise CheckpointError("rank 0 could not start the export (its error says why)", file=out_dir)
     plan = plan_shards(entries, max_shard_size)
     shards = ShardWriter(tmp, plan)
     try:
@@ -339,7 +341,7 @@ def write_export(entries: list[ExportEntry], out_dir, config: dict, source: Path
             except Exception as exc:  # noqa: BLE001
                 error = exc
         if _any_failed(sync, error is not None):
-            where = f"{type(error).__name__}: {error}" if error is not None else "on the writing rank"
+            where = f"{type(error).__name__}: {error}" if error is not None else "on rank 0"
             raise CheckpointError(f"could not write the export ({where}); a previous export there is intact",
                                   file=out_dir) from error
         if writer:
