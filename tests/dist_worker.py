@@ -3,13 +3,18 @@
     python tests/dist_worker.py grads  OUT_FILE  [--section.field value ...]
     python tests/dist_worker.py train  DONE_FILE [--section.field value ...]
     python tests/dist_worker.py script DONE_FILE SCRIPT.py [its arguments ...]
+    python tests/dist_worker.py export OUT_DIR SOURCE_CHECKPOINT
 
 ``grads``: one training step's forward/backward on the global batch (no optimizer step); rank 0 writes
 the summed losses, the global grad norm, every FULL gradient (gathered, experts in their global
 layout), its number of ``all_to_all_single`` calls and FSDP all-gathers in the step and
 of micro-batches to OUT_FILE (safetensors). ``train``: ``blockdiff.train.train`` on the config. ``script``: runs
 SCRIPT.py as ``__main__`` (e.g. ``examples/dllm_sft/finetune.py -c ...``); a non-zero ``sys.exit`` leaves
-no ``.done`` file.
+no ``.done`` file. ``export``: loads SOURCE_CHECKPOINT, parallelizes it (ep = world size) and writes the
+transformers export of each ``EXPORT_CASES`` model to OUT_DIR/<case> with ``EXPORT_SHARD``-byte shards;
+rank 0 writes the writer's stats to OUT_DIR/stats.json (``export_models``; called in-process for the
+1-process reference); on several ranks it then checks that a failure on rank 0 is raised on every rank
+(``export_failures``).
 
 With ``--lora.enabled true`` (and optionally ``--lora.experts true``) ``grads`` applies LoRA as training
 does, then sets every ``lora_B`` (and expert ``*_B``) to seeded random values: with the zero init of B
@@ -101,6 +106,80 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
             **{f"grad.{k}": v for k, v in grads.items()}}
 
 
+EXPORT_SHARD = 48 * 1024  # small: the tiny checkpoint spans many shards
+LORA = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"]}
+EXPORT_CASES = {"full": None, "lora": LORA, "lora_experts": {**LORA, "experts": True}}
+
+
+def export_case_model(source: str, case: str, cfg, dist):
+    """The model of an export case: the source checkpoint (fp32 masters), LoRA with seeded A and B."""
+    from blockdiff.lora import apply_lora
+    from blockdiff.model import hf_io
+    from blockdiff.parallel import parallelize
+
+    model = hf_io.load_pretrained(source, dtype=torch.float32, attn_backend="sdpa")
+    if EXPORT_CASES[case] is not None:
+        from helpers import randomize_lora_b
+
+        torch.manual_seed(0)  # the A init
+        apply_lora(model, EXPORT_CASES[case])
+        randomize_lora_b(model, 1, std=0.05)
+    return parallelize(model, cfg, dist)
+
+
+def export_models(out: Path, source: str) -> None:
+    import json
+
+    from blockdiff.config import apply_world_size, demo_config_path, load_config
+    from blockdiff.distributed import init_distributed
+    from blockdiff.model_export import export_model
+
+    dist = init_distributed()
+    cfg = load_config(demo_config_path(), ["--train.output_dir", str(out), "--data.train_path", "unused",
+                                           "--train.micro_batch_size", "1", "--parallel.ep", str(dist.world_size)])
+    apply_world_size(cfg, dist.world_size)
+    stats = {}
+    for case, lora in EXPORT_CASES.items():
+        model = export_case_model(source, case, cfg, dist)
+        stats[case] = export_model(model, out / case, dist, max_shard_size=EXPORT_SHARD, lora_cfg=lora)
+    if dist.rank == 0:
+        (out / "stats.json").write_text(json.dumps(stats))
+    if dist.world_size > 1:
+        export_failures(out, model, dist)
+
+
+def export_failures(out: Path, model, dist) -> None:
+    """Every rank must raise (not hang) when rank 0 cannot write: a refused path, then a full disk on
+    rank 0's second shard. Each rank writes what it raised to OUT_DIR/failure.<kind>.rank<R>."""
+    from blockdiff.errors import CheckpointError
+    from blockdiff.model import hf_save
+    from blockdiff.model_export import export_model
+
+    if dist.rank == 0:
+        (out / "a-file").write_text("keep")
+        real, calls = hf_save.save_file, []
+
+        def disk_full_on_second_shard(tensors, path, metadata=None):
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+            real(tensors, path, metadata=metadata)
+
+    torch.distributed.barrier()
+    for kind, target in (("refused", out / "a-file"), ("disk_full", out / "full")):
+        if kind == "disk_full" and dist.rank == 0:
+            hf_save.save_file = disk_full_on_second_shard
+        try:
+            export_model(model, target, dist, max_shard_size=EXPORT_SHARD, lora_cfg=EXPORT_CASES["lora_experts"])
+            raised = "nothing"
+        except CheckpointError as e:
+            raised = str(e)
+        (out / f"failure.{kind}.rank{dist.rank}").write_text(raised)
+    if dist.rank == 0:
+        hf_save.save_file = real
+
+
 def main(argv: list[str]) -> None:
     mode, out, overrides = argv[0], Path(argv[1]), argv[2:]
     rank = int(os.environ.get("RANK", "0"))
@@ -124,6 +203,8 @@ def main(argv: list[str]) -> None:
         except SystemExit as e:
             if e.code not in (0, None):
                 raise  # no .done file: the test reports the failure
+    elif mode == "export":
+        export_models(out, overrides[0])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     if torch.distributed.is_initialized():

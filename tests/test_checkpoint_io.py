@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from blockdiff.errors import CheckpointError
-from blockdiff.model import hf_io
+from blockdiff.model import hf_io, hf_save
 
 VOCAB = 128
 
@@ -121,7 +121,7 @@ def test_carried_tensors_byte_identical_and_text_equal(tmp_path):
     assert any(k.startswith("model.encoder.vision_tower.") for k in carried)
     assert any(k.startswith("model.encoder.embed_vision.") for k in carried)
     out = tmp_path / "export"
-    hf_io.save_pretrained(model, out, max_shard_size=30_000)
+    hf_save.save_pretrained(model, out, max_shard_size=30_000)
     assert (out / hf_io.INDEX).is_file()
     src, dst = tensors_of(ckpt), tensors_of(out)
     expected = {k for k in src if not k.startswith("lm_head.")}
@@ -130,14 +130,15 @@ def test_carried_tensors_byte_identical_and_text_equal(tmp_path):
         assert dst[name] == src[name], name  # carried: byte-identical; text: equal (fp32 in, fp32 out)
 
 
-def test_save_in_bf16_keeps_carried_dtype(tmp_path):
-    ckpt, _ = make_hf_checkpoint(tmp_path)
+def test_save_in_bf16_writes_every_tensor_and_dtype_field_in_bf16(tmp_path):
+    ckpt, _ = make_hf_checkpoint(tmp_path)  # an fp32 source
     model = load_blockdiff(ckpt)
     out = tmp_path / "bf16"
-    hf_io.save_pretrained(model, out, dtype=torch.bfloat16)
+    hf_save.save_pretrained(model, out, dtype=torch.bfloat16)
     st = load_file(str(out / hf_io.SINGLE))
-    assert st["model.decoder.embed_tokens.weight"].dtype == torch.bfloat16
-    assert st["model.encoder.embed_vision.embedding_projection.weight"].dtype == torch.float32
+    assert {t.dtype for t in st.values()} == {torch.bfloat16}  # carried tensors included
+    assert st["model.encoder.embed_vision.embedding_projection.weight"].equal(
+        load_file(str(ckpt / hf_io.SINGLE))["model.encoder.embed_vision.embedding_projection.weight"].bfloat16())
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 

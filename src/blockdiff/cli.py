@@ -16,7 +16,7 @@ USAGE = """usage: blockdiff <command> [args]
 
 commands:
   train -c FILE [--section.field VALUE ...]   fine-tune (works under torchrun and plain python)
-  export RUN_DIR [--out DIR] [--step N]       write a transformers-loadable model from a run's checkpoint
+  export RUN_DIR [--out DIR] [--step N] [--dtype float32]   a transformers-loadable model from a run's checkpoint
   generate --model DIR (--prompt T | --input F.jsonl) [...]   sample with the entropy-bound sampler
   eval gsm8k --model DIR --data F.jsonl [...] GSM8K exact-match accuracy
   data preview -c FILE [--rows N] [--json]    the first rows of data.train_path as the trainer sees them
@@ -45,8 +45,10 @@ def _export(argv):
     p.add_argument("--out", default=None, help="output dir (default RUN_DIR/export)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--merge", action="store_true", help="fold LoRA adapters into the weights")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="dtype of the written weights (default auto: the source checkpoint's, bf16 for the released model)")
     args = p.parse_args(argv)
-    out = export_run(args.run_dir, args.out, step=args.step, merge=args.merge)
+    out = export_run(args.run_dir, args.out, step=args.step, merge=args.merge, dtype=args.dtype)
     print(f"exported to {out}")
 
 

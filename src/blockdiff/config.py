@@ -154,6 +154,7 @@ class CheckpointSection:
     save_final: bool = True  # checkpoint at the end of training (off for throw-away benchmark runs)
     export_final: bool = True  # write a HF-format model dir at the end
     export_dir: str | None = None  # default: <output_dir>/export
+    export_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: the source checkpoint's dtype
 
     def checks(self):
         return [_rng(self, "every_steps", ge=0), _rng(self, "keep_last", ge=1)]

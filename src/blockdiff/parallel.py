@@ -444,58 +444,7 @@ def param_groups_by_mesh(params) -> list[dict]:
     return [{"params": ps} for ps in groups.values()]
 
 
-# ---------------------------------------------------------------------------------------- export
-
-
-@torch.no_grad()
-def gather_full_state(model, dist: DistInfo, cpu: bool = True) -> dict[str, torch.Tensor] | None:
-    """Full (unsharded) model state dict on rank 0 (None elsewhere), gathered one tensor at a time."""
-    reshard_all(model)
-    out = {} if dist.rank == 0 else None
-    for name, t in model.state_dict().items():
-        full = full_tensor(model, name, t)
-        if out is not None:
-            out[name] = full.detach().to("cpu") if cpu else full.detach()
-        del full
-    return out
-
-
-def export_pretrained(model, out_dir, dist: DistInfo, base_model_name_or_path=None, lora_cfg=None) -> None:
-    """transformers export from a (possibly sharded) run: every rank gathers, rank 0 writes.
-
-    A LoRA model is exported as ``lora.export_lora`` does in one process: ``out_dir`` = the merged
-    checkpoint, ``out_dir/adapter`` = the PEFT adapter. Sharded, rank 0 rebuilds a CPU model skeleton
-    with the same adapters (``apply_lora`` on meta), assigns the gathered FULL tensors (expert adapters
-    in their global [E, ...] layout) and exports that."""
-    from .lora import apply_lora, export_lora, has_lora
-
-    lora = has_lora(model)
-    if not is_sharded(model):
-        if dist.rank == 0:
-            if lora:
-                export_lora(model, out_dir, base_model_name_or_path, lora_cfg, merged=True)
-            else:
-                model.save_pretrained(out_dir)
-        return
-    from .model.diffusion_gemma import DiffusionGemma
-    from .model.hf_io import save_pretrained
-
-    state = gather_full_state(model, dist)
-    if dist.rank == 0:
-        with torch.device("meta"):
-            plain = DiffusionGemma(model.config, attn_backend=model.attn_backend)
-            if lora:
-                apply_lora(plain, model.lora_settings)
-        plain.load_state_dict(state, strict=True, assign=True)
-        plain.rotary.__init__(model.config)
-        for k, v in vars(model).items():  # hf_config, hf_source, ...: what hf_io attached to the model
-            if not k.startswith("_") and k not in vars(plain):
-                setattr(plain, k, v)
-        if lora:
-            export_lora(plain, out_dir, base_model_name_or_path, lora_cfg, merged=True)
-        else:
-            save_pretrained(plain, out_dir)
-    tdist.barrier()
+# ---------------------------------------------------------------------------------------- debugging
 
 
 @torch.no_grad()

@@ -26,9 +26,10 @@ from .distributed import DistInfo, all_reduce_, init_distributed, to_device
 from .errors import BlockdiffError, ConfigError
 from .guards import GradNormGuard
 from .metrics import MetricsLogger, StepProfiler, peak_memory_gib
+from .model_export import export_model
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
 from .master_adamw import build_optimizer
-from .parallel import begin_step, clip_gradients, export_pretrained, is_sharded, parallelize
+from .parallel import begin_step, clip_gradients, is_sharded, parallelize
 from .precision import compute_context
 
 log = logging.getLogger("blockdiff")
@@ -417,23 +418,14 @@ def train(cfg: Config) -> Path:
     if cfg.checkpoint.save_final and not already_saved:
         _checkpoint(run_dir, last_step_done, model, optimizer, cfg, dist, nan_skipped)
     metrics.close()
-    if cfg.checkpoint.export_final and is_sharded(model):  # every rank gathers (streamed), rank 0 writes
+    if cfg.checkpoint.export_final:  # every rank gathers one tensor at a time, rank 0 writes
         export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
-        # LoRA: export_dir = adapters merged in, export_dir/adapter = the PEFT adapter (as below)
-        export_pretrained(model, export_dir, dist, cfg.model.name_or_path, cfg.lora if cfg.lora.enabled else None)
+        # LoRA: export_dir = adapters merged in, export_dir/adapter = the PEFT adapter
+        export_model(model, export_dir, dist, dtype=cfg.checkpoint.export_dtype,
+                     base_model_name_or_path=cfg.model.name_or_path, lora_cfg=cfg.lora if cfg.lora.enabled else None)
         if rank0:
             tokenizer.save_pretrained(export_dir)
             log.info("exported transformers checkpoint to %s", export_dir)
-    elif cfg.checkpoint.export_final and rank0:
-        export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
-        if cfg.lora.enabled:  # export_dir: adapters merged in; export_dir/adapter: the PEFT adapter
-            from .lora import export_lora
-
-            export_lora(model, export_dir, cfg.model.name_or_path, cfg.lora, merged=True)
-        else:
-            model.save_pretrained(export_dir)
-        tokenizer.save_pretrained(export_dir)
-        log.info("exported transformers checkpoint to %s", export_dir)
     return run_dir
 
 

@@ -16,8 +16,9 @@
   shared stack is written twice: under ``model.decoder.layers.N...`` and
   ``model.encoder.language_model.layers.N...`` (same tensors). Expert adapters are not written in the
   PEFT file (see ``EXPERT_FILE``): merge them (``merge_lora_``) for a transformers-only consumer.
-- ``merge_lora_`` folds everything into the base (plain ``nn.Linear`` again, expert tensors updated), so
-  ``hf_io.save_pretrained`` writes a normal checkpoint.
+- ``merge_lora_`` folds everything into the base (plain ``nn.Linear`` again, expert tensors updated);
+  ``merged_items`` gives the same merged tensors one at a time without changing the model, which is how
+  ``blockdiff.model_export.export_model`` writes a LoRA run's merged checkpoint (+ ``adapter/``).
 - ``trainable_state_dict`` / ``checkpoint_state`` let training checkpoints of a LoRA run hold only the
   adapters (+ optimizer state), never the frozen base.
 """

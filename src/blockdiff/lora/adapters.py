@@ -12,7 +12,8 @@ from ..errors import CheckpointError, ConfigError
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "EXPERT_FILE", "PEFT_PREFIX", "DECODER_LAYERS", "ENCODER_LAYERS",
            "ATTN_TARGETS", "MLP_TARGETS", "LoraError", "LoraLinear", "ExpertLora", "apply_lora", "cast_frozen_base_",
-           "has_lora", "lora_modules", "expert_adapters", "merge_lora_", "trainable_state_dict", "checkpoint_state"]
+           "has_lora", "lora_modules", "expert_adapters", "merged_weight", "merge_lora_", "trainable_state_dict",
+           "checkpoint_state"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -60,10 +61,6 @@ class LoraLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:  # the frozen base weight (without the adapter)
         return self.base.weight
-
-    def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A in fp32, [out, in]."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -118,13 +115,18 @@ class ExpertLora(nn.Module):
         h = grouped_linear(self.dropout(rows), A, counts, offsets)
         return grouped_linear(h, B, counts, offsets) * self.scaling
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """scaling * B_e @ A_e for every expert, fp32 [E, out, in]."""
-        A, B = self.factors(name)
-        return torch.bmm(B.float(), A.float()) * self.scaling
-
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling}"
+
+
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling * B @ A in fp32: [out, in] for a Linear's factors, [E, out, in] for the experts'."""
+    return (B.float() @ A.float()) * scaling
+
+
+def merged_weight(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The base weight with its adapter folded in, summed in fp32 (the caller picks the stored dtype)."""
+    return w.float() + lora_delta(A, B, scaling).to(w.device)
 
 
 # ---------------------------------------------------------------------------------------- applying
@@ -221,13 +223,13 @@ def merge_lora_(model: nn.Module) -> nn.Module:
     (summed in fp32, stored in W's dtype); expert tensors += scaling*B_e@A_e; adapters removed."""
     for path, m in lora_modules(model).items():
         base = m.base
-        base.weight.copy_((base.weight.float() + m.delta_weight().to(base.weight.device)).to(base.weight.dtype))
+        base.weight.copy_(merged_weight(base.weight, m.lora_A, m.lora_B, m.scaling).to(base.weight.dtype))
         _set_module(model, path, base)
     for path, adapter in expert_adapters(model).items():
         experts = model.get_submodule(path)
         for name in ExpertLora.NAMES:
             w = getattr(experts, name)
-            w.copy_((w.float() + adapter.delta_weight(name).to(w.device)).to(w.dtype))
+            w.copy_(merged_weight(w, *adapter.factors(name), adapter.scaling).to(w.dtype))
         experts.adapter = None
     if hasattr(model, "lora_settings"):
         del model.lora_settings

@@ -1,4 +1,5 @@
-"""PEFT-format adapters: save (both tied transformers trees), load back with base checks, export."""
+"""PEFT-format adapters: save (both tied transformers trees), load back with base checks, and the merged
+tensors of an export (adapters folded in one tensor at a time, ``merged_items``)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from torch import nn
 
 from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DECODER_LAYERS, ENCODER_LAYERS, EXPERT_FILE, PEFT_PREFIX,
                        ExpertLora, LoraError, LoraLinear, _cfg, _set_module, expert_adapters, lora_modules,
-                       merge_lora_)
+                       merge_lora_, merged_weight)
 
-__all__ = ["peft_adapter_payload", "write_peft_adapter", "save_peft_adapter", "export_lora", "read_peft_adapter",
+__all__ = ["peft_adapter_payload", "write_peft_adapter", "save_peft_adapter", "merged_items", "read_peft_adapter",
            "load_peft_adapter", "load_model_with_adapter", "load_adapter"]
 
 # ---------------------------------------------------------------------------------------- PEFT format
@@ -83,26 +84,31 @@ def _base_name(model) -> str | None:
     return src["dir"] if src else None
 
 
-def peft_adapter_payload(model: nn.Module, base_model_name_or_path: str | None = None,
-                         lora_cfg=None) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(adapter_config dict, PEFT tensors, expert tensors) as CPU fp32 copies (small: adapters only)."""
+def peft_adapter_payload(model: nn.Module, base_model_name_or_path: str | None = None, lora_cfg=None,
+                         fetch=None) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(adapter_config dict, PEFT tensors, expert tensors) as CPU fp32 copies (small: adapters only).
+    ``fetch(state name, dtype)``: the full tensor (a gather under FSDP; default: the model's own)."""
+    if fetch is None:
+        from ..model.hf_save import own_state
+
+        fetch = own_state(model)[0]
     s = dict(_settings(model))
     if lora_cfg is not None:
         s.update(rank=int(_cfg(lora_cfg, "rank", s["rank"])), alpha=float(_cfg(lora_cfg, "alpha", s["alpha"])),
                  dropout=float(_cfg(lora_cfg, "dropout", s["dropout"])))
     mods = lora_modules(model)
     tensors = {}
-    for path, m in mods.items():
+    for path in mods:
+        A, B = (fetch(f"{path}.lora_{f}").detach().float().cpu() for f in "AB")
         for hf_path in _hf_module_paths(path):
             # one copy per tree (safetensors refuses shared storage)
-            tensors[f"{PEFT_PREFIX}{hf_path}.lora_A.weight"] = m.lora_A.detach().float().cpu().clone()
-            tensors[f"{PEFT_PREFIX}{hf_path}.lora_B.weight"] = m.lora_B.detach().float().cpu().clone()
+            tensors[f"{PEFT_PREFIX}{hf_path}.lora_A.weight"] = A.clone()
+            tensors[f"{PEFT_PREFIX}{hf_path}.lora_B.weight"] = B.clone()
     experts = {}
-    for path, a in expert_adapters(model).items():
+    for path in expert_adapters(model):
         for name in ExpertLora.NAMES:
-            A, B = a.factors(name)
-            experts[f"{path}.adapter.{ExpertLora._a(name)}"] = A.detach().float().cpu().clone()
-            experts[f"{path}.adapter.{ExpertLora._b(name)}"] = B.detach().float().cpu().clone()
+            for leaf in (ExpertLora._a(name), ExpertLora._b(name)):
+                experts[f"{path}.adapter.{leaf}"] = fetch(f"{path}.adapter.{leaf}").detach().float().cpu().clone()
     base = base_model_name_or_path if base_model_name_or_path is not None else _base_name(model)
     config = {
         "peft_type": "LORA",
@@ -133,8 +139,9 @@ def write_peft_adapter(out_dir, config: dict, tensors: dict, experts: dict) -> P
                       f"are written to {EXPERT_FILE} (read by blockdiff.lora.load_peft_adapter only); a plain "
                       "peft/transformers consumer ignores them. Use `blockdiff export RUN --merge` for a "
                       "checkpoint with every adapter folded in.", stacklevel=3)
-        save_file(experts, os.fspath(out_dir / EXPERT_FILE),
-                  metadata={"format": "pt", "r": str(config["r"]), "lora_alpha": str(config["lora_alpha"])})
+        # r and alpha live in adapter_config.json: a header with one metadata key is the same bytes on every
+        # write (safetensors orders metadata keys arbitrarily)
+        save_file(experts, os.fspath(out_dir / EXPERT_FILE), metadata={"format": "pt"})
     if config["target_modules"] is None:  # experts only: nothing PEFT can load
         config = {**config, "target_modules": []}
     save_file(tensors, os.fspath(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -148,16 +155,35 @@ def save_peft_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | 
     return write_peft_adapter(out_dir, config, tensors, experts)
 
 
-def export_lora(model: nn.Module, export_dir, base_model_name_or_path=None, lora_cfg=None, merged: bool = True) -> Path:
-    """End-of-run export of a LoRA model: ``export_dir`` = merged transformers checkpoint (when
-    ``merged``; the model is merged IN PLACE) and ``export_dir/adapter`` = the PEFT adapter."""
-    export_dir = Path(export_dir)
-    payload = peft_adapter_payload(model, base_model_name_or_path, lora_cfg)  # before merging
-    if merged:
-        merge_lora_(model)
-        model.save_pretrained(export_dir)  # replaces a previous export dir as a whole
-    write_peft_adapter(export_dir / "adapter", *payload)
-    return export_dir
+def merged_items(model: nn.Module, fetch, shape_of) -> list:
+    """``hf_save.text_entries`` items of a LoRA model with every adapter folded in: the names, order and
+    values ``merge_lora_`` then ``state_dict`` give, without changing the model. ``fetch(state name, dtype)``
+    gives a full tensor (a gather under FSDP), ``shape_of(state name)`` its global shape."""
+    linear, experts = lora_modules(model), expert_adapters(model)
+    adapter_names = {f"{p}.lora_{f}" for p in linear for f in "AB"}
+    adapter_names |= {f"{p}.adapter.{leaf(n)}" for p in experts for n in ExpertLora.NAMES
+                      for leaf in (ExpertLora._a, ExpertLora._b)}
+    buffers = {n for n, _ in model.named_buffers()}
+
+    def merged(name, a_name, b_name, scaling):
+        return lambda dtype: merged_weight(fetch(name), fetch(a_name), fetch(b_name), scaling).to(dtype)
+
+    items = []
+    for name in model.state_dict():
+        if name in adapter_names:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        path = owner.removesuffix(".base")
+        if owner.endswith(".base") and path in linear and leaf == "weight":
+            produce = merged(name, f"{path}.lora_A", f"{path}.lora_B", linear[path].scaling)
+            items.append((f"{path}.weight", shape_of(name), True, produce))
+        elif owner in experts and leaf in ExpertLora.NAMES:
+            a = experts[owner]
+            produce = merged(name, f"{owner}.adapter.{a._a(leaf)}", f"{owner}.adapter.{a._b(leaf)}", a.scaling)
+            items.append((name, shape_of(name), True, produce))
+        else:
+            items.append((name, shape_of(name), name not in buffers, lambda dtype, n=name: fetch(n, dtype)))
+    return items
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -216,9 +216,9 @@ class DiffusionGemma(nn.Module):
         config.json, safetensors shards and, from the source checkpoint, the tensors this model does not
         hold (the vision tower) and the tokenizer files (a model built from a config gets transformers'
         own vision init). Written to a temporary directory and swapped into place. Keyword arguments of
-        ``hf_io.save_pretrained``: ``max_shard_size`` (bytes), ``dtype`` (default: the parameters'),
+        ``hf_save.save_pretrained``: ``max_shard_size`` (bytes), ``dtype`` (default: the source checkpoint's),
         ``source_dir``."""
-        from .hf_io import save_pretrained
+        from .hf_save import save_pretrained
 
         save_pretrained(self, out_dir, **kwargs)
 
