@@ -28,6 +28,7 @@ from .guards import GradNormGuard
 from .metrics import MetricsLogger, StepProfiler, peak_memory_gib
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
 from .parallel import begin_step, clip_gradients, export_pretrained, is_sharded, param_groups_by_mesh, parallelize
+from .plan_report import check_before_training
 from .precision import compute_context
 
 log = logging.getLogger("blockdiff")
@@ -267,6 +268,7 @@ def global_token_counts(micro, settings: ObjectiveSettings, dist: DistInfo) -> t
 
 
 def train(cfg: Config) -> Path:
+    check_before_training(cfg)  # the memory plan, before any weight is read (refuses on CUDA if it cannot fit)
     dist = init_distributed()
     accum = apply_world_size(cfg, dist.world_size)
     device = dist.device

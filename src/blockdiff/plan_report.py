@@ -1,0 +1,146 @@
+"""``blockdiff plan`` (the command line and its table) and the memory check ``train`` runs before loading.
+
+    blockdiff plan -c CONFIG [--gpus N] [--gpu-memory GIB] [--json] [--section.field VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+
+import torch
+
+from .config import Config
+from .errors import ConfigError
+from .memory_model import GIB
+from .plan import Plan, make_plan
+
+log = logging.getLogger("blockdiff")
+DEFAULT_GPU_MEMORY_GIB = 80.0
+
+
+def default_gpus(cfg: Config) -> int:
+    """The world size the config expects: ``parallel.dp`` when set, else one rank per expert group."""
+    return cfg.parallel.dp if cfg.parallel.dp != -1 else max(cfg.parallel.ep, 1)
+
+
+def _gib(b: int) -> str:
+    return f"{b / GIB:8.2f}"
+
+
+def render(plan: Plan, source: str) -> str:
+    """The plan as a table: one line per figure, GiB, marked exact (read from the parallelized model) or
+    estimate (the analytic model)."""
+    s, st = plan.shape, plan.state
+    trainable = "LoRA adapters" if plan.lora else "all trained parameters"
+    experts = f", {st.shapes[next(n for n in st.shapes if n.endswith('experts.down_proj'))][0]} local experts" \
+        if any(n.endswith("experts.down_proj") for n in st.shapes) else ""
+    dtypes = " + ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(st.weights_by_dtype.items(), key=lambda kv: -kv[1]))
+    act = sum(plan.activations.values())
+    ac_on, ac_off = (act, plan.activations_other) if plan.checkpointing else (plan.activations_other, act)
+    rows = [
+        ("parameters held", f"{st.params:,}".rjust(16), "exact", f"of {plan.total_params:,}{experts}"),
+        ("weights", _gib(st.weights), "exact", dtypes),
+        ("gradients", _gib(st.grads), "exact", f"fp32, {trainable}"),
+        ("optimizer states", _gib(st.optimizer), "exact", "AdamW exp_avg + exp_avg_sq (fp32) + step"),
+        ("largest gathered unit", _gib(plan.gathered_unit[1]), "exact",
+         f"{plan.gathered_unit[0]} all-gathered in {plan.compute_dtype}"),
+        ("FSDP buffers in a step", _gib(sum(plan.fsdp_buffers.values())), "estimate",
+         "gathered units, unsharded grads, reduce-scatter input"),
+        ("activations", _gib(act), "estimate",
+         f"checkpointing {'on' if plan.checkpointing else 'off'} (on {ac_on / GIB:.2f}, off {ac_off / GIB:.2f})"),
+        ("cross-entropy chunk", _gib(plan.ce_chunk), "estimate", f"{s.ce_chunk} rows x vocabulary"),
+        ("runtime + allocator", _gib(plan.overhead), "estimate", "CUDA context, communicators, fragmentation"),
+        ("peak at load", _gib(plan.peak_load), "estimate", "local shards + one checkpoint tensor in flight"),
+        ("peak during a step", _gib(plan.peak_step), "estimate", "state + activations + buffers + overhead"),
+    ]
+    head = [
+        f"memory plan: {source}",
+        f"  layout: {plan.gpus} GPU{'s' if plan.gpus > 1 else ''}, ep {plan.ep}, "
+        f"{'LoRA' if plan.lora else 'full SFT'}, {plan.compute_dtype} compute",
+        f"  micro-batch: {s.micro_batch} x ({s.seq} clean + {s.canvas} canvas tokens)",
+        f"  per GPU (rank {st.rank}, the largest state){'':18}GiB",
+    ]
+    body = [f"  {name:<24}{value:>16}  {kind:<8}  {note}" for name, value, kind, note in rows]
+    verdict = (f"  fits {plan.gpu_memory / GIB:.1f} GiB: {'yes' if plan.fits else 'NO'}, "
+               f"headroom {plan.headroom / GIB:.2f} GiB")
+    return "\n".join(head + body + [verdict])
+
+
+def summary(plan: Plan) -> str:
+    """The plan in one line (logs and error messages)."""
+    j = plan.as_json()
+    return (f"{j['gpus']} GPU(s) of {j['gpu_memory_gib']:.1f} GiB: weights {j['weights_gib']:.2f} + grads "
+            f"{j['grads_gib']:.2f} + optimizer {j['optimizer_gib']:.2f} GiB (exact), activations "
+            f"~{j['activations_gib']:.2f}, FSDP buffers ~{j['fsdp_buffers_gib']:.2f}, peak at load "
+            f"~{j['peak_load_gib']:.2f}, peak in a step ~{j['peak_step_gib']:.2f} GiB (estimates), "
+            f"headroom {j['headroom_gib']:.2f} GiB")
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+
+def _number(kind, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+def cli_plan(argv: list[str]) -> int:
+    from .config import load_config
+
+    p = argparse.ArgumentParser(prog="blockdiff plan", description="per-GPU memory of a training run, "
+                                "from config.json alone (no weights are read)")
+    p.add_argument("-c", "--config", required=True, help="YAML config file (as for train)")
+    p.add_argument("--gpus", type=_number(int, "a whole number of GPUs >= 1"), default=None,
+                   help="world size (default: parallel.dp, else parallel.ep)")
+    p.add_argument("--gpu-memory", type=_number(float, "GiB per GPU, a number > 0"),
+                   default=DEFAULT_GPU_MEMORY_GIB, help=f"GiB per GPU (default {DEFAULT_GPU_MEMORY_GIB:g})")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args, overrides = p.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    plan = make_plan(cfg, args.gpus or default_gpus(cfg), args.gpu_memory)
+    print(json.dumps(plan.as_json(), indent=1) if args.json else render(plan, args.config))
+    if not plan.fits:
+        raise ConfigError(f"does not fit: {summary(plan)}", file=args.config)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- before training
+
+
+def check_before_training(cfg: Config) -> Plan | None:
+    """The plan of this launch (world size from torchrun's environment), before any weight is read.
+    On CUDA a run that cannot fit is refused with the numbers; on CPU the figures are only logged.
+    ``train.skip_memory_check`` skips it."""
+    import torch.distributed as tdist
+
+    if cfg.train.skip_memory_check:
+        return None
+    if tdist.is_initialized():  # the simulation needs its own (fake) process group
+        log.info("memory plan skipped: a process group is already initialised")
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    memory = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory if cuda else 0
+    plan = make_plan(cfg, world, memory / GIB, "cuda" if cuda else "cpu")
+    if not cuda:
+        j = plan.as_json()
+        log.info("memory plan per process: weights %.3f + grads %.3f + optimizer %.3f GiB (exact), activations "
+                 "~%.3f GiB, peak ~%.3f GiB", j["weights_gib"], j["grads_gib"], j["optimizer_gib"],
+                 j["activations_gib"], j["peak_step_gib"])
+        return plan
+    if not plan.fits:
+        raise ConfigError(f"this run does not fit the GPUs: {summary(plan)}; see `blockdiff plan`, or set "
+                          "train.skip_memory_check: true to launch anyway", field="train.skip_memory_check")
+    log.info("memory plan: %s", summary(plan))
+    return plan
