@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -196,9 +197,20 @@ def rank_state(model, rank: int) -> RankState:
     return state
 
 
+_SIMULATED: dict[str, tuple[ModelConfig, list[RankState]]] = {}
+
+
 def simulate(cfg: Config, world_size: int, device_type: str = "cuda",
              ranks: list[int] | None = None) -> tuple[ModelConfig, list[RankState]]:
-    """Per-rank state of ``cfg`` on ``world_size`` GPUs (``ranks``: a subset), meta tensors only."""
+    """Per-rank state of ``cfg`` on ``world_size`` GPUs (``ranks``: a subset), meta tensors only.
+    Kept per process by (config, world size, device type, ranks): a rank takes ~0.5 s at full depth."""
+    key = json.dumps([cfg.to_dict(), world_size, device_type, ranks], sort_keys=True, default=str)
+    if key not in _SIMULATED:
+        _SIMULATED[key] = _simulate(cfg, world_size, device_type, ranks)
+    return _SIMULATED[key]
+
+
+def _simulate(cfg, world_size, device_type, ranks):
     import torch.distributed as tdist
 
     mc = model_config(cfg)
