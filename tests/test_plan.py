@@ -228,5 +228,21 @@ def test_cpu_run_logs_the_plan(tmp_path, caplog):
     cfg = load_config(demo_config_path(), ["--data.train_path", "x.jsonl", "--train.output_dir", str(tmp_path)])
     with caplog.at_level("INFO", logger="blockdiff"):
         plan = check_before_training(cfg)
-    assert plan is not None and plan.gpus == 1
+    assert plan is not None and plan["gpus"] == 1
     assert "memory plan per process: weights" in caplog.text
+
+
+def test_several_ranks_are_planned_in_a_child_process(tmp_path, monkeypatch):
+    import torch.distributed as tdist
+
+    from blockdiff.plan_report import check_before_training
+
+    cfg = load_config(demo_config_path(), ["--data.train_path", "x.jsonl", "--train.output_dir", str(tmp_path),
+                                           "--train.micro_batch_size", "8", "--parallel.ep", "2"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    plan = check_before_training(cfg)
+    assert plan["gpus"] == 2 and [r["rank"] for r in plan["ranks"]] == [0, 1]
+    assert not tdist.is_initialized()  # this process never held the fake process group
+    monkeypatch.setenv("WORLD_SIZE", "3")  # a bad layout is refused here, pointing at the config
+    with pytest.raises(ConfigError, match=r"^--parallel.ep: ep=2 does not divide the world size 3"):
+        check_before_training(cfg)

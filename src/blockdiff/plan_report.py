@@ -70,9 +70,8 @@ def render(plan: Plan, source: str) -> str:
     return "\n".join(head + body + [verdict])
 
 
-def summary(plan: Plan) -> str:
-    """The plan in one line (logs and error messages)."""
-    j = plan.as_json()
+def summary(j: dict) -> str:
+    """A plan (``Plan.as_json()``) in one line: logs and error messages."""
     return (f"{j['gpus']} GPU(s) of {j['gpu_memory_gib']:.1f} GiB: weights {j['weights_gib']:.2f} + grads "
             f"{j['grads_gib']:.2f} + optimizer {j['optimizer_gib']:.2f} GiB (exact), activations "
             f"~{j['activations_gib']:.2f}, FSDP buffers ~{j['fsdp_buffers_gib']:.2f}, peak at load "
@@ -111,18 +110,25 @@ def cli_plan(argv: list[str]) -> int:
     plan = make_plan(cfg, args.gpus or default_gpus(cfg), args.gpu_memory)
     print(json.dumps(plan.as_json(), indent=1) if args.json else render(plan, args.config))
     if not plan.fits:
-        raise ConfigError(f"does not fit: {summary(plan)}", file=args.config)
+        raise ConfigError(f"does not fit: {summary(plan.as_json())}", file=args.config)
     return 0
 
 
 # ---------------------------------------------------------------------------------------- before training
 
 
-def check_before_training(cfg: Config) -> Plan | None:
-    """The plan of this launch (world size from torchrun's environment), before any weight is read.
-    On CUDA a run that cannot fit is refused with the numbers; on CPU the figures are only logged.
-    ``train.skip_memory_check`` skips it."""
+def check_before_training(cfg: Config) -> dict | None:
+    """The plan (``Plan.as_json()``) of this launch, world size from torchrun's environment, before any
+    weight is read. On CUDA a run that cannot fit is refused with the numbers; on CPU the figures are only
+    logged. ``train.skip_memory_check`` skips it.
+
+    Several ranks are simulated in a child process: DTensor's caches compare device meshes without their
+    rank, so a simulated rank's cached layouts would leak into this process's real meshes."""
+    import copy
+
     import torch.distributed as tdist
+
+    from .config import apply_world_size
 
     if cfg.train.skip_memory_check:
         return None
@@ -130,17 +136,50 @@ def check_before_training(cfg: Config) -> Plan | None:
         log.info("memory plan skipped: a process group is already initialised")
         return None
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    apply_world_size(copy.deepcopy(cfg), world)  # layout errors here, with the config's file and line
     cuda = torch.cuda.is_available()
     memory = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory if cuda else 0
-    plan = make_plan(cfg, world, memory / GIB, "cuda" if cuda else "cpu")
+    job = {"config": cfg.to_dict(), "gpus": world, "gpu_memory_gib": memory / GIB, "device": "cuda" if cuda else "cpu"}
+    plan = _plan_job(job) if world == 1 else _plan_in_child(job)
     if not cuda:
-        j = plan.as_json()
         log.info("memory plan per process: weights %.3f + grads %.3f + optimizer %.3f GiB (exact), activations "
-                 "~%.3f GiB, peak ~%.3f GiB", j["weights_gib"], j["grads_gib"], j["optimizer_gib"],
-                 j["activations_gib"], j["peak_step_gib"])
+                 "~%.3f GiB, peak ~%.3f GiB", plan["weights_gib"], plan["grads_gib"], plan["optimizer_gib"],
+                 plan["activations_gib"], plan["peak_step_gib"])
         return plan
-    if not plan.fits:
+    if not plan["fits"]:
         raise ConfigError(f"this run does not fit the GPUs: {summary(plan)}; see `blockdiff plan`, or set "
                           "train.skip_memory_check: true to launch anyway", field="train.skip_memory_check")
     log.info("memory plan: %s", summary(plan))
     return plan
+
+
+def _plan_job(job: dict) -> dict:
+    from .config import config_from_dict
+
+    cfg = config_from_dict(job["config"], source="<memory plan>")
+    return make_plan(cfg, job["gpus"], job["gpu_memory_gib"], job["device"]).as_json()
+
+
+def _plan_in_child(job: dict) -> dict:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.run([sys.executable, "-m", "blockdiff.plan_report"], input=json.dumps(job), env=env,
+                       capture_output=True, text=True)
+    lines = p.stdout.strip().splitlines()
+    reply = json.loads(lines[-1]) if p.returncode == 0 and lines else {"error": p.stderr.strip()[-2000:]}
+    if "error" in reply:
+        raise ConfigError(f"memory plan failed: {reply['error']}")
+    return reply
+
+
+if __name__ == "__main__":  # the child of _plan_in_child: a job on stdin, the plan (or the error) on stdout
+    import sys
+
+    from .errors import BlockdiffError
+
+    try:
+        print(json.dumps(_plan_job(json.loads(sys.stdin.read()))))
+    except BlockdiffError as e:
+        print(json.dumps({"error": str(e)}))
