@@ -318,7 +318,7 @@ def make_plan(cfg: Config, gpus: int, gpu_memory_gib: float, device_type: str = 
     if gpus == 1 and c < FP32:  # one GPU under bf16: the working copy of every fp32 parameter
         root = (state.fp32_params, 0)
     buffers = fsdp_buffer_terms([tuple(v) for v in layers.values()], root, c, gpus, p.reshard_after_forward)
-    big = max(layers.items(), key=lambda kv: kv[1][0], default=("(none: one process)", [0, 0]))
+    big = max(layers.items(), key=lambda kv: kv[1][0], default=("", [0, 0]))
     keep = p.ep > 1 and not p.recompute_expert_exchanges
     acts = activation_terms(mc, shape, p.activation_checkpointing, keep)
     other = sum(activation_terms(mc, shape, not p.activation_checkpointing, keep).values())

@@ -42,12 +42,13 @@ def render(plan: Plan, source: str) -> str:
     act = sum(plan.activations.values())
     ac_on, ac_off = (act, plan.activations_other) if plan.checkpointing else (plan.activations_other, act)
     rows = [
-        ("parameters held", f"{st.params:,}".rjust(16), "exact", f"of {plan.total_params:,}{experts}"),
+        ("parameters held", f"{st.params:,}".rjust(16), "exact",
+         f"text model {plan.total_params:,}{' + adapters' if plan.lora else ''}{experts}"),
         ("weights", _gib(st.weights), "exact", dtypes),
         ("gradients", _gib(st.grads), "exact", f"fp32, {trainable}"),
         ("optimizer states", _gib(st.optimizer), "exact", "AdamW exp_avg + exp_avg_sq (fp32) + step"),
         ("largest gathered unit", _gib(plan.gathered_unit[1]), "exact",
-         f"{plan.gathered_unit[0]} all-gathered in {plan.compute_dtype}"),
+         f"{plan.gathered_unit[0]} all-gathered in {plan.compute_dtype}" if plan.gpus > 1 else "one process: none"),
         ("FSDP buffers in a step", _gib(sum(plan.fsdp_buffers.values())), "estimate",
          "gathered units, unsharded grads, reduce-scatter input"),
         ("activations", _gib(act), "estimate",
