@@ -158,7 +158,8 @@ def test_plan_json_of_the_demo(tmp_path, capsys):
 def test_plan_table_marks_exact_and_estimated(tmp_path, capsys):
     assert cli(demo_args(tmp_path, "--gpus", "1", "--gpu-memory", "24")) == 0
     out = capsys.readouterr().out
-    lines = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.startswith("  ") and "  " in line[2:]}
+    rows = [line for line in out.splitlines() if line.startswith("  ") and "  " in line[2:]]
+    lines = {line.split("  ")[1].strip(): line for line in rows}
     assert "exact" in lines["weights"] and "exact" in lines["optimizer states"]
     assert "estimate" in lines["activations"] and "estimate" in lines["peak during a step"]
     assert "fits 24.0 GiB: yes" in out
