@@ -4,6 +4,7 @@
     python tests/dist_worker.py train  DONE_FILE [--section.field value ...]
     python tests/dist_worker.py script DONE_FILE SCRIPT.py [its arguments ...]
     python tests/dist_worker.py export OUT_DIR SOURCE_CHECKPOINT
+    python tests/dist_worker.py state  OUT_FILE  [--section.field value ...]
 
 ``grads``: one training step's forward/backward on the global batch (no optimizer step); rank 0 writes
 the summed losses, the global grad norm, every FULL gradient (gathered, experts in their global
@@ -20,6 +21,11 @@ With ``--lora.enabled true`` (and optionally ``--lora.experts true``) ``grads`` 
 does, then sets every ``lora_B`` (and expert ``*_B``) to seeded random values: with the zero init of B
 the gradient of every A would be exactly zero and the comparison would prove nothing. The output then
 also holds ``frozen_with_grad``: the number of frozen parameters that received a gradient (must be 0).
+
+``state``: one full training step (forward/backward, clipping, fused AdamW step) of the model as
+training builds it; each rank writes ``OUT_FILE.rank<R>.json`` with what it holds: local parameter
+elements and shapes, and the bytes of the distinct storages behind its parameters, gradients and AdamW
+states (the memory plan's exact figures are tested against these).
 
 Either way each rank writes ``<file>.rank<R>.done`` after a clean finish and leaves with os._exit(0), so
 a gloo teardown abort cannot turn a good run into a failure (the test checks the files).
@@ -178,6 +184,64 @@ def export_failures(out: Path, model, dist) -> None:
         (out / f"failure.{kind}.rank{dist.rank}").write_text(raised)
     if dist.rank == 0:
         hf_save.save_file = real
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (DTensors: their local shards)."""
+    from torch.distributed.tensor import DTensor
+
+    seen = {}
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        seen[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def step_state(overrides: list[str]) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    from blockdiff.config import apply_world_size, demo_config_path, load_config
+    from blockdiff.data.canvas import SFTDataset
+    from blockdiff.distributed import init_distributed
+    from blockdiff.objective import ObjectiveSettings, compute_loss, freeze_router
+    from blockdiff.parallel import clip_gradients, param_groups_by_mesh, parallelize
+    from blockdiff.train import build_model, global_token_counts, load_tokenizer, rank_micro_batches
+
+    cfg = load_config(demo_config_path(), overrides)
+    dist = init_distributed()
+    apply_world_size(cfg, dist.world_size)
+    torch.manual_seed(cfg.train.seed)
+    tok = load_tokenizer(cfg)
+    model = build_model(cfg, dist.device)
+    ds = SFTDataset(cfg.data.train_path, tok, canvas_length=cfg.data.canvas_length, seq_length=cfg.data.seq_length,
+                    eos_id=model.config.eos_token_id)
+    if cfg.lora.enabled:
+        from blockdiff.lora import apply_lora
+
+        apply_lora(model, cfg.lora)  # CPU: the frozen base stays fp32, as training keeps it
+    if cfg.objective.freeze_router:
+        freeze_router(model)
+    model = parallelize(model, cfg, dist)
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(param_groups_by_mesh(params), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  weight_decay=o.weight_decay, fused=True)  # as train.train builds it
+    settings = ObjectiveSettings.from_config(cfg.objective)
+    micro = rank_micro_batches(0, cfg, ds, dist, model.config.vocab_size, settings)
+    n_diff, n_ar = global_token_counts(micro, settings, dist)
+    for batch, noise in micro:
+        compute_loss(model, batch, noise, settings, n_diff, n_ar)["loss"].backward()
+    clip_gradients(params, optimizer, o.grad_clip)
+    optimizer.step()
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+    named = dict(model.named_parameters())
+    return {
+        "params": sum(local(p).numel() for p in named.values()),
+        "shapes": {n: list(local(p).shape) for n, p in named.items()},
+        "weights": _storage_bytes(named.values()),
+        "grads": _storage_bytes(p.grad for p in named.values() if p.grad is not None),
+        "optimizer": _storage_bytes(v for s in optimizer.state.values() for v in s.values()
+                                    if isinstance(v, torch.Tensor)),
+        "frozen_with_grad": sum(p.grad is not None for p in named.values() if not p.requires_grad),
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -189,6 +253,10 @@ def main(argv: list[str]) -> None:
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in result.items()}, str(out))
+    elif mode == "state":
+        import json
+
+        Path(f"{out}.rank{rank}.json").write_text(json.dumps(step_state(overrides)))
     elif mode == "train":
         from blockdiff.config import demo_config_path, load_config
         from blockdiff.train import train

@@ -1,4 +1,4 @@
-"""``blockdiff`` command line: train, export, generate, eval, data preview, plot, demo.
+"""``blockdiff`` command line: train, export, plan, generate, eval, data preview, plot, demo.
 
 Every error blockdiff raises on purpose (bad config, data, checkpoint) is printed as one line naming
 file, line and field, with exit status 2: never a traceback from deep inside torch.
@@ -20,6 +20,7 @@ commands:
   generate --model DIR (--prompt T | --input F.jsonl) [...]   sample with the entropy-bound sampler
   eval gsm8k --model DIR --data F.jsonl [...] GSM8K exact-match accuracy
   data preview -c FILE [--rows N] [--json]    the first rows of data.train_path as the trainer sees them
+  plan -c FILE [--gpus N] [--gpu-memory GIB] [--json]   per-GPU memory of a run, before launch
   plot RUN_DIR [--out DIR]                    loss / grad-norm / lr curves as PNG
   demo [--out DIR] [--steps N]                the embedded CPU demo: data, train, plot, export, eval
   bench [--layers 6] [--shapes 768+256,...]   one-GPU step benchmark, blockdiff vs transformers
@@ -50,6 +51,12 @@ def _export(argv):
     args = p.parse_args(argv)
     out = export_run(args.run_dir, args.out, step=args.step, merge=args.merge, dtype=args.dtype)
     print(f"exported to {out}")
+
+
+def _plan(argv):
+    from .plan_report import cli_plan
+
+    cli_plan(argv)
 
 
 def _plot(argv):
@@ -93,8 +100,8 @@ def _demo(argv):
     demo_main(argv)
 
 
-COMMANDS = {"train": _train, "export": _export, "plot": _plot, "generate": _generate, "eval": _eval, "demo": _demo,
-            "bench": _bench, "data": _data}
+COMMANDS = {"train": _train, "export": _export, "plan": _plan, "plot": _plot, "generate": _generate, "eval": _eval,
+            "demo": _demo, "bench": _bench, "data": _data}
 
 
 def main(argv: list[str] | None = None) -> int:

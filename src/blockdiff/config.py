@@ -136,6 +136,7 @@ class TrainSection:
     eval_samples: int = 64  # held-out rows sampled at each periodic eval
     max_epochs: int | None = None
     nan_policy: Literal["skip", "stop"] = "stop"
+    skip_memory_check: bool = False  # true: launch on CUDA even when the memory plan says it cannot fit
 
     def checks(self):
         out = [_rng(self, n, ge=1) for n in ("max_steps", "global_batch_size", "micro_batch_size", "log_every",

@@ -279,7 +279,8 @@ def parallelize(model, cfg, dist: DistInfo):
         raise ConfigError(f"ep={p.ep} does not divide the model's {E} experts", field="parallel.ep")
     if dist.world_size % p.ep:
         raise ConfigError(f"ep={p.ep} does not divide the world size {dist.world_size}", field="parallel.ep")
-    model = model.to(dist.device)
+    if not any(t.is_meta for t in model.parameters()):  # a meta model (sharded load, memory plan) stays on meta
+        model = model.to(dist.device)
     if p.activation_checkpointing:
         apply_activation_checkpointing(model, keep_expert_exchanges=p.ep > 1 and not p.recompute_expert_exchanges)
     if p.compile:

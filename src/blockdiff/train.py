@@ -30,6 +30,7 @@ from .model_export import export_model
 from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
 from .master_adamw import build_optimizer
 from .parallel import begin_step, clip_gradients, is_sharded, parallelize
+from .plan_report import check_before_training
 from .precision import compute_context
 
 log = logging.getLogger("blockdiff")
@@ -269,6 +270,7 @@ def global_token_counts(micro, settings: ObjectiveSettings, dist: DistInfo) -> t
 
 
 def train(cfg: Config) -> Path:
+    check_before_training(cfg)  # the memory plan, before any weight is read (refuses on CUDA if it cannot fit)
     dist = init_distributed()
     accum = apply_world_size(cfg, dist.world_size)
     device = dist.device
