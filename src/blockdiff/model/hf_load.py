@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -203,10 +204,13 @@ class Checkpoint:
         """{name: file} of the tensors the text model does not hold (vision tower, embed_vision)."""
         return {n: f for n, f in self.weight_map.items() if hf_names.from_hf(n) is None and not hf_names.is_tied_alias(n)}
 
-    @property
-    def total_bytes(self) -> int:
-        """Stored bytes of every tensor the text model reads (per the file headers)."""
-        return sum(self._stored_bytes(n) for n in self.weight_map if hf_names.from_hf(n) is not None)
+    def stored_bytes(self, names: Iterable[str]) -> int:
+        """Bytes the checkpoint tensors ``names`` take in their files (from the headers; nothing is read)."""
+        total = 0
+        for name in names:
+            _, sl, _ = self._slice(name)
+            total += math.prod(sl.get_shape()) * _ST_ITEMSIZE.get(sl.get_dtype().upper(), 4)
+        return total
 
     def text_tensors(self, expected: Iterable[str], num_layers: int) -> dict[str, str]:
         """{our name: checkpoint name} for ``expected`` (our names of the tensors to fill). Refuses a
@@ -233,37 +237,32 @@ class Checkpoint:
         """Checkpoint tensor ``name`` (its stored dtype, on the CPU), checked to have ``shape``; with ``rows``
         only dim-0 rows [start, stop) of it. The file's pages are memory-mapped: only the rows returned are
         read from disk."""
-        file = self.weight_map[name]
-        path = self.dir / file
-        f, keys = self._open(file)
-        if name not in keys:
-            raise CheckpointError(f"missing tensor {name} (the index lists it in {file})", file=path, field=name)
-        try:
-            sl = f.get_slice(name)
-            stored = list(sl.get_shape())
-            if stored == list(shape):
-                out = f.get_tensor(name) if rows is None else sl[rows[0]:rows[1]]
-        except Exception as e:  # SafetensorError: truncated data, bad offsets, ...
-            raise CheckpointError(f"cannot read tensor {name}: {e}", file=path, field=name) from e
+        f, sl, path = self._slice(name)
+        stored = list(sl.get_shape())
         if stored != list(shape):
             raise CheckpointError(f"tensor {name} has shape {stored}, model expects {list(shape)}", file=path,
                                   field=name)
+        try:
+            out = f.get_tensor(name) if rows is None else sl[rows[0]:rows[1]]
+        except Exception as e:  # SafetensorError: truncated data, bad offsets, ...
+            raise CheckpointError(f"cannot read tensor {name}: {e}", file=path, field=name) from e
         self.bytes_read += out.numel() * out.element_size()
         return out
 
-    def _open(self, file: str):
+    def _slice(self, name: str):
+        """(open file, lazy slice of ``name``, file path), refusing a tensor its file lacks."""
+        file = self.weight_map[name]
+        path = self.dir / file
         if file not in self._files:
-            f = self._stack.enter_context(_open_safetensors(self.dir / file))
+            f = self._stack.enter_context(_open_safetensors(path))
             self._files[file] = (f, set(f.keys()))
-        return self._files[file]
-
-    def _stored_bytes(self, name: str) -> int:
-        f, _ = self._open(self.weight_map[name])
-        sl = f.get_slice(name)
-        numel = 1
-        for d in sl.get_shape():
-            numel *= d
-        return numel * _ST_ITEMSIZE.get(sl.get_dtype().upper(), 4)
+        f, keys = self._files[file]
+        if name not in keys:
+            raise CheckpointError(f"missing tensor {name} (the index lists it in {file})", file=path, field=name)
+        try:
+            return f, f.get_slice(name), path
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name}: {e}", file=path, field=name) from e
 
 
 # ---- the whole model in one process ------------------------------------------------------------
