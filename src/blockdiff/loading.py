@@ -165,10 +165,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _copy_rows(dest: torch.Tensor, src: torch.Tensor, rows) -> None:
-    dest.copy_(src if rows is None else src[rows[0]:rows[1]])
-
-
 @torch.no_grad()
 def fill_local_shards(model, ckpt, device: torch.device, adapter_rng=None) -> LoadStats:
     """Fill every local shard of ``model`` (allocated, uninitialised): checkpoint tensors row by row from
@@ -188,11 +184,12 @@ def fill_local_shards(model, ckpt, device: torch.device, adapter_rng=None) -> Lo
         _local(t).copy_(ckpt.read(hf_name, global_shape(model, name, t), rows))  # casts to the param's dtype
         stats.tensors += 1
     if adapters:
-        _set_rng_state(adapter_rng, device)
-        for name, value in initial_adapter_values(model, device):
-            t = targets[name]
-            _copy_rows(_local(t), value, local_rows(model, name, t))
-            del value
+        if adapter_rng is not None:
+            _set_rng_state(adapter_rng, device)
+        for name, value in initial_adapter_values(model, device):  # one whole tensor at a time
+            rows = local_rows(model, name, targets[name])
+            _local(targets[name]).copy_(value if rows is None else value[rows[0]:rows[1]])
+            del value  # before the generator draws the next one
     _rebuild_rotary(model, device)
     stats.bytes_read = ckpt.bytes_read
     storages = {}
