@@ -5,6 +5,7 @@
     python tests/dist_worker.py script DONE_FILE SCRIPT.py [its arguments ...]
     python tests/dist_worker.py export OUT_DIR SOURCE_CHECKPOINT
     python tests/dist_worker.py state  OUT_FILE  [--section.field value ...]
+    python tests/dist_worker.py load   OUT_PREFIX LAYOUTS_JSON
 
 ``grads``: one training step's forward/backward on the global batch (no optimizer step); rank 0 writes
 the summed losses, the global grad norm, every FULL gradient (gathered, experts in their global
@@ -26,6 +27,10 @@ also holds ``frozen_with_grad``: the number of frozen parameters that received a
 training builds it; each rank writes ``OUT_FILE.rank<R>.json`` with what it holds: local parameter
 elements and shapes, and the bytes of the distinct storages behind its parameters, gradients and AdamW
 states (the memory plan's exact figures are tested against these).
+``load``: for each layout of LAYOUTS_JSON (a list of override lists, e.g. ``[["--parallel.ep", "2"]]``, on top
+of a config whose ``model.name_or_path`` is a checkpoint) ``loading.build_training_model`` under
+``LiveBytes``; rank 0 writes every FULL tensor (gathered) to ``OUT_PREFIX.<i>.safetensors``, every rank its
+load figures to ``OUT_PREFIX.<i>.rank<R>.json``.
 
 Either way each rank writes ``<file>.rank<R>.done`` after a clean finish and leaves with os._exit(0), so
 a gloo teardown abort cannot turn a good run into a failure (the test checks the files).
@@ -38,6 +43,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
@@ -244,6 +250,97 @@ def step_state(overrides: list[str]) -> dict:
     }
 
 
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes alive during a model build: storages created by torch ops (allocations; views and in-place
+    ops create none) that are not yet freed, plus the checkpoint rows ``Checkpoint.read`` returned that are
+    still referenced. safetensors returns a view of the memory-mapped file (``set_`` onto a storage made
+    outside torch's ops, not an allocation) whose only resident pages are the rows read: those count as the
+    rows' bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive: dict[int, tuple] = {}
+        self.reads, self.peak, self.read_total = 0, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._pytree import tree_flatten
+
+        def storages(tree):
+            for t in tree_flatten(tree)[0]:
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    yield (t._local_tensor if isinstance(t, DTensor) else t).untyped_storage()
+
+        inputs = {s.data_ptr() for s in storages((args, kwargs))}
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.set_:  # points a tensor at an existing storage
+            return out
+        for s in storages(out):
+            if s.data_ptr() and s.data_ptr() not in inputs and s.data_ptr() not in self.alive:
+                self.alive[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
+        self.sample()
+        return out
+
+    def sample(self) -> None:
+        self.alive = {k: v for k, v in self.alive.items() if not v[0].expired()}
+        self.peak = max(self.peak, self.reads + sum(n for _, n in self.alive.values()))
+
+    def read_hook(self, read):
+        import weakref
+
+        def counted(ckpt, *args, **kwargs):
+            t = read(ckpt, *args, **kwargs)
+            n = t.numel() * t.element_size()
+            self.reads += n
+            self.read_total += n
+            weakref.finalize(t, self._release, n)
+            self.sample()
+            return t
+        return counted
+
+    def _release(self, n: int) -> None:
+        self.reads -= n
+
+
+def load_layouts(out: str, layouts: list[list[str]]) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    from blockdiff.config import demo_config_path, load_config
+    from blockdiff.distributed import init_distributed
+    from blockdiff.loading import build_training_model
+    from blockdiff.model.hf_load import Checkpoint
+    from blockdiff.parallel import full_tensor
+
+    dist = init_distributed()
+    for i, overrides in enumerate(layouts):
+        cfg = load_config(demo_config_path(), overrides)
+        cfg.model.from_config = None
+        torch.manual_seed(cfg.train.seed)
+        mem, read = LiveBytes(), Checkpoint.read
+        Checkpoint.read = mem.read_hook(read)
+        try:
+            with mem:
+                model = build_training_model(cfg, dist)
+        finally:
+            Checkpoint.read = read
+        storages = {}  # this rank's parameter and buffer storage (FSDP2's padded shards)
+        for t in [*model.parameters(), *model.buffers()]:
+            local = t.to_local() if hasattr(t, "to_local") else t
+            storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+        logged = getattr(model, "_blockdiff_load", None)
+        full = {n: full_tensor(model, n, t).detach().contiguous() for n, t in model.state_dict().items()}
+        if dist.rank == 0:
+            trainable = {n: torch.tensor([float(p.requires_grad)]) for n, p in model.named_parameters()}
+            save_file({**full, **{f"requires_grad.{n}": v for n, v in trainable.items()}}, f"{out}.{i}.safetensors")
+        figures = {"peak": mem.peak, "resident": sum(storages.values()), "read": mem.read_total,
+                   "logged": None if logged is None else vars(logged)}
+        Path(f"{out}.{i}.rank{dist.rank}.json").write_text(json.dumps(figures))
+        del model, full
+
+
 def main(argv: list[str]) -> None:
     mode, out, overrides = argv[0], Path(argv[1]), argv[2:]
     rank = int(os.environ.get("RANK", "0"))
@@ -273,6 +370,10 @@ def main(argv: list[str]) -> None:
                 raise  # no .done file: the test reports the failure
     elif mode == "export":
         export_models(out, overrides[0])
+    elif mode == "load":
+        import json
+
+        load_layouts(str(out), json.loads(overrides[0]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     if torch.distributed.is_initialized():

@@ -272,14 +272,17 @@ def _root_class(cls):
 
 
 def parallelize(model, cfg, dist: DistInfo):
-    """Return the model to train (on ``dist.device``), sharded when ``dist.world_size > 1``."""
+    """Return the model to train (on ``dist.device``), sharded when ``dist.world_size > 1``.
+
+    A model on the ``meta`` device stays there (FSDP2 shards meta tensors too): ``blockdiff.loading``
+    then allocates each rank's local shards (``to_empty``) and fills them from the checkpoint."""
     p = cfg.parallel
     E = model.config.num_experts
     if E % p.ep:
         raise ConfigError(f"ep={p.ep} does not divide the model's {E} experts", field="parallel.ep")
     if dist.world_size % p.ep:
         raise ConfigError(f"ep={p.ep} does not divide the world size {dist.world_size}", field="parallel.ep")
-    if not any(t.is_meta for t in model.parameters()):  # a meta model (sharded load, memory plan) stays on meta
+    if not _on_meta(model):
         model = model.to(dist.device)
     if p.activation_checkpointing:
         apply_activation_checkpointing(model, keep_expert_exchanges=p.ep > 1 and not p.recompute_expert_exchanges)
@@ -337,7 +340,12 @@ def parallelize(model, cfg, dist: DistInfo):
             m.set_reduce_scatter_unused_params(True, recurse=False)  # a rank whose experts got no tokens
     model._blockdiff_parallel = ParallelState(W, ep, dp_mesh, ep_mesh)
     model._blockdiff_parallel.expert_names = expert_names if ep > 1 else set()
+    model._blockdiff_parallel.expert_offset = sl.start if ep > 1 else 0  # first global expert of this rank
     return model
+
+
+def _on_meta(model) -> bool:
+    return next(model.parameters()).is_meta
 
 
 # ---------------------------------------------------------------------------------------- global views

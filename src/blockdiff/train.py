@@ -25,11 +25,13 @@ from .data.canvas import SFTDataset, collate, collate_packed, global_order
 from .distributed import DistInfo, all_reduce_, init_distributed, to_device
 from .errors import BlockdiffError, ConfigError
 from .guards import GradNormGuard
+from .loading import build_model, build_training_model, model_config  # noqa: F401  (build_model: tools, tests)
 from .metrics import MetricsLogger, StepProfiler, peak_memory_gib
-from .model_export import export_model
-from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
 from .master_adamw import build_optimizer
-from .parallel import begin_step, clip_gradients, is_sharded, parallelize
+from .model.config import ModelConfig
+from .model_export import export_model
+from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise
+from .parallel import begin_step, clip_gradients, is_sharded
 from .plan_report import check_before_training
 from .precision import compute_context
 
@@ -62,24 +64,7 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
-def build_model(cfg: Config, device: torch.device):
-    from .model import hf_io
-
-    if cfg.model.from_config is not None:
-        kwargs = dict(cfg.model.from_config)
-        if cfg.model.num_layers:
-            kwargs.setdefault("text_config", {})
-            kwargs["text_config"] = {**kwargs["text_config"], "num_hidden_layers": cfg.model.num_layers}
-        model = hf_io.from_config(kwargs, dtype=torch.float32, device=device, attn_backend=cfg.model.attn_backend,
-                                  seed=cfg.train.seed)
-    else:
-        model = hf_io.load_pretrained(cfg.model.name_or_path, dtype=torch.float32, device=device,
-                                      attn_backend=cfg.model.attn_backend, num_layers=cfg.model.num_layers)
-    return model
-
-
-def check_consistency(cfg: Config, model, tokenizer) -> None:
-    mc = model.config
+def check_consistency(cfg: Config, mc: ModelConfig, tokenizer) -> None:
     if cfg.data.canvas_length != mc.canvas_length:
         raise ConfigError(f"canvas_length {cfg.data.canvas_length} differs from the model's canvas_length "
                           f"{mc.canvas_length}", field="data.canvas_length")
@@ -278,21 +263,13 @@ def train(cfg: Config) -> Path:
     run_dir, resume_from = prepare_run_dir(cfg, dist)
 
     tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, device)
-    check_consistency(cfg, model, tokenizer)
+    check_consistency(cfg, model_config(cfg), tokenizer)  # before any weight is read
+    # on meta, LoRA and the frozen router applied, parallelized, then each rank fills its own shards
+    model = build_training_model(cfg, dist)
     dataset = SFTDataset(cfg.data.train_path, tokenizer, canvas_length=cfg.data.canvas_length,
                          seq_length=cfg.data.seq_length, prompt_policy=cfg.data.prompt_too_long,
                          split=cfg.data.split, eos_id=model.config.eos_token_id,
                          mask_history=cfg.data.mask_history)
-    if cfg.lora.enabled:
-        from .lora import apply_lora  # base frozen, adapters trainable
-
-        # the frozen base is stored in bf16 on GPU (adapters stay fp32 masters)
-        bf16_base = device.type == "cuda" and cfg.model.dtype == "bfloat16"
-        apply_lora(model, cfg.lora, base_dtype=torch.bfloat16 if bf16_base else None)
-    if cfg.objective.freeze_router:
-        freeze_router(model)
-    model = parallelize(model, cfg, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optimizer
     # one GPU in bf16: MasterAdamW (persistent bf16 working weights written by the update); else fused AdamW

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,8 @@ from ..errors import CheckpointError, ConfigError
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "EXPERT_FILE", "PEFT_PREFIX", "DECODER_LAYERS", "ENCODER_LAYERS",
            "ATTN_TARGETS", "MLP_TARGETS", "LoraError", "LoraLinear", "ExpertLora", "apply_lora", "cast_frozen_base_",
-           "has_lora", "lora_modules", "expert_adapters", "merged_weight", "merge_lora_", "trainable_state_dict",
+           "init_lora_A_", "adapter_param_names", "base_param_name", "initial_adapter_values", "has_lora",
+           "lora_modules", "expert_adapters", "merged_weight", "merge_lora_", "trainable_state_dict",
            "checkpoint_state"]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -32,6 +34,15 @@ class LoraError(CheckpointError):
 # ---------------------------------------------------------------------------------------- modules
 
 
+@torch.no_grad()
+def init_lora_A_(A: torch.Tensor) -> torch.Tensor:
+    """The A factors' init, in place: kaiming-uniform (a = sqrt(5)) of [r, in], or of each expert's [r, in]
+    slice of [E, r, in], drawn from the default generator of A's device."""
+    for a in A.unbind(0) if A.ndim == 3 else (A,):
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return A
+
+
 class LoraLinear(nn.Module):
     """y = base(x) + (dropout(x) @ A^T @ B^T) * alpha / r, base frozen; A kaiming-uniform, B zeros."""
 
@@ -47,7 +58,7 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=torch.float32))
         if dev.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            init_lora_A_(self.lora_A)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
@@ -91,8 +102,7 @@ class ExpertLora(nn.Module):
             E, out, inp = w.shape
             A = nn.Parameter(torch.empty(E, rank, inp, device=w.device, dtype=torch.float32))
             if w.device.type != "meta":
-                for e in range(E):
-                    nn.init.kaiming_uniform_(A.data[e], a=math.sqrt(5))
+                init_lora_A_(A)
             setattr(self, self._a(name), A)
             setattr(self, self._b(name), nn.Parameter(torch.zeros(E, out, rank, device=w.device, dtype=torch.float32)))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -202,6 +212,37 @@ def cast_frozen_base_(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> 
             saved += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
             module._parameters[name] = nn.Parameter(p.data.to(dtype), requires_grad=False)
     return saved
+
+
+def adapter_param_names(model: nn.Module) -> set[str]:
+    """Names of the adapters' own parameters (the A and B factors; not the frozen bases)."""
+    return {f"{path}.{name}" for path, m in model.named_modules() if isinstance(m, (LoraLinear, ExpertLora))
+            for name, _ in m.named_parameters(recurse=False)}
+
+
+def base_param_name(name: str, model: nn.Module) -> str:
+    """The plain model's name of a parameter: ``q_proj.base.weight`` -> ``q_proj.weight``."""
+    path, _, leaf = name.rpartition(".")
+    if path.endswith(".base") and isinstance(model.get_submodule(path.removesuffix(".base")), LoraLinear):
+        return f"{path.removesuffix('.base')}.{leaf}"
+    return name
+
+
+@torch.no_grad()
+def initial_adapter_values(model: nn.Module, device) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, initial value of the WHOLE tensor) of every adapter parameter, one at a time, drawn in the order
+    ``apply_lora`` draws them on a real device (every LoraLinear's A, then the expert adapters layer by
+    layer). From the same generator state, the same values: a model built on ``meta`` (adapters left
+    uninitialised) gets exactly the single-process init, on any world size, by slicing these."""
+    for path, m in lora_modules(model).items():
+        yield f"{path}.lora_A", init_lora_A_(torch.empty(m.rank, m.in_features, device=device))
+        yield f"{path}.lora_B", torch.zeros(m.out_features, m.rank, device=device)
+    for path, adapter in expert_adapters(model).items():
+        E = model.get_submodule(path).num_experts  # the global count, also when this rank holds a slice
+        for name in ExpertLora.NAMES:
+            A, B = adapter.factors(name)
+            yield f"{path}.adapter.{ExpertLora._a(name)}", init_lora_A_(torch.empty(E, *A.shape[1:], device=device))
+            yield f"{path}.adapter.{ExpertLora._b(name)}", torch.zeros(E, *B.shape[1:], device=device)
 
 
 def has_lora(model: nn.Module) -> bool:
