@@ -1,8 +1,8 @@
 """Canvas examples and batches for block-diffusion SFT.
 
-An example is ``prompt + response`` where the response (the final assistant turn: content +
-end-of-turn, see ``chat.tokenize_conversation``) is EOS-filled up to a multiple of
-``canvas_length``; the EOS fill is supervised (the model must learn to stop). The response
+An example is ``prompt + response`` where the response (the final assistant turn: what the model emits
+after its generation prompt, e.g. reply + ``<turn|>\n``, see ``chat.tokenize_conversation``) is EOS-filled
+up to a multiple of ``canvas_length``; the EOS fill is supervised (the model must learn to stop). The response
 forms ``num_blocks`` canvases of ``canvas_length`` tokens each, denoised jointly under a
 block-causal mask.
 
@@ -328,11 +328,11 @@ class SFTDataset(torch.utils.data.Dataset):
             self.n_rows += 1
             try:
                 if mask_history:  # reference: the final assistant turn only
-                    ids, sup, plen = tokenize_conversation(tokenizer, row["messages"])
+                    ids, sup, plen = tokenize_conversation(tokenizer, row["messages"], tools=row.get("tools"))
                     ex = build_example(ids, sup, plen, canvas_length=canvas_length, seq_length=seq_length,
                                        eos_id=eos_id, sample_id=index, prompt_policy=prompt_policy)
                 else:  # every assistant turn
-                    ids, sup = tokenize_turns(tokenizer, row["messages"])
+                    ids, sup = tokenize_turns(tokenizer, row["messages"], tools=row.get("tools"))
                     ex = build_multiturn_example(ids, sup, canvas_length=canvas_length, seq_length=seq_length,
                                                  eos_id=eos_id, sample_id=index, prompt_policy=prompt_policy)
             except DataError as e:
