@@ -47,9 +47,8 @@ def install_chat_template(tokenizer, path) -> None:
                               field="data.chat_template") from None
 
 
-def render(tokenizer, messages: list[dict], *, tools=None, add_generation_prompt: bool = False,
-           enable_thinking: bool = False) -> str:
-    """The template's text for ``messages`` (rendered by transformers, in jinja2's sandbox)."""
+def _apply(tokenizer, messages: list[dict], tools, **kwargs):
+    """``tokenizer.apply_chat_template`` (transformers renders in jinja2's sandbox); errors as DataError."""
     name = tokenizer_name(tokenizer)
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"tokenizer '{name}' has no chat template (set data.chat_template to a .jinja file)",
@@ -57,12 +56,17 @@ def render(tokenizer, messages: list[dict], *, tools=None, add_generation_prompt
     from jinja2.exceptions import TemplateError  # transformers needs jinja2 for chat templates
 
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt,
-                                             enable_thinking=enable_thinking)
+        return tokenizer.apply_chat_template(messages, tools=tools or None, **kwargs)
     except TemplateError as e:  # a broken template, a raise_exception, or a sandbox violation (SecurityError)
         raise DataError(f"chat template of tokenizer '{name}' failed to render: {type(e).__name__}: {e}",
                         field="chat_template") from e
+
+
+def render(tokenizer, messages: list[dict], *, tools=None, add_generation_prompt: bool = False,
+           enable_thinking: bool = False) -> str:
+    """The template's text for ``messages``."""
+    return _apply(tokenizer, messages, tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+                  enable_thinking=enable_thinking)
 
 
 def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -139,8 +143,8 @@ def _check_rendered(tokenizer, message: dict, i: int, supervised_text: str) -> N
 
 
 def _marked(tokenizer, messages, kw) -> tuple[list[int], list[bool]]:
-    enc = tokenizer.apply_chat_template(messages, tools=kw["tools"] or None, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True, enable_thinking=kw["enable_thinking"])
+    enc = _apply(tokenizer, messages, kw["tools"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                 enable_thinking=kw["enable_thinking"])
     ids, mask = list(enc["input_ids"]), [bool(m) for m in enc.get("assistant_masks") or []]
     if len(mask) != len(ids) or not any(mask):
         raise DataError(f"chat template of tokenizer '{tokenizer_name(tokenizer)}' marks no assistant tokens "
