@@ -87,8 +87,8 @@ def _without_reasoning(message: dict) -> dict:
     return {k: v for k, v in message.items() if k not in ("reasoning_content", "reasoning")}
 
 
-def _prompt_end(tokenizer, messages, i, full, kw) -> tuple[str, int]:
-    """The generation prompt before assistant turn ``i`` and its length; it must prefix ``full``."""
+def _prompt_before(tokenizer, messages, i, full, kw) -> str:
+    """The generation prompt before assistant turn ``i``; it must be a prefix of ``full``."""
     prompt = render(tokenizer, messages[:i], add_generation_prompt=True, **kw)
     if not full.startswith(prompt):
         at = next((j for j, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
@@ -97,7 +97,7 @@ def _prompt_end(tokenizer, messages, i, full, kw) -> tuple[str, int]:
             f"before messages[{i}] rendered with add_generation_prompt=True is not a prefix of the whole "
             f"conversation's rendering (they differ at character {at}: {prompt[at:at + 40]!r} vs "
             f"{full[at:at + 40]!r}), so the supervised reply cannot be located", field="chat_template")
-    return prompt, len(prompt)
+    return prompt
 
 
 def _turn_end(tokenizer, messages, i, full, kw) -> int:
@@ -163,7 +163,8 @@ def _supervise(tokenizer, messages, turns: list[int], kw) -> tuple[list[int], li
     full = render(tokenizer, messages, **kw)
     spans, prompts = [], []
     for i in turns:
-        prompt, start = _prompt_end(tokenizer, messages, i, full, kw)
+        prompt = _prompt_before(tokenizer, messages, i, full, kw)
+        start = len(prompt)
         end = len(full) if i == len(messages) - 1 else _turn_end(tokenizer, messages, i, full, kw)
         if end <= start:
             raise DataError(f"chat template of tokenizer '{tokenizer_name(tokenizer)}' renders nothing for "
