@@ -14,6 +14,8 @@ $(STAMP): $(VPY) pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -e ".[dev]"
+	# the released DiffusionGemma chat template (a test oracle) ships in TRL's wheel; its pins clash with ours
+	$(VPY) -m pip install -q --no-deps trl==1.16.0
 	touch $(STAMP)
 
 install: $(STAMP)

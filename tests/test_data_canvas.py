@@ -101,7 +101,7 @@ def test_sft_dataset_stats_and_sample_ids(tmp_path, tok):
     assert all(isinstance(e, Example) for e in ds)
     first = ds[0]
     reply = tok.decode(first.input_ids[first.prompt_length:])
-    assert reply == "2<end_of_turn>" + "<eos>" * 6  # content + eot, EOS-filled to 8
+    assert reply == "2<turn|>\n" + "<eos>" * 5  # reply + end of turn, EOS-filled to 8
     assert ds[1].truncated and len(ds[1].input_ids) == 32 - (32 - ds[1].prompt_length) % 8
     batch = ds.collate([ds[0], ds[1]])
     assert batch.input_ids.shape[1] == len(ds[1].input_ids)
@@ -120,7 +120,8 @@ def test_sft_dataset_from_rows(tok):
     ds = SFTDataset([chat("1 + 1?", "2")], tok, canvas_length=4, seq_length=64)
     assert ds.n_kept == 1 and ds[0].num_blocks == 1
     ds = SFTDataset([chat("1 + 1?", "2")], tok, canvas_length=4, seq_length=64, eos_id=[1, 6])
-    assert ds[0].input_ids[-2:] == [1, 1]  # "2", <end_of_turn>, then EOS fill with the first id
+    # "2", <turn|>, "\n", then EOS fill with the first id
+    assert ds[0].input_ids[-4:] == [tok.convert_tokens_to_ids("2"), 106, tok.convert_tokens_to_ids("\n"), 1]
 
 
 def test_global_order_deterministic_permutation():

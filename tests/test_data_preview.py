@@ -10,7 +10,8 @@ from blockdiff.config import demo_config_path, load_config
 from blockdiff.data import load_tiny_tokenizer
 from blockdiff.data.canvas import SFTDataset
 from blockdiff.data.chat import tokenize_conversation
-from blockdiff.data.preview import CLOSE, OPEN, model_config_for, preview_rows, render_plain, render_rich
+from blockdiff.data.preview import CLOSE, OPEN, preview_rows, render_plain, render_rich
+from blockdiff.loading import model_config
 from blockdiff.data.synthetic import generate, generate_multiturn
 
 C, S = 32, 96  # canvas_length, seq_length: a long reply is cut to 2 blocks, a long prompt is skipped
@@ -51,7 +52,7 @@ def test_json_rows_equal_what_the_dataset_builds(data, rows, capsys):
     out = _json_rows(capsys, _args(data, "--rows", "100", "--json"))
     tok = load_tiny_tokenizer()
     cfg = load_config(demo_config_path(), ["--data.train_path", str(data)])
-    eos = model_config_for(cfg).eos_token_id  # the model config's EOS fills the canvas, as in train
+    eos = model_config(cfg).eos_token_id  # the model config's EOS fills the canvas, as in train
     ds = SFTDataset(str(data), tok, canvas_length=C, seq_length=S, prompt_policy="skip", eos_id=eos)
     by_id = {e.sample_id: e for e in ds.examples}
     assert [r["line"] for r in out] == list(range(1, len(rows) + 1))

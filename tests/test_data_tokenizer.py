@@ -1,4 +1,5 @@
-"""The shipped tiny tokenizer: loads via AutoTokenizer, Gemma ids, single digits, round trip."""
+"""The shipped tiny tokenizer: loads via AutoTokenizer, Gemma 4 control tokens at their real ids, blockdiff's
+Gemma 4 chat template, single digits, round trip."""
 
 import json
 
@@ -7,6 +8,7 @@ from transformers import AutoTokenizer
 
 from blockdiff.data import load_tiny_tokenizer, tiny_tokenizer_path
 from blockdiff.data import build_tokenizer
+from blockdiff.data.gemma4 import SPECIAL_TOKEN_IDS, project_chat_template
 
 
 @pytest.fixture(scope="module")
@@ -17,16 +19,20 @@ def tok():
 def test_loads_with_autotokenizer_as_fast():
     t = AutoTokenizer.from_pretrained(str(tiny_tokenizer_path()))
     assert t.is_fast
-    assert 300 <= len(t) <= 1200
-    assert t.chat_template and "generation" in t.chat_template
+    assert 300 <= len(t) <= 1024  # the demo model's vocabulary covers it
+    assert t.chat_template == project_chat_template()
 
 
-def test_special_token_ids_follow_diffusiongemma(tok):
-    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
-    assert tok.pad_token == "<pad>" and tok.eos_token == "<eos>" and tok.bos_token == "<bos>"
-    for marker in ("<start_of_turn>", "<end_of_turn>"):
-        ids = tok.encode(marker, add_special_tokens=False)
-        assert len(ids) == 1 and ids[0] != tok.unk_token_id
+def test_control_tokens_at_the_released_ids(tok):
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    released = {50: "<|tool_response>", 100: "<|channel>", 101: "<channel|>", 105: "<|turn>", 106: "<turn|>"}
+    assert all(SPECIAL_TOKEN_IDS[i] == name for i, name in released.items())
+    for i, name in SPECIAL_TOKEN_IDS.items():
+        assert tok.encode(name, add_special_tokens=False) == [i] and tok.convert_ids_to_tokens(i) == name
+        assert i in tok.all_special_ids  # decoded output drops them
+    vocab = tok.get_vocab()
+    assert sorted(vocab.values()) == list(range(len(vocab)))  # no holes: ordinary tokens fill the gaps
+    assert not any(m in t for t in vocab for m in ("start_of_turn", "end_of_turn"))  # no Gemma 2/3 markers
 
 
 def test_digits_are_single_tokens(tok):
@@ -60,3 +66,4 @@ def test_shipped_files_match_build_script(tmp_path):
         shipped = json.loads((tiny_tokenizer_path() / name).read_text())
         rebuilt = json.loads((tmp_path / name).read_text())
         assert shipped == rebuilt, f"{name} is stale: run python -m blockdiff.data.build_tokenizer"
+    assert (tiny_tokenizer_path() / "chat_template.jinja").read_text() == (tmp_path / "chat_template.jinja").read_text()

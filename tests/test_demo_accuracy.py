@@ -149,12 +149,12 @@ def test_blockdiff_sampler_no_worse_than_transformers_generate(demo, readme, cap
     Asserts blockdiff >= transformers - PAIRED_SE standard errors of the paired difference."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from blockdiff import evaluate, sampling
+    from blockdiff import evaluate, prompting, sampling
     from blockdiff.data.chat import render_generation_prompt
     from blockdiff.data.jsonl import read_chat_jsonl
 
     _, tokenizer, _ = evaluate.load_for_inference(demo.export, "float32", "cpu")
-    settings = sampling.settings_for_tokenizer(
+    settings = prompting.settings_for_tokenizer(
         evaluate.settings_for_checkpoint(demo.export, tokenizer, max_new_tokens=demo.canvas_length, seed=0), tokenizer)
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(str(demo.export), dtype=torch.float32).eval()
     assert hf.config.canvas_length == demo.canvas_length

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from blockdiff import evaluate, sampling
+from blockdiff import evaluate, prompting, sampling
 from blockdiff.data import load_tiny_tokenizer, synthetic
 from blockdiff.errors import BlockdiffError
 from blockdiff.evaluate import extract_answer, normalize_number, wilson_interval
@@ -34,7 +34,7 @@ EXTRACTION_CASES = [
     ("", None),
     ("10 - 4 = 6", "6"),
     ("#### -0", "0"),
-    ("#### 1,000\n<end_of_turn>", "1000"),
+    ("#### 1,000\n<turn|>", "1000"),
 ]
 
 
@@ -145,17 +145,18 @@ def ckpt(tmp_path_factory, tok):
     return path
 
 
-def test_settings_for_tokenizer_drops_ordinary_eos_ids(tok):
-    # the reference's 50 is the digit '5' in the tiny tokenizer: stopping on it would cut answers
-    assert tok.convert_ids_to_tokens(50) == "5"
-    assert sampling.settings_for_tokenizer(SamplerSettings(), tok).eos_token_ids == (1, 6)
-    assert sampling.settings_for_tokenizer(SamplerSettings(eos_token_ids=()), tok).eos_token_ids == ()
+def test_settings_for_tokenizer_keeps_the_chat_format_stops_and_drops_ordinary_ids(tok):
+    # the released generation_config's [1, 106, 50] are <eos>, <turn|>, <|tool_response>; 7 is an ordinary token
+    assert tok.convert_ids_to_tokens([1, 106, 50]) == ["<eos>", "<turn|>", "<|tool_response>"]
+    assert prompting.settings_for_tokenizer(SamplerSettings(), tok).eos_token_ids == (1, 106, 50)
+    assert prompting.settings_for_tokenizer(SamplerSettings(eos_token_ids=(7, 1)), tok).eos_token_ids == (1, 106, 50)
+    assert prompting.settings_for_tokenizer(SamplerSettings(eos_token_ids=()), tok).eos_token_ids == ()
     assert sampling.cli_generate is not None  # cli.py imports it from blockdiff.sampling
 
 
 def test_settings_for_checkpoint_takes_eos_from_tokenizer(ckpt, tok):
     s = evaluate.settings_for_checkpoint(ckpt, tok, max_denoising_steps=3, max_new_tokens=None)
-    assert s.eos_token_ids == (tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>"))
+    assert s.eos_token_ids == (tok.eos_token_id, 106, 50)
     assert s.max_denoising_steps == 3 and s.max_new_tokens == 256
 
 

@@ -202,13 +202,13 @@ def multi_chat():
 def test_multiturn_supervision_masks(tok):
     ids, sup = tokenize_turns(tok, multi_chat()["messages"])
     runs = [tok.decode(ids[i:j]) for i, j in _runs(sup)]
-    assert runs == ["2<end_of_turn>", "4<end_of_turn>", "6<end_of_turn>"]
+    assert runs == ["2<turn|>\n", "4<turn|>\n", "6<turn|>\n"]
     ds = SFTDataset([multi_chat()], tok, canvas_length=4, seq_length=256, mask_history=False)
     ex = ds[0]
     assert len(ex.segments) == 3
     for s, n in ex.segments:  # each segment: the turn + end-of-turn, EOS-filled in the clean sequence
         text = tok.decode(ex.input_ids[s: s + n * C])
-        assert text.endswith("<end_of_turn>" + "<eos>" * (4 - 2))
+        assert text.endswith("<turn|>\n" + "<eos>" * (4 - 3))
     batch = ds.collate([ex])
     assert int(batch.supervised_mask().sum()) == ex.num_blocks * C == 12
 

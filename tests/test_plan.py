@@ -20,7 +20,8 @@ import torch
 from blockdiff.cli import main as cli
 from blockdiff.config import demo_config_path, load_config
 from blockdiff.errors import ConfigError
-from blockdiff.plan import make_plan, model_config, simulate
+from blockdiff.loading import model_config
+from blockdiff.plan import make_plan, simulate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_parallel import TINY, torchrun  # noqa: E402

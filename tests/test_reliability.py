@@ -159,7 +159,8 @@ def test_tokenizer_without_template_or_marker_tokens(data, tmp_path, capsys):
     rc, errors, _ = run_cli(capsys, *args_for(data, tmp_path / "run", 1, "--data.tokenizer",
                                               str(tmp_path / "plain-tok")))
     assert rc == 2 and len(errors) == 1
-    assert re.search(r"field 'chat_template': .*tokenizer '.*plain-tok'.*start_of_turn", errors[0]), errors[0]
+    assert re.search(r"field 'data.chat_template': tokenizer '.*plain-tok' has no chat template", errors[0]), errors[0]
+    assert not (tmp_path / "run").exists()
 
 
 CONFIG_CASES = [  # (id, overrides, regex)
@@ -239,7 +240,7 @@ def test_run_that_failed_on_bad_data_can_be_rerun_in_place(data, tmp_path, capsy
     path = bad_data(tmp_path, data, '{"messages": [')
     out = tmp_path / "run"
     assert run_cli(capsys, *args_for(path, out, 1))[0] == 2
-    assert (out / "config.yaml").exists()  # written before the data was read
+    assert not out.exists()  # the run dir is created only once the data was read
     path.write_bytes(Path(data).read_bytes())  # the user fixes the file
     assert run_cli(capsys, *args_for(path, out, 1))[0] == 0
 
@@ -267,8 +268,8 @@ def test_fuzz_tokenization_and_canvas_building():
     from blockdiff.errors import DataError
 
     tok = load_tiny_tokenizer()
-    eot = tok.convert_tokens_to_ids("<end_of_turn>")
-    pieces = st.sampled_from(["1", "+", " ", "\n", "add", "=", "é", "\x00", "\t", "<start_of_turn>", "<end_of_turn>",
+    eot = tok.convert_tokens_to_ids("<turn|>")
+    pieces = st.sampled_from(["1", "+", " ", "\n", "add", "=", "é", "\x00", "\t", "<|turn>", "<turn|>", "<|channel>",
                               "<eos>", "model\n", "{% generation %}", "{{ x }}", "####", "  "])
     text = st.lists(pieces, max_size=12).map("".join)
     roles = st.lists(st.sampled_from(["user", "assistant", "system"]), min_size=1, max_size=5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.models.diffusion_gemma import generation_diffusion_gemma as ref
 
-from blockdiff import sampling
+from blockdiff import prompting, sampling
 from blockdiff.errors import ConfigError
 from blockdiff.model.config import ModelConfig
 from blockdiff.model.diffusion_gemma import DiffusionGemma
@@ -241,9 +241,9 @@ def test_generate_text_uses_chat_template(monkeypatch):
         return real(model, prompts, settings, **kw)
 
     monkeypatch.setattr(sampling, "generate", spy)
-    eos = sampling.eos_ids_for_tokenizer(tok)
-    assert eos == (tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>"))
-    out = sampling.generate_text(model, tok, [conv, conv + [{"role": "assistant", "content": "x"}]],
+    eos = prompting.eos_ids_for_tokenizer(tok)
+    assert eos == (1, 106, 50) == tuple(tok.convert_tokens_to_ids(["<eos>", "<turn|>", "<|tool_response>"]))
+    out = prompting.generate_text(model, tok, [conv, conv + [{"role": "assistant", "content": "x"}]],
                                  gen_settings(max_new_tokens=8, eos_token_ids=eos))
     prompt = render_generation_prompt(tok, conv)
     assert seen == [prompt, prompt] and all(isinstance(o, str) for o in out)

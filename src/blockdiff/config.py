@@ -58,6 +58,9 @@ class DataSection:
     split: str = "train"
     eval_path: str | None = None
     tokenizer: str | None = None  # None: the model dir; "tiny": the tokenizer blockdiff ships
+    # a .jinja file replacing the tokenizer's chat template (None: the tokenizer's own); the run dir and the
+    # export keep the template used, as chat_template.jinja
+    chat_template: str | None = None
     seq_length: int = 1024
     canvas_length: int = 256
     prompt_too_long: Literal["skip", "fail"] = "skip"

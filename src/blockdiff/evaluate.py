@@ -15,7 +15,7 @@ import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from . import sampling
+from . import prompting, sampling
 from .errors import DataError
 from .sampling import SamplerSettings
 
@@ -94,23 +94,25 @@ def _question_and_gold(row: dict) -> tuple[list[dict], str, str | None]:
 
 
 def evaluate_gsm8k(model, tokenizer, rows, settings: SamplerSettings | None = None, batch_size: int = 8,
-                   out_jsonl=None, device=None, progress=None) -> dict:
+                   out_jsonl=None, device=None, progress=None, enable_thinking: bool = False) -> dict:
     """Sample an answer per row and score the extracted number against the reference's.
 
     Returns {accuracy, n, correct, ci_low, ci_high, ci95: [low, high], seconds, new_tokens,
-    tokens_per_second}. EOS ids are fitted to the tokenizer (``sampling.settings_for_tokenizer``).
+    tokens_per_second}. EOS ids are fitted to the tokenizer (``prompting.settings_for_tokenizer``); prompts are
+    rendered with thinking off unless ``enable_thinking``.
     ``out_jsonl`` gets one line per example: {prompt, output, extracted, gold, correct}.
     ``progress`` (tqdm-like, optional) gets ``update(k)`` after each batch of k examples.
     """
     from .data.chat import render_generation_prompt
 
-    settings = sampling.settings_for_tokenizer(settings or SamplerSettings(), tokenizer)
+    settings = prompting.settings_for_tokenizer(settings or SamplerSettings(), tokenizer)
     rows = list(rows)
     records, new_tokens = [], 0
     start = time.perf_counter()
     for lo in range(0, len(rows), batch_size):
         chunk = [_question_and_gold(r) for r in rows[lo:lo + batch_size]]
-        prompts = [render_generation_prompt(tokenizer, context) for context, _, _ in chunk]
+        prompts = [render_generation_prompt(tokenizer, context, enable_thinking=enable_thinking)
+                   for context, _, _ in chunk]
         seeds = [settings.seed + lo + i for i in range(len(chunk))]
         outputs = sampling.generate(model, prompts, settings, device=device, row_seeds=seeds)
         for (_, question, gold), ids in zip(chunk, outputs):
@@ -166,14 +168,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--enable-thinking", action="store_true",
+                   help="render prompts with the template's thinking switch on (default: off)")
 
 
 def load_for_inference(model_dir, dtype: str | None = None, device: str | None = None, adapter=None):
-    """(model in eval mode, tokenizer with the training chat template, device)."""
+    """(model in eval mode, the checkpoint's tokenizer with its own chat template, device). A blockdiff export
+    carries the template training used (``chat_template.jinja``)."""
     import torch
     from transformers import AutoTokenizer
 
-    from .data.chat import ensure_supervision_template
     from .model.diffusion_gemma import DiffusionGemma
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -182,7 +186,6 @@ def load_for_inference(model_dir, dtype: str | None = None, device: str | None =
     if adapter is not None:
         model = _apply_adapter(model, adapter)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    ensure_supervision_template(tokenizer, "auto")  # prompts rendered exactly as in training
     return model, tokenizer, device
 
 
@@ -196,7 +199,7 @@ def settings_for_checkpoint(model_dir, tokenizer=None, **overrides) -> SamplerSe
     """Checkpoint's generation_config.json + overrides; EOS from the tokenizer if the file names none."""
     raw = sampling._read_generation_config(model_dir)
     if raw.get("eos_token_id") is None and tokenizer is not None and overrides.get("eos_token_ids") is None:
-        overrides["eos_token_ids"] = sampling.eos_ids_for_tokenizer(tokenizer)
+        overrides["eos_token_ids"] = prompting.eos_ids_for_tokenizer(tokenizer)
     return SamplerSettings.from_generation_config(raw, **overrides)
 
 
@@ -246,7 +249,8 @@ def cli_generate(argv=None) -> int:
         for lo in range(0, len(convs), args.batch_size):
             chunk = convs[lo:lo + args.batch_size]
             seeds = [settings.seed + lo + i for i in range(len(chunk))]
-            outputs += sampling.generate_text(model, tokenizer, chunk, settings, device=device, row_seeds=seeds)
+            outputs += prompting.generate_text(model, tokenizer, chunk, settings, device=device, row_seeds=seeds,
+                                               enable_thinking=args.enable_thinking)
             bar.update(len(chunk))
     for conv, out in zip(convs, outputs):
         if len(convs) > 1:
@@ -282,7 +286,8 @@ def cli_eval(argv=None) -> int:
                                        t_max=args.t_max, t_min=args.t_min)
     with _tqdm(len(rows), "eval gsm8k") as bar:
         res = evaluate_gsm8k(model, tokenizer, rows, settings, batch_size=args.batch_size,
-                             out_jsonl=args.output, device=device, progress=bar)
+                             out_jsonl=args.output, device=device, progress=bar,
+                             enable_thinking=args.enable_thinking)
     half = (res["ci_high"] - res["ci_low"]) / 2
     print(f"gsm8k accuracy: {res['accuracy']:.4f} ± {half:.4f} (95% Wilson CI "
           f"[{res['ci_low']:.4f}, {res['ci_high']:.4f}]; {res['correct']}/{res['n']})")

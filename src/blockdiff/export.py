@@ -117,6 +117,8 @@ def export_run(run_dir, out=None, step: int | None = None, merge: bool = False, 
     if not (run_dir / "config.yaml").exists():
         raise CheckpointError("not a blockdiff run directory (no config.yaml)", file=str(run_dir))
     cfg = load_config(run_dir / "config.yaml")
+    if (run_dir / "chat_template.jinja").is_file():  # the template the run trained with
+        cfg.data.chat_template = str(run_dir / "chat_template.jinja")
     if merge and not cfg.lora.enabled:
         raise CheckpointError("--merge folds LoRA adapters into the weights, but this run trained no adapters",
                               file=str(run_dir / "config.yaml"), field="lora.enabled")

@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .config import Config
 from .distributed import DistInfo
+from .errors import ConfigError
 from .model.config import ModelConfig
 from .parallel import parallel_state, parallelize
 
@@ -47,15 +50,45 @@ log = logging.getLogger("blockdiff")
 
 
 def model_config(cfg: Config) -> ModelConfig:
-    """The run's model architecture, from its config alone (no weight is read)."""
-    from .model import hf_load
+    """The text-model config of a run, from ``model.from_config`` or the checkpoint's config.json alone
+    (a local dir, or only config.json fetched for a hub id), at ``model.num_layers`` depth."""
+    from .model import hf_io
 
-    if cfg.model.from_config is not None:
-        from .model.hf_io import _as_hf_config
+    if cfg.model.from_config is not None:  # as build_model builds it
+        try:
+            return ModelConfig.from_hf(hf_io._as_hf_config(_from_config_kwargs(cfg)))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"cannot build the model config: {e}", field="model.from_config") from None
+    name = cfg.model.name_or_path
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        if not (path / hf_io.CONFIG).is_file():
+            raise ConfigError(f"{path} holds no {hf_io.CONFIG} (the run's architecture is read from it)",
+                              field="model.name_or_path")
+        ckpt_dir = path
+    else:
+        ckpt_dir = _hub_config_dir(name)
+    try:
+        mc = ModelConfig.from_hf(hf_io.read_hf_config(ckpt_dir))
+    except ValueError as e:
+        raise ConfigError(str(e), file=ckpt_dir / hf_io.CONFIG) from None
+    return hf_io._reduce_depth(mc, cfg.model.num_layers)
 
-        return ModelConfig.from_hf(_as_hf_config(_from_config_kwargs(cfg)))
-    ckpt_dir = hf_load.resolve_checkpoint_dir(cfg.model.name_or_path)
-    return hf_load.model_config_of(hf_load.read_hf_config(ckpt_dir), ckpt_dir, cfg.model.num_layers)
+
+def _hub_config_dir(name: str) -> Path:
+    """The directory holding only config.json of a hub model (downloaded, or from the HF cache)."""
+    from .model.hf_io import _HUB_ID, CONFIG, _offline
+
+    if not _HUB_ID.match(name):
+        raise ConfigError(f"{name}: no such model directory (and not a hub id like 'org/name')",
+                          field="model.name_or_path")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(name, CONFIG, local_files_only=_offline())).parent
+    except Exception as e:  # offline, unknown repo, gated: one line, whatever the hub library raised
+        raise ConfigError(f"cannot fetch {CONFIG} of {name} ({type(e).__name__}); pass a local directory that "
+                          f"holds it", field="model.name_or_path") from None
 
 
 def _from_config_kwargs(cfg: Config) -> dict:

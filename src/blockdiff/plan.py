@@ -16,9 +16,7 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -26,57 +24,13 @@ from .config import Config
 from .errors import ConfigError
 from .memory_model import (FP32, GIB, StepShape, activation_terms, ce_chunk_bytes, fsdp_buffer_terms,
                            overhead_bytes)
+from .loading import model_config
 from .model.config import ModelConfig
 
 log = logging.getLogger("blockdiff")
 
 
 # ---------------------------------------------------------------------------------------- the model on meta
-
-
-def model_config(cfg: Config) -> ModelConfig:
-    """The text-model config of a run, from ``model.from_config`` or the checkpoint's config.json alone
-    (a local dir, or only config.json fetched for a hub id), at ``model.num_layers`` depth."""
-    from .model import hf_io
-
-    if cfg.model.from_config is not None:  # as train.build_model builds it
-        kwargs = dict(cfg.model.from_config)
-        if cfg.model.num_layers:
-            kwargs["text_config"] = {**kwargs.get("text_config", {}), "num_hidden_layers": cfg.model.num_layers}
-        try:
-            return ModelConfig.from_hf(hf_io._as_hf_config(kwargs))
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"cannot build the model config: {e}", field="model.from_config") from None
-    name = cfg.model.name_or_path
-    path = Path(os.path.expanduser(name))
-    if path.is_dir():
-        if not (path / hf_io.CONFIG).is_file():
-            raise ConfigError(f"{path} holds no {hf_io.CONFIG} (a plan needs only that file, no weights)",
-                              field="model.name_or_path")
-        ckpt_dir = path
-    else:
-        ckpt_dir = _hub_config_dir(name)
-    try:
-        mc = ModelConfig.from_hf(hf_io.read_hf_config(ckpt_dir))
-    except ValueError as e:
-        raise ConfigError(str(e), file=ckpt_dir / hf_io.CONFIG) from None
-    return hf_io._reduce_depth(mc, cfg.model.num_layers)
-
-
-def _hub_config_dir(name: str) -> Path:
-    """The directory holding only config.json of a hub model (downloaded, or from the HF cache)."""
-    from .model.hf_io import _HUB_ID, CONFIG, _offline
-
-    if not _HUB_ID.match(name):
-        raise ConfigError(f"{name}: no such model directory (and not a hub id like 'org/name')",
-                          field="model.name_or_path")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(name, CONFIG, local_files_only=_offline())).parent
-    except Exception as e:  # offline, unknown repo, gated: one line, whatever the hub library raised
-        raise ConfigError(f"cannot fetch {CONFIG} of {name} ({type(e).__name__}); pass a local directory that "
-                          f"holds it", field="model.name_or_path") from None
 
 
 @contextlib.contextmanager

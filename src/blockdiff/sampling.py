@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ import torch
 
 from .compiled import CompiledOrEager
 from .errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -124,33 +121,6 @@ def _read_generation_config(source: Any) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read generation config: {e}", file=path) from None
-
-
-def eos_ids_for_tokenizer(tokenizer) -> tuple[int, ...]:
-    """The tokenizer's EOS plus ``<end_of_turn>`` (when it is a known token): where replies end."""
-    ids = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    if eot is not None and eot != tokenizer.unk_token_id:
-        ids.append(int(eot))
-    return tuple(dict.fromkeys(ids))
-
-
-def settings_for_tokenizer(settings: SamplerSettings, tokenizer) -> SamplerSettings:
-    """``settings`` with EOS ids fitted to ``tokenizer``: ids that are ordinary vocabulary tokens
-    there are dropped (the reference's 106 and 50 are plain words in a small tokenizer; the tiny
-    one maps 50 to '5'), and the tokenizer's own EOS and ``<end_of_turn>`` are added.
-    An empty EOS list (EOS disabled) stays empty."""
-    if not settings.eos_token_ids:
-        return settings
-    dedicated = set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(tokenizer.all_special_ids)
-    kept = [e for e in settings.eos_token_ids if e in dedicated]
-    dropped = [e for e in settings.eos_token_ids if e not in dedicated]
-    if dropped:
-        logger.info("EOS ids %s are ordinary tokens of this tokenizer; not stopping on them", dropped)
-    eos = tuple(dict.fromkeys(kept + list(eos_ids_for_tokenizer(tokenizer))))
-    return dataclasses.replace(settings, eos_token_ids=eos)
 
 
 # ---- pure pieces (each tested against the reference) --------------------------------------------
@@ -498,18 +468,6 @@ def _generate(model, prompt_ids_list, settings, device, progress, row_seeds, ree
         tokens = torch.cat(blocks_of_row[row]).tolist()[: settings.max_new_tokens]
         results.append(cut_at_eos(tokens, settings.eos_token_ids))
     return results
-
-
-def generate_text(model, tokenizer, conversations: list[list[dict]], settings: SamplerSettings | None = None,
-                  device=None, progress=None, row_seeds: list[int] | None = None) -> list[str]:
-    """Chat-template each conversation as in training (generation prompt appended), sample, decode.
-    EOS ids are fitted to the tokenizer (``settings_for_tokenizer``)."""
-    from .data.chat import render_generation_prompt
-
-    settings = settings_for_tokenizer(settings or SamplerSettings(), tokenizer)
-    prompts = [render_generation_prompt(tokenizer, conv) for conv in conversations]
-    outputs = generate(model, prompts, settings, device=device, progress=progress, row_seeds=row_seeds)
-    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
 
 
 def cli_generate(argv=None) -> int:

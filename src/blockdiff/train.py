@@ -49,7 +49,7 @@ def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     from .data import load_tiny_tokenizer
-    from .data.chat import ensure_supervision_template
+    from .data.chat import install_chat_template, tokenizer_name
 
     name = cfg.data.tokenizer
     if name == "tiny":
@@ -60,7 +60,11 @@ def load_tokenizer(cfg: Config):
             tok = AutoTokenizer.from_pretrained(src)
         except Exception as e:
             raise ConfigError(f"cannot load tokenizer from {src!r}: {e}", field="data.tokenizer") from None
-    ensure_supervision_template(tok)
+    if cfg.data.chat_template:  # else the tokenizer's own template, unchanged
+        install_chat_template(tok, cfg.data.chat_template)
+    if not isinstance(tok.chat_template, str) or not tok.chat_template.strip():
+        raise ConfigError(f"tokenizer '{tokenizer_name(tok)}' has no chat template; set data.chat_template to a "
+                          ".jinja file", field="data.chat_template")
     return tok
 
 
@@ -95,7 +99,8 @@ def lr_lambda(cfg: Config):
 
 
 def prepare_run_dir(cfg: Config, dist: DistInfo) -> tuple[Path, Path | None]:
-    """Create the run dir; decide whether we resume. Refuses to overwrite another run."""
+    """Decide whether we resume (nothing is written: ``write_run_dir`` creates the dir once the data is
+    read). Refuses to overwrite another run."""
     run_dir = Path(cfg.train.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("exists and is not a directory", file=str(run_dir), field="train.output_dir")
@@ -110,16 +115,21 @@ def prepare_run_dir(cfg: Config, dist: DistInfo) -> tuple[Path, Path | None]:
                           "resume from; pick another output_dir" if ckpt is None else
                           f"{run_dir} already holds a run with checkpoints; resume is 'never': pick another "
                           "output_dir", field="train.output_dir")
+    return run_dir, resume_from
+
+
+def write_run_dir(cfg: Config, dist: DistInfo, run_dir: Path, tokenizer) -> None:
+    """Create the run dir with the resolved config and the chat template training renders with."""
     if dist.world_size > 1:  # every rank decides before rank 0 writes config.yaml (else the others refuse)
         torch.distributed.barrier()
     if dist.rank == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save_yaml(run_dir / "config.yaml")
+            (run_dir / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
         except OSError as e:  # unwritable, a file in the way, disk full
             raise ConfigError(f"cannot write the output directory: {e.strerror or e}", file=str(run_dir),
                               field="train.output_dir") from None
-    return run_dir, resume_from
 
 
 def _other_run(run_dir: Path, cfg: Config) -> str | None:
@@ -263,13 +273,14 @@ def train(cfg: Config) -> Path:
     run_dir, resume_from = prepare_run_dir(cfg, dist)
 
     tokenizer = load_tokenizer(cfg)
-    check_consistency(cfg, model_config(cfg), tokenizer)  # before any weight is read
-    # on meta, LoRA and the frozen router applied, parallelized, then each rank fills its own shards
-    model = build_training_model(cfg, dist)
+    mc = model_config(cfg)
+    check_consistency(cfg, mc, tokenizer)  # before any weight is read
     dataset = SFTDataset(cfg.data.train_path, tokenizer, canvas_length=cfg.data.canvas_length,
                          seq_length=cfg.data.seq_length, prompt_policy=cfg.data.prompt_too_long,
-                         split=cfg.data.split, eos_id=model.config.eos_token_id,
-                         mask_history=cfg.data.mask_history)
+                         split=cfg.data.split, eos_id=mc.eos_token_id, mask_history=cfg.data.mask_history)
+    write_run_dir(cfg, dist, run_dir, tokenizer)  # only once the data is known good: bad data writes nothing
+    # on meta, LoRA and the frozen router applied, parallelized, then each rank fills its own shards
+    model = build_training_model(cfg, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optimizer
     # one GPU in bf16: MasterAdamW (persistent bf16 working weights written by the update); else fused AdamW

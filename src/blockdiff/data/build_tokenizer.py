@@ -5,8 +5,11 @@
 Design (a word-level vocabulary with character fallback, no training step, so the output is a
 pure function of this file and ``synthetic.vocabulary_words()``):
 
-* special ids follow DiffusionGemma: ``<pad>``=0, ``<eos>``=1, ``<bos>``=2, then ``<unk>``,
-  ``<mask>``, ``<start_of_turn>``, ``<end_of_turn>``;
+* Gemma 4's control tokens sit at the released tokenizer's ids (``gemma4.SPECIAL_TOKEN_IDS``: pad 0,
+  eos 1, bos 2, unk 3, mask 4, the tool tokens 46-52, ``<|think|>`` 98, ``<|channel>`` 100, ``<channel|>`` 101,
+  ``<|turn>`` 105, ``<turn|>`` 106); ordinary vocabulary fills the ids between and after them;
+* the chat template is blockdiff's own Gemma 4 template (``gemma4_chat_template.jinja``), written beside
+  the tokenizer as ``chat_template.jinja``;
 * a regex pre-tokenizer splits text into known words (with an optional leading space), else
   single characters (with an optional leading space), else single whitespace characters. So
   every digit is its own token (arithmetic stays learnable), any printable ASCII text round
@@ -24,10 +27,10 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from blockdiff.data.chat import SUPERVISION_TEMPLATE
+from blockdiff.data.gemma4 import SPECIAL_TOKEN_IDS, project_chat_template
 from blockdiff.data.synthetic import vocabulary_words
 
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+SPECIAL_TOKENS = [SPECIAL_TOKEN_IDS[i] for i in sorted(SPECIAL_TOKEN_IDS)]
 
 # Small general vocabulary so ad-hoc prompts (and GSM8K-like text) are not all characters.
 COMMON_WORDS = (
@@ -41,29 +44,29 @@ COMMON_WORDS = (
     "money dollar dollars cent cents price cost costs pay pays paid sell sells sold buy bought "
     "make makes made take takes took give gave get got put left right there here after before "
     "per rate percent every other same new old first second third last next "
-    "user model system assistant please think step solve calculate"
+    "user model system assistant please think step solve calculate "
+    "thought call response"
 )
 
 PRINTABLE = [chr(c) for c in range(0x20, 0x7F)] + ["\t"]
 
 
 def build_vocab() -> dict[str, int]:
-    """Deterministic vocabulary: specials, newline, characters, then words (sorted)."""
-    vocab: dict[str, int] = {}
-
-    def add(token: str) -> None:
-        if token not in vocab:
-            vocab[token] = len(vocab)
-
-    for tok in SPECIAL_TOKENS:
-        add(tok)
-    add("\n")
+    """Deterministic vocabulary: the control tokens at their ids; newline, characters, then words (sorted)
+    fill the other ids in order."""
+    ordinary: list[str] = ["\n"]
     for ch in PRINTABLE:
-        add(ch)
-        add(" " + ch)
+        ordinary += [ch, " " + ch]
     for word in word_list():
-        add(word)
-        add(" " + word)
+        ordinary += [word, " " + word]
+    ordinary = list(dict.fromkeys(t for t in ordinary if t not in SPECIAL_TOKENS))
+    vocab = {tok: i for i, tok in SPECIAL_TOKEN_IDS.items()}
+    next_id = 0
+    for tok in ordinary:
+        while next_id in SPECIAL_TOKEN_IDS:
+            next_id += 1
+        vocab[tok] = next_id
+        next_id += 1
     return vocab
 
 
@@ -101,11 +104,10 @@ def tokenizer_config() -> dict:
         "pad_token": "<pad>",
         "unk_token": "<unk>",
         "mask_token": "<mask>",
-        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+        "additional_special_tokens": SPECIAL_TOKENS[5:],  # the chat format's control tokens
         "clean_up_tokenization_spaces": False,
         "model_max_length": 8192,
         "padding_side": "right",
-        "chat_template": SUPERVISION_TEMPLATE,
     }
 
 
@@ -119,6 +121,7 @@ def write(out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer().save(str(out / "tokenizer.json"), pretty=True)
+    (out / "chat_template.jinja").write_text(project_chat_template(), encoding="utf-8")
     for name, obj in (("tokenizer_config.json", tokenizer_config()),
                       ("special_tokens_map.json", special_tokens_map())):
         with open(out / name, "w", encoding="utf-8") as f:

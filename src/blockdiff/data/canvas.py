@@ -1,8 +1,8 @@
 """Canvas examples and batches for block-diffusion SFT.
 
-An example is ``prompt + response`` where the response (the final assistant turn: content +
-end-of-turn, see ``chat.tokenize_conversation``) is EOS-filled up to a multiple of
-``canvas_length``; the EOS fill is supervised (the model must learn to stop). The response
+An example is ``prompt + response`` where the response (the final assistant turn: what the model emits
+after its generation prompt, e.g. reply + ``<turn|>\n``, see ``chat.tokenize_conversation``) is EOS-filled
+up to a multiple of ``canvas_length``; the EOS fill is supervised (the model must learn to stop). The response
 forms ``num_blocks`` canvases of ``canvas_length`` tokens each, denoised jointly under a
 block-causal mask.
 
@@ -306,22 +306,23 @@ def fill_token_id(tokenizer, eos_id: int | list[int] | None = None) -> int:
 
 
 def build_row_example(tokenizer, messages: list[dict], *, canvas_length: int, seq_length: int, eos_id: int,
-                      sample_id: int, prompt_policy: str = "skip", mask_history: bool = True, file=None,
-                      line=None) -> tuple[list[int], list[bool], Example | None]:
+                      sample_id: int, prompt_policy: str = "skip", mask_history: bool = True, tools=None,
+                      file=None, line=None) -> tuple[list[int], list[bool], Example | None]:
     """Tokenize one chat row and build its canvas Example, as ``SFTDataset`` does for every row.
 
     Returns ``(input_ids, supervised, example)``: the tokenized conversation (``supervised`` marks the
-    final reply with ``mask_history``, every assistant turn without) and its Example (None: skipped,
+    final reply with ``mask_history``, every assistant turn without; ``tools``: the row's declarations)
+    and its Example (None: skipped,
     prompt too long). A DataError gets ``file`` / ``line`` where it names none."""
     from blockdiff.data.chat import tokenize_conversation, tokenize_turns
 
     try:
         if mask_history:  # reference: the final assistant turn only
-            ids, sup, plen = tokenize_conversation(tokenizer, messages)
+            ids, sup, plen = tokenize_conversation(tokenizer, messages, tools=tools)
             ex = build_example(ids, sup, plen, canvas_length=canvas_length, seq_length=seq_length,
                                eos_id=eos_id, sample_id=sample_id, prompt_policy=prompt_policy)
         else:  # every assistant turn
-            ids, sup = tokenize_turns(tokenizer, messages)
+            ids, sup = tokenize_turns(tokenizer, messages, tools=tools)
             ex = build_multiturn_example(ids, sup, canvas_length=canvas_length, seq_length=seq_length,
                                          eos_id=eos_id, sample_id=sample_id, prompt_policy=prompt_policy)
     except DataError as e:
@@ -358,7 +359,8 @@ class SFTDataset(torch.utils.data.Dataset):
             self.n_rows += 1
             _, _, ex = build_row_example(tokenizer, row["messages"], canvas_length=canvas_length,
                                          seq_length=seq_length, eos_id=eos_id, sample_id=index,
-                                         prompt_policy=prompt_policy, mask_history=mask_history, file=file,
+                                         prompt_policy=prompt_policy, mask_history=mask_history, tools=row.get("tools"),
+                                         file=file,
                                          line=line if line is not None else index + 1)
             if ex is None:
                 self.n_skipped_prompt_too_long += 1

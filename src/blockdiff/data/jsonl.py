@@ -1,15 +1,9 @@
 """Chat JSONL reading with validation that says exactly where the data is wrong.
 
-Format (OpenAI ``messages``), one JSON object per line::
-
-    {"messages": [{"role": "system", "content": "..."},      # optional, first only
-                  {"role": "user", "content": "..."},
-                  {"role": "assistant", "content": "..."}, ...]}
-
-Rules: an optional system message first; then user/assistant alternate starting with user; the
-last turn is a non-empty assistant reply (the supervised one). Blank lines are skipped. Every
-violation raises ``DataError(msg, file=..., line=..., field=...)`` with a 1-based line number.
-Validated rows are normalised to ``{"messages": [{"role": r, "content": c}, ...]}``.
+One JSON object per line: ``{"messages": [...], "tools": [...]}`` (OpenAI chat format: system or developer
+first, user / assistant turns, assistant ``tool_calls`` answered by ``tool`` turns, optional
+``reasoning_content``; ``messages.validate_row`` has the rules). Blank lines are skipped. Every violation
+raises ``DataError(msg, file=..., line=..., field=...)`` with a 1-based line number, before any training.
 """
 
 from __future__ import annotations
@@ -17,70 +11,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
+from blockdiff.data.messages import validate_row
 from blockdiff.errors import DataError
 
-ROLES = ("system", "user", "assistant")
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def validate_row(obj: Any, file=None, line=None) -> dict:
-    """Validate one decoded row; return it normalised or raise DataError naming file/line/field."""
-
-    def fail(msg: str, field: str | None) -> DataError:
-        return DataError(msg, file=file, line=line, field=field)
-
-    if not isinstance(obj, dict):
-        raise fail(f"expected a JSON object with a 'messages' list, got {_type_name(obj)}", None)
-    if "messages" not in obj:
-        raise fail("missing; expected a list of {role, content} objects", "messages")
-    messages = obj["messages"]
-    if not isinstance(messages, list):
-        raise fail(f"expected a list of {{role, content}} objects, got {_type_name(messages)}", "messages")
-    if not messages:
-        raise fail("empty list; expected at least a user and an assistant turn", "messages")
-
-    out = []
-    for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise fail(f"expected an object with 'role' and 'content', got {_type_name(msg)}", where)
-        role = msg.get("role")
-        if role not in ROLES:
-            raise fail(f"expected one of {', '.join(repr(r) for r in ROLES)}, got {role!r}", f"{where}.role")
-        if "content" not in msg:
-            raise fail("missing; expected a string", f"{where}.content")
-        content = msg["content"]
-        if not isinstance(content, str):
-            raise fail(f"expected a string, got {_type_name(content)}", f"{where}.content")
-        out.append({"role": role, "content": content})
-
-    # Order: [system] user assistant user assistant ... ; checked after types so the field
-    # reported is the first one out of place.
-    start = 1 if out[0]["role"] == "system" else 0
-    for i, msg in enumerate(out):
-        if i < start:
-            continue
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if msg["role"] == "system":
-            raise fail(f"'system' is only allowed as the first message; expected {expected!r}",
-                       f"messages[{i}].role")
-        if msg["role"] != expected:
-            raise fail(f"wrong turn order: expected {expected!r} (user and assistant alternate, "
-                       f"starting with user), got {msg['role']!r}", f"messages[{i}].role")
-    last = len(out) - 1
-    if not any(m["role"] == "assistant" for m in out):
-        raise fail("no assistant turn; expected the conversation to end with an assistant reply", "messages")
-    if out[last]["role"] != "assistant":
-        raise fail(f"last turn must be 'assistant' (the supervised reply), got {out[last]['role']!r}",
-                   f"messages[{last}].role")
-    if not out[last]["content"].strip():
-        raise fail("empty assistant reply; expected non-empty text", f"messages[{last}].content")
-    return {"messages": out}
+__all__ = ["iter_chat_jsonl", "load_dataset_rows", "read_chat_jsonl", "validate_row"]
 
 
 def iter_chat_jsonl(path, with_lines: bool = False) -> Iterator:

@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from blockdiff.errors import ConfigError
 
@@ -61,28 +60,6 @@ class RowPreview:
 # ---- building ------------------------------------------------------------------------------------
 
 
-def model_config_for(cfg):
-    """The run's ``ModelConfig`` without weights: ``model.from_config``, else the ``config.json`` of
-    ``model.name_or_path`` (a local directory, or only that file from the hub)."""
-    import transformers
-
-    from blockdiff.model import hf_io
-    from blockdiff.model.config import ModelConfig
-
-    name = cfg.model.name_or_path
-    try:
-        if cfg.model.from_config is not None:
-            hf_config = transformers.DiffusionGemmaConfig(**cfg.model.from_config)
-        elif Path(name).expanduser().is_dir():
-            hf_config = hf_io.read_hf_config(Path(name).expanduser())
-        else:
-            hf_config = transformers.DiffusionGemmaConfig.from_pretrained(name)
-        return ModelConfig.from_hf(hf_config)
-    except (OSError, ValueError, TypeError) as e:
-        where = "model.from_config" if cfg.model.from_config is not None else "model.name_or_path"
-        raise ConfigError(f"cannot read the model config: {type(e).__name__}: {e}", field=where) from None
-
-
 def preview_rows(cfg, rows: int = 5, tokenizer=None) -> list[RowPreview]:
     """The first ``rows`` rows of ``cfg.data.train_path`` as the trainer builds them.
 
@@ -91,13 +68,14 @@ def preview_rows(cfg, rows: int = 5, tokenizer=None) -> list[RowPreview]:
 
     from blockdiff.data.canvas import build_row_example, fill_token_id
     from blockdiff.data.jsonl import load_dataset_rows
+    from blockdiff.loading import model_config as run_model_config
     from blockdiff.train import check_consistency, load_tokenizer
 
     if rows < 1:
         raise ConfigError(f"expected a positive number of rows, got {rows}", field="--rows")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
-    model_config = model_config_for(cfg)
-    check_consistency(cfg, _ConfigOnly(model_config), tokenizer)
+    model_config = run_model_config(cfg)
+    check_consistency(cfg, model_config, tokenizer)
     d = cfg.data
     eos_id = fill_token_id(tokenizer, model_config.eos_token_id)
     located = load_dataset_rows(d.train_path, split=d.split, with_lines=True)
@@ -107,16 +85,9 @@ def preview_rows(cfg, rows: int = 5, tokenizer=None) -> list[RowPreview]:
         ids, sup, ex = build_row_example(tokenizer, row["messages"], canvas_length=d.canvas_length,
                                          seq_length=d.seq_length, eos_id=eos_id, sample_id=index,
                                          prompt_policy=d.prompt_too_long, mask_history=d.mask_history,
-                                         file=d.train_path, line=line)
+                                         tools=row.get("tools"), file=d.train_path, line=line)
         out.append(_describe(tokenizer, line, ids, sup, ex, d.canvas_length, d.seq_length))
     return out
-
-
-class _ConfigOnly:
-    """What ``check_consistency`` reads of a model: its config."""
-
-    def __init__(self, config):
-        self.config = config
 
 
 def _describe(tokenizer, line, ids, sup, ex, C: int, S: int) -> RowPreview:

@@ -194,9 +194,9 @@ def trivial_baseline_accuracy(test_rows: list[dict]) -> float:
 
 # Token counts of GSM8K chat rows under a Gemma-sized tokenizer (for packing benchmarks and tests, not
 # for training): the question ~40-200 tokens (median ~80), the answer ~50-300 (median ~120), plus the
-# chat template's tokens around them (<bos><start_of_turn>user\n ... <end_of_turn>\n<start_of_turn>model\n
-# before the answer, <end_of_turn> after it).
-GSM8K_LIKE = dict(question=(80, 0.35, 40, 200), answer=(120, 0.4, 50, 300), template_prompt=9, template_response=1)
+# Gemma 4 chat template's tokens around them (<bos><|turn>user\n ... <turn|>\n<|turn>model\n before the answer,
+# <turn|>\n after it).
+GSM8K_LIKE = dict(question=(80, 0.35, 40, 200), answer=(120, 0.4, 50, 300), template_prompt=9, template_response=2)
 
 
 def gsm8k_like_lengths(n: int, seed: int = 0, scale: float = 1.0) -> list[tuple[int, int]]:
