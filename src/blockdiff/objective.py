@@ -268,10 +268,13 @@ def _target_conversation(batch, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.arange(B, device=mask.device)[:, None].expand_as(mask), B
 
 
+def _per_conversation(conv: torch.Tensor, n: int, mask: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(n, device=mask.device).scatter_add_(0, conv.flatten(), mask.flatten().float())
+
+
 def ar_tokens_per_conversation(batch, mask: torch.Tensor) -> torch.Tensor:
     """[N] AR targets of each conversation (``mask`` from ``ar_targets``); no host read."""
-    conv, n = _target_conversation(batch, mask)
-    return mask.new_zeros(n, dtype=torch.float32).scatter_add_(0, conv.flatten(), mask.flatten().float())
+    return _per_conversation(*_target_conversation(batch, mask), mask)
 
 
 def ar_token_weights(batch, mask: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -281,8 +284,8 @@ def ar_token_weights(batch, mask: torch.Tensor, reduction: str) -> torch.Tensor:
         return mask.float()
     if reduction != "example":
         raise ValueError(f"ar_loss_reduction must be one of {AR_LOSS_REDUCTIONS}, got {reduction!r}")
-    per_conv = ar_tokens_per_conversation(batch, mask).clamp(min=1)
-    return mask.float() / per_conv[_target_conversation(batch, mask)[0]]
+    conv, n = _target_conversation(batch, mask)
+    return mask.float() / _per_conversation(conv, n, mask).clamp(min=1)[conv]
 
 
 def count_scored(batch, noise: Noise, settings: ObjectiveSettings) -> tuple[int, int]:
