@@ -10,7 +10,9 @@ CUDA) giving the probabilities ``P`` in the compute dtype, and ``P @ W``. Backwa
 scale)``, with ``P`` recomputed chunk by chunk from the saved hidden states ([N, H], what pass 1 produced)
 instead of kept ([N, V]: 2 GiB in bf16 for 4096 canvas tokens at the real vocabulary), at the cost of one
 more head matmul per chunk. No [N, V] tensor outlives its chunk. A frozen embedding (LoRA) saves nothing
-and records no backward.
+and records no backward. Under FSDP2 ``weight`` is the root unit's unsharded parameter (read through
+``model.embed_tokens``, see ``parallel._root_class``): its gradient lands there, as the tied head's does,
+and is reduced with it.
 """
 
 from __future__ import annotations
