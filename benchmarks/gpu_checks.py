@@ -5,6 +5,8 @@
    head_dim 512 layers), training forward over several blocks, fp32 and bf16.
 3. blockdiff vs transformers' DiffusionGemmaForBlockDiffusion logits at the real shapes (2 layers:
    one sliding, one full), bf16 and fp32.
+4. pass 2's soft embeddings with the embedding's gradient (``blockdiff.soft_embed``, bf16, vocabulary
+   262144, hidden 2816) vs plain autograd: values and gradient against fp32, time and peak memory.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from blockdiff.model.config import REAL_SHAPES, ModelConfig, hf_config_dict
 from blockdiff.model.diffusion_gemma import canvas_layout
@@ -109,11 +112,55 @@ def check_parity(dev, dtype):
             "argmax_agree": float((ref.argmax(-1) == got.argmax(-1)).float().mean())}
 
 
+def check_soft_embeddings(dev, n: int = 8192, H: int = 2816, V: int = 262144):
+    from blockdiff.soft_embed import soft_embeddings
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    cap, scale = 30.0, H ** 0.5
+    h = torch.randn(n, H, device=dev, generator=g).to(torch.bfloat16)
+    master = (torch.randn(V, H, device=dev, generator=g) * 0.02).requires_grad_()
+    d_soft = torch.randn(n, H, device=dev, generator=g).to(torch.bfloat16)
+
+    def plain(w):  # the reference's formula under autograd: keeps P [n, V] for backward
+        z = F.linear(h, w.detach()).float()
+        return (torch.softmax(cap * torch.tanh(z / cap), -1).to(w.dtype) @ w) * torch.tensor(scale, dtype=w.dtype,
+                                                                                             device=dev)
+
+    def step(fn):
+        master.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(master.to(torch.bfloat16))
+        out.backward(d_soft)
+        return out.detach().float(), master.grad
+
+    out = {"check": "soft_embeddings", "tokens": n}
+    with torch.no_grad():
+        z = cap * torch.tanh((h.float() @ master.t()) / cap)
+        p = torch.softmax(z, -1)
+        ref, ref_g = p @ master * scale, p.t() @ (d_soft.float() * scale)
+        del z, p
+    for name, fn in (("chunked", lambda w: soft_embeddings(h, w, cap, scale, chunk=1024)), ("plain", plain)):
+        for _ in range(2):
+            step(fn)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t = time.perf_counter()
+        for _ in range(5):
+            got, got_g = step(fn)
+        torch.cuda.synchronize()
+        out.update({f"{name}_ms": (time.perf_counter() - t) / 5 * 1e3,
+                    f"{name}_peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+                    f"{name}_rel": rel(got, ref), f"{name}_rel_grad": rel(got_g, ref_g)})
+    return out
+
+
 def main():
     dev = torch.device("cuda")
     checks = [lambda: check_grouped_mm(dev), lambda: check_flex_vs_sdpa(dev, torch.float32),
               lambda: check_flex_vs_sdpa(dev, torch.bfloat16),
-              lambda: check_parity(dev, torch.bfloat16), lambda: check_parity(dev, torch.float32)]
+              lambda: check_parity(dev, torch.bfloat16), lambda: check_parity(dev, torch.float32),
+              lambda: check_soft_embeddings(dev)]
     for c in checks:
         try:
             r = c()

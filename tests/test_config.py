@@ -35,6 +35,7 @@ def check_reference(c: Config):
     assert (c.data.seq_length, c.data.canvas_length) == (1024, 256)
     assert (c.objective.eps, c.objective.self_conditioning_prob, c.objective.freeze_router) == (1e-3, 0.5, True)
     assert c.objective.loss_type == "all_supervised" and c.objective.ar_loss_weight == 1.0
+    assert c.objective.ar_loss_reduction == "token"
     o = c.optimizer
     assert (o.lr, o.betas, o.eps, o.weight_decay, o.grad_clip) == (1.5e-4, (0.95, 0.99), 1e-8, 1e-4, 1.0)
     s = c.scheduler
@@ -136,6 +137,7 @@ BAD = [
     ("optimizer:\n  betas: [0.9]\n", "optimizer.betas", 6, "a list of 2 numbers"),
     ("lora:\n  targets: q_proj\n", "lora.targets", 6, "a list of strings"),
     ("objective:\n  loss_type: all_supervisd\n", "objective.loss_type", 6, "did you mean 'all_supervised'"),
+    ("objective:\n  ar_loss_reduction: examples\n", "objective.ar_loss_reduction", 6, "did you mean 'example'"),
     ("model:\n  dtype: fp16\n", "model.dtype", 6, "one of 'bfloat16', 'float32'"),
     ("optimizer:\n  lr: 0\n", "optimizer.lr", 6, "> 0"),
     ("objective:\n  eps: 1.5\n", "objective.eps", 6, "< 1"),

@@ -107,14 +107,20 @@ def test_packed_rows_isolate_conversations():
 
 # ---- loss: packed == unpacked -------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss_type", ["all_supervised", "reweighted"])
-def test_packed_loss_equals_unpacked(loss_type):
+def four_conversations():
+    return [random_example(4, [1, 2], sample_id=10, seed=6), random_example(3, [1], sample_id=11, seed=7),
+            random_example(7, [2], sample_id=12, seed=8), random_example(5, [1, 1], sample_id=13, seed=9)]
+
+
+@pytest.mark.parametrize("loss_type,reduction", [("all_supervised", "token"), ("reweighted", "token"),
+                                                 ("all_supervised", "example")])
+def test_packed_loss_equals_unpacked(loss_type, reduction):
     torch.manual_seed(0)
     model = tiny_model().train()
-    exs = [random_example(4, [1, 2], sample_id=10, seed=6), random_example(3, [1], sample_id=11, seed=7),
-           random_example(7, [2], sample_id=12, seed=8), random_example(5, [1, 1], sample_id=13, seed=9)]
+    exs = four_conversations()
     stream = torch.tensor([100, 101, 102, 103])
-    settings = ObjectiveSettings(loss_type=loss_type, eps=0.2, self_conditioning_prob=0.5, ar_loss_weight=0.7)
+    settings = ObjectiveSettings(loss_type=loss_type, eps=0.2, self_conditioning_prob=0.5, ar_loss_weight=0.7,
+                                 ar_loss_reduction=reduction)
     kw = dict(seed=3, vocab_size=V, eps=0.2, sc_prob=0.5)
 
     flat = collate(exs, C)
@@ -135,6 +141,39 @@ def test_packed_loss_equals_unpacked(loss_type):
     g_flat = torch.autograd.grad(out_flat["loss"], model.embed_tokens.weight)[0]
     g_packed = torch.autograd.grad(out_packed["loss"], model.embed_tokens.weight)[0]
     torch.testing.assert_close(g_packed, g_flat, atol=1e-4, rtol=1e-3)  # grads: reduction order
+
+
+@pytest.mark.parametrize("scope", ["sequence", "response"])
+def test_ar_loss_per_example_mean(scope):
+    """``ar_loss_reduction: example``: each conversation's mean CE over its own AR targets, then the mean
+    over the conversations, packed or not (multi-turn conversations of different lengths)."""
+    model = tiny_model()
+    with torch.no_grad():  # logits far from uniform: the conversations' mean CEs differ
+        model.embed_tokens.weight.mul_(20)
+    exs = four_conversations()
+
+    def ce_of(ex):  # plain: the conversation alone, its targets written out by hand
+        ids = torch.tensor([ex.input_ids])
+        h, _ = model.encode(ids)
+        ce = torch.nn.functional.cross_entropy(model.lm_logits(h[0, :-1]), ids[0, 1:], reduction="none")
+        if scope == "response":  # targets inside the supervised turns
+            pos = torch.arange(1, ids.shape[1])
+            ce = ce[sum((pos >= s) & (pos < s + n * C) for s, n in ex.segment_list()).bool()]
+        return ce
+
+    with torch.no_grad():
+        per_token = [ce_of(ex) for ex in exs]
+    expected = sum(ce.mean() for ce in per_token) / len(exs)
+    assert abs(float(torch.cat(per_token).mean() - expected)) > 1e-2  # the two reductions really differ
+    settings = ObjectiveSettings(ar_loss_reduction="example", ar_loss_scope=scope, self_conditioning_prob=0.0)
+    stream = torch.arange(4)
+    with torch.no_grad():
+        for batch, order in ((collate(exs, C), list(range(4))), collate_packed(exs, C, seq_length=40)):
+            noise = draw_noise(batch, stream[order], seed=0, vocab_size=V, eps=0.2, sc_prob=0.0)
+            n_diff, n_examples = count_scored(batch, noise, settings)
+            assert n_examples == 4
+            got = compute_loss(model, batch, noise, settings, n_diff, n_examples)["ar_loss"]
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_segmented_noise_matches_reference_draws():

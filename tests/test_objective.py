@@ -1,5 +1,5 @@
 """Corruption statistics, determinism by global sample index, frozen router, pass-1 without grad,
-chunked softcapped CE against a plain reference."""
+chunked softcapped CE and soft embeddings against plain references, the embedding's pad row."""
 
 import math
 
@@ -14,8 +14,10 @@ from blockdiff.objective import (
     count_scored,
     draw_noise,
     freeze_router,
+    self_conditioning_signal,
     softcapped_ce_sum,
 )
+from blockdiff.soft_embed import soft_embeddings
 from test_model_training_forward import C, V, tiny_model
 
 
@@ -138,3 +140,80 @@ def test_frozen_router_and_pass1_without_grad():
             assert p.grad is None and torch.equal(p, before[n]), n
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any("experts" in n for n in moved) and any("self_conditioning" in n for n in moved)
+
+
+def test_soft_embeddings_equal_plain_autograd_and_keep_no_vocab_wide_tensor():
+    """The chunked soft embeddings (pass 2's self-conditioning input) equal the plain formula in value and
+    in the embedding's gradient; the autograd graph keeps only the hidden states and the weight, never an
+    [N, V] tensor (the plain formula keeps several); a frozen weight keeps nothing."""
+    g = torch.Generator().manual_seed(0)
+    N, H, Vw, cap, scale = 37, 16, 300, 30.0, 4.0
+    h = torch.randn(N, H, generator=g) * 3
+    w = torch.randn(Vw, H, generator=g, requires_grad=True)
+    d_soft = torch.randn(N, H, generator=g)
+
+    def saved_shapes(fn):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            out = fn()
+        return out, shapes
+
+    got, saved = saved_shapes(lambda: soft_embeddings(h, w, cap, scale, chunk=8))
+    assert sorted(saved) == sorted([(N, H), (Vw, H)]), saved
+    (gw,) = torch.autograd.grad(got, w, d_soft)
+
+    def plain():  # as transformers: the pass-1 logits carry no gradient, the matmul with the embedding does
+        logits = cap * torch.tanh(h @ w.detach().t() / cap)
+        return torch.softmax(logits, dim=-1) @ w * scale
+    ref, saved_ref = saved_shapes(plain)
+    assert (N, Vw) in saved_ref  # the hooks do see vocabulary-wide tensors where they are kept
+    (rw,) = torch.autograd.grad(ref, w, d_soft)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(gw, rw)
+
+    frozen, saved = saved_shapes(lambda: soft_embeddings(h, w.detach(), cap, scale, chunk=8))
+    assert saved == [] and not frozen.requires_grad
+    # the same formula as the model's inference path (softcapped head, then soft embeddings)
+    model = tiny_model()
+    hid = torch.randn(2, 5, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            soft_embeddings(hid.flatten(0, 1), model.embed_tokens.weight, model.config.final_logit_softcapping,
+                            model.embed_scale, chunk=3),
+            model.soft_embeddings(model.lm_logits(hid)).flatten(0, 1))
+
+
+def test_pass2_soft_embeddings_only_for_self_conditioned_tokens():
+    """Examples without the coin get zero soft embeddings and send no gradient through them; the
+    embedding does get one from the self-conditioned examples (the recipe's gradient itself:
+    tests/test_objective_reference.py)."""
+    model = tiny_model().train()
+    batch = batch_of([4, 6, 5], [2, 1, 2])
+    noise = draw_noise(batch, torch.tensor([0, 1, 2]), seed=0, vocab_size=V, eps=0.3, sc_prob=0.5)
+    noise.self_condition = torch.tensor([True, False, True])
+    index = noise.self_conditioned_index()
+    on = (noise.self_condition[:, None] & noise.layout.valid).flatten()
+    assert torch.equal(index, on.nonzero().squeeze(1))
+    h1 = torch.randn(*noise.noisy.shape, 32)
+    soft = self_conditioning_signal(model, h1, index, chunk=3)
+    assert not soft[1].any() and soft[0].abs().sum() > 0 and not soft[~noise.layout.valid].any()
+    (gh,) = torch.autograd.grad(soft.sum(), model.embed_tokens.weight)
+    assert gh.abs().sum() > 0
+    assert self_conditioning_signal(model, h1, index[:0]) is None
+
+
+def test_pad_row_gets_no_lookup_gradient():
+    model = tiny_model().train()
+    model.init_weights(torch.Generator().manual_seed(0))
+    assert not model.embed_tokens.weight[model.config.pad_token_id].any()  # zero-initialised, as in transformers
+    ids = torch.tensor([[0, 5, 7, 0, 9]])
+    model.embed(ids).pow(2).sum().backward()
+    grad = model.embed_tokens.weight.grad
+    assert not grad[0].any() and grad[[5, 7, 9]].abs().sum(1).gt(0).all()
+    # the whole objective still trains the pad row, through the tied head (as transformers does)
+    model.zero_grad()
+    batch = batch_of([4, 6], [2, 1])
+    settings = ObjectiveSettings()
+    noise = draw_noise(batch, torch.tensor([0, 1]), seed=0, vocab_size=V, eps=0.3, sc_prob=1.0)
+    compute_loss(model, batch, noise, settings, *count_scored(batch, noise, settings))["loss"].backward()
+    assert model.embed_tokens.weight.grad[0].abs().sum() > 0

@@ -110,6 +110,7 @@ def test_step_equals_single_process(data, reference, tmp_path, nproc, ep, extra)
 # conversations of the global batch as ONE micro-batch; each of 2 processes (ep 2) packs its 4 as two
 # micro-batches of 2. The rows differ, every conversation keeps its noise stream and the losses are
 # normalised by the global token counts: same losses and gradients within assert_same_step's tolerances.
+# ``ar_loss_reduction: example`` too: each conversation's AR mean, divided by the global conversation count.
 PACKED = [*TINY, "--train.global_batch_size", "8", "--data.packing", "true", "--data.mask_history", "false",
           "--data.seq_length", "256"]
 
@@ -123,7 +124,8 @@ def multiturn_data(tmp_path_factory):
     return str(path)
 
 
-def test_packed_multiturn_step_equals_single_process(multiturn_data, tmp_path):
+@pytest.mark.parametrize("reduction", ["token", "example"])
+def test_packed_multiturn_step_equals_single_process(multiturn_data, tmp_path, reduction):
     sys.path.insert(0, str(ROOT / "tests"))
     import dist_worker
     from blockdiff.config import demo_config_path, load_config
@@ -133,7 +135,7 @@ def test_packed_multiturn_step_equals_single_process(multiturn_data, tmp_path):
     from blockdiff.objective import ObjectiveSettings
     from blockdiff.train import rank_micro_batches
 
-    base = ["--data.train_path", multiturn_data, *PACKED]
+    base = ["--data.train_path", multiturn_data, *PACKED, "--objective.ar_loss_reduction", reduction]
     # the layouts really differ and really pack (several turns, several conversations per row)
     ds = SFTDataset(multiturn_data, load_tiny_tokenizer(), canvas_length=32, seq_length=256, mask_history=False)
     rows = {}

@@ -88,6 +88,8 @@ class ObjectiveSection:
     loss_type: Literal["all_supervised", "corrupted_only", "reweighted", "leave_one_out"] = "all_supervised"
     ar_loss_weight: float = 1.0
     ar_loss_scope: Literal["sequence", "response"] = "sequence"
+    # token: AR loss over the global batch's AR tokens; example: mean over its conversations of their own means
+    ar_loss_reduction: Literal["token", "example"] = "token"
     block_choice: Literal["uniform"] = "uniform"
 
     def checks(self):

@@ -4,12 +4,14 @@ Reference behaviour (the default):
 - per example t = eps + (1 - eps) * U(0, 1); every supervised canvas position is replaced, with
   probability t, by a token drawn uniformly from the whole vocabulary (no [MASK]); prompts never.
 - pass 1: decoder over the noisy canvas without gradients and without self-conditioning; its
-  softcapped logits -> fp32 softmax -> @ embedding * sqrt(hidden) = soft embeddings.
+  softcapped logits -> fp32 softmax -> @ embedding * sqrt(hidden) = soft embeddings. The embedding gets a
+  gradient through that last matmul (``soft_embed``), the logits none.
 - pass 2: the same canvas with the soft embeddings for a random p-share of the examples (zeros for the
-  rest); the only pass with gradients.
+  rest); the only decoder pass with gradients.
 - loss: cross-entropy over ALL supervised positions of one uniformly chosen block per example, summed
   and divided by the global count of scored tokens; plus the encoder's next-token loss over the clean
-  sequence, token-normalised, times ``ar_loss_weight``.
+  sequence times ``ar_loss_weight``, token-normalised (``ar_loss_reduction: token``) or the mean over the
+  global batch's conversations of each one's mean over its own AR tokens (``example``).
 
 Multi-turn and packed rows (``data.mask_history: false`` / ``data.packing: true``): a row holds
 several canvas segments (one per supervised turn) of one or several conversations. The draws are
@@ -17,7 +19,7 @@ per CONVERSATION, keyed by its own stream index: t, the scored block (uniform ov
 conversation's blocks, across its turns), the self-conditioning coin, then the per-token uniforms
 and replacements over its blocks in order. A conversation therefore gets the same noise packed or
 not, and a single-segment conversation gets exactly the reference draws. The losses stay
-normalised per token, by the global counts.
+normalised by the global counts (an ``example`` is a conversation, not a row).
 
 All randomness comes from a generator keyed by (seed, global stream index of the sample), so the same
 sample gets the same noise, block and self-conditioning coin on any world size, accumulation split
@@ -32,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .compiled import CompiledOrEager
 from .fused_ce import linear_softcap_ce_sum
 from .model.diffusion_gemma import CanvasLayout, DiffusionGemma, canvas_layout, segment_layout
+from .soft_embed import soft_embeddings
 
 LOSS_TYPES = ("all_supervised", "corrupted_only", "reweighted", "leave_one_out")
+AR_LOSS_REDUCTIONS = ("token", "example")
 
 
 @dataclass
@@ -46,12 +49,14 @@ class ObjectiveSettings:
     loss_type: str = "all_supervised"
     ar_loss_weight: float = 1.0
     ar_loss_scope: str = "sequence"  # "sequence" (whole clean sequence) or "response"
+    ar_loss_reduction: str = "token"  # "token" (over the global batch's AR tokens) or "example" (see module doc)
     chunk_tokens: int = 1024  # tokens per chunk of the vocabulary-wide logits
 
     @classmethod
     def from_config(cls, cfg) -> "ObjectiveSettings":
         return cls(eps=cfg.eps, self_conditioning_prob=cfg.self_conditioning_prob, loss_type=cfg.loss_type,
-                   ar_loss_weight=cfg.ar_loss_weight, ar_loss_scope=cfg.ar_loss_scope)
+                   ar_loss_weight=cfg.ar_loss_weight, ar_loss_scope=cfg.ar_loss_scope,
+                   ar_loss_reduction=cfg.ar_loss_reduction)
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Noise:
     conv: torch.Tensor | None = None
     conv_block: torch.Tensor | None = None
     _scored_index: dict = field(default_factory=dict, repr=False)  # loss type -> flat indices (cache)
+    _self_conditioned_index: torch.Tensor | None = field(default=None, repr=False)  # cache
 
     def token_conv(self) -> torch.Tensor:
         if self.conv is not None:
@@ -103,6 +109,16 @@ class Noise:
         if loss_type not in self._scored_index:
             self._scored_index[loss_type] = self.scored(loss_type).flatten().nonzero().squeeze(1)
         return self._scored_index[loss_type]
+
+    def self_conditioned_index(self) -> torch.Tensor:
+        """Flat indices (into [B * R]) of the valid canvas tokens whose conversation drew the
+        self-conditioning coin: the rows pass 2's soft embeddings are computed for (zeros elsewhere). Read
+        on the host at the first call, as ``scored_index``."""
+        if self._self_conditioned_index is None:
+            sc = self.token_self_condition()
+            sc = sc[:, None].expand_as(self.noisy) if sc.dim() == 1 else sc
+            self._self_conditioned_index = (sc & self.layout.valid).flatten().nonzero().squeeze(1)
+        return self._self_conditioned_index
 
 
 def sample_generator(seed: int, stream_index: int) -> torch.Generator:
@@ -216,20 +232,17 @@ def softcapped_ce_sum(hidden, weight, targets, token_weight, cap, exclude=None, 
     return total
 
 
-def _soft_embeddings_chunk(model: DiffusionGemma, hidden: torch.Tensor) -> torch.Tensor:
-    return model.soft_embeddings(model.lm_logits(hidden))
-
-
-_soft_embeddings_compiled = CompiledOrEager(_soft_embeddings_chunk, dynamic=None)
-
-
-@torch.no_grad()
-def soft_embeddings_chunked(model: DiffusionGemma, hidden: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Pass-1 soft embeddings from decoder hidden states, chunked over tokens (no full logits); on CUDA the
-    chunk's softcap / softmax passes are fused by ``torch.compile``."""
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    out = [_soft_embeddings_compiled(flat.is_cuda, model, flat[s : s + chunk]) for s in range(0, flat.shape[0], chunk)]
-    return torch.cat(out).view(*hidden.shape[:-1], -1)
+def self_conditioning_signal(model: DiffusionGemma, hidden: torch.Tensor, index: torch.Tensor,
+                             chunk: int = 1024) -> torch.Tensor | None:
+    """Pass 2's soft embeddings [B, R, H] from pass 1's hidden states [B, R, H]: computed for the flat
+    token ``index`` (``Noise.self_conditioned_index``), zeros elsewhere, as the reference zeroes them per
+    example; no gradient flows to examples without the coin. None when no token self-conditions."""
+    if len(index) == 0:
+        return None
+    flat = hidden.flatten(0, 1)
+    soft = soft_embeddings(flat.index_select(0, index), model.embed_tokens.weight,
+                           model.config.final_logit_softcapping, model.embed_scale, chunk)
+    return soft.new_zeros(flat.shape).index_copy(0, index, soft).view_as(hidden)
 
 
 def ar_targets(batch, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,11 +260,49 @@ def ar_targets(batch, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:, 1:], mask
 
 
+def _target_conversation(batch, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[B, L-1] conversation index of every AR target (rows unless packed) and the number of conversations."""
+    if getattr(batch, "doc_ids", None) is not None:
+        return batch.doc_ids[:, 1:].clamp(min=0), len(batch.sample_ids)
+    B = mask.shape[0]
+    return torch.arange(B, device=mask.device)[:, None].expand_as(mask), B
+
+
+def _per_conversation(conv: torch.Tensor, n: int, mask: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(n, device=mask.device).scatter_add_(0, conv.flatten(), mask.flatten().float())
+
+
+def ar_tokens_per_conversation(batch, mask: torch.Tensor) -> torch.Tensor:
+    """[N] AR targets of each conversation (``mask`` from ``ar_targets``); no host read."""
+    return _per_conversation(*_target_conversation(batch, mask), mask)
+
+
+def ar_token_weights(batch, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """[B, L-1] weight of every AR target in the AR loss sum, before the global division: 1 (``token``), or
+    1 / its conversation's AR target count (``example``: each conversation's sum becomes its mean)."""
+    if reduction == "token":
+        return mask.float()
+    if reduction != "example":
+        raise ValueError(f"ar_loss_reduction must be one of {AR_LOSS_REDUCTIONS}, got {reduction!r}")
+    conv, n = _target_conversation(batch, mask)
+    return mask.float() / _per_conversation(conv, n, mask).clamp(min=1)[conv]
+
+
 def count_scored(batch, noise: Noise, settings: ObjectiveSettings) -> tuple[int, int]:
-    """(diffusion tokens, AR tokens) this micro-batch contributes: summed over the global batch by the
-    trainer to normalise every micro-batch's loss by the same global counts."""
-    ar = ar_targets(batch, settings.ar_loss_scope)[1].sum() if settings.ar_loss_weight else torch.zeros(())
-    return len(noise.scored_index(settings.loss_type)), int(ar)
+    """(diffusion tokens, AR divisor) this micro-batch contributes: summed over the global batch by the
+    trainer to normalise every micro-batch's loss by the same global counts. The AR divisor counts tokens
+    (``ar_loss_reduction: token``) or conversations with at least one AR target (``example``). Also reads
+    the self-conditioned token indices here (on the host, before the step's work is queued)."""
+    if settings.self_conditioning_prob > 0:
+        noise.self_conditioned_index()
+    ar = 0
+    if settings.ar_loss_weight:
+        mask = ar_targets(batch, settings.ar_loss_scope)[1]
+        if settings.ar_loss_reduction == "example":
+            ar = int((ar_tokens_per_conversation(batch, mask) > 0).sum())
+        else:
+            ar = int(mask.sum())
+    return len(noise.scored_index(settings.loss_type)), ar
 
 
 def compute_loss(
@@ -263,7 +314,7 @@ def compute_loss(
     ar_tokens: int | torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """One micro-batch of the objective. Returns the loss to backward (already divided by the global
-    token counts, ints or 0-dim tensors on the device) and its parts."""
+    counts of ``count_scored``, ints or 0-dim tensors on the device) and its parts."""
     cap = model.config.final_logit_softcapping
     weight = model.embed_tokens.weight
     if getattr(batch, "doc_ids", None) is not None:  # packed: per-conversation positions and masks
@@ -276,17 +327,19 @@ def compute_loss(
     if settings.ar_loss_weight:
         tgt, m = ar_targets(batch, settings.ar_loss_scope)
         h = enc_hidden[:, :-1].reshape(-1, enc_hidden.shape[-1])
-        ar_loss = softcapped_ce_sum(h, weight, tgt.reshape(-1), m.reshape(-1).float(), cap,
+        w_ar = ar_token_weights(batch, m, settings.ar_loss_reduction)
+        ar_loss = softcapped_ce_sum(h, weight, tgt.reshape(-1), w_ar.reshape(-1), cap,
                                     chunk=settings.chunk_tokens) / _at_least_one(ar_tokens)
 
     soft = None
-    # Always run pass 1 when self-conditioning is on (sc_mask zeroes it per example): skipping it when
-    # no local coin is set would desynchronise the collectives of sharded / expert-parallel ranks.
+    # Always run pass 1 when self-conditioning is on: skipping it when no local coin is set would
+    # desynchronise the collectives of sharded / expert-parallel ranks.
     if settings.self_conditioning_prob > 0:
         with torch.no_grad():  # pass 1: no gradient, no self-conditioning signal
             h1 = model.decode(noise.noisy, cache.detach(), noise.layout)
-            soft = soft_embeddings_chunked(model, h1, settings.chunk_tokens)
-    h2 = model.decode(noise.noisy, cache, noise.layout, soft_embeds=soft, sc_mask=noise.token_self_condition())
+        # with grad mode: the embedding's gradient through the soft-embedding matmul (zeros without the coin)
+        soft = self_conditioning_signal(model, h1, noise.self_conditioned_index(), settings.chunk_tokens)
+    h2 = model.decode(noise.noisy, cache, noise.layout, soft_embeds=soft)
 
     idx = noise.scored_index(settings.loss_type)
     w = torch.ones(idx.shape, device=idx.device)

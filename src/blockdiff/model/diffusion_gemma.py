@@ -177,7 +177,9 @@ class DiffusionGemma(nn.Module):
             raise ValueError(f"attn_backend must be auto, sdpa or flex, got {attn_backend!r}")
         self.config = config
         self.attn_backend = attn_backend
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # padding_idx as in transformers: the pad row gets no gradient from lookups (it still does through
+        # the tied head and the soft embeddings)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config)
@@ -188,13 +190,15 @@ class DiffusionGemma(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Random init as the reference does: normal(0, initializer_range), norms and scales at 1."""
+        """Random init as the reference does: normal(0, initializer_range), norms and scales at 1, the
+        embedding's pad row at 0."""
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             if p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)
             else:
                 p.fill_(1.0)
+        self.embed_tokens.weight[self.config.pad_token_id].zero_()
         for layer in self.layers:
             layer.layer_scalar.fill_(1.0)
             layer.encoder_layer_scalar.fill_(1.0)
@@ -231,7 +235,8 @@ class DiffusionGemma(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight
-        return F.embedding(ids, w) * torch.tensor(self.embed_scale, dtype=w.dtype)
+        scale = torch.tensor(self.embed_scale, dtype=w.dtype)
+        return F.embedding(ids, w, padding_idx=self.config.pad_token_id) * scale
 
     def soft_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
         """Self-conditioning input: softmax (fp32) of previous logits times the scaled embedding."""
