@@ -52,17 +52,17 @@ def measured_peak(device) -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - t)
 
 
-# blockdiff variants: "blockdiff" is the training default (persistent bf16 working weights written by
-# MasterAdamW, master_adamw.py); "+torch_adamw": torch's fused AdamW over fp32 grads, the weights cast to bf16
-# once per step (precision.working_weights); "blockdiff:autocast" casts fp32 weights per use (torch's AdamW);
+# blockdiff variants: "blockdiff" is the training default (torch's fused AdamW over fp32 grads, the weights cast
+# to bf16 once per step: precision.working_weights); "+master_adamw": persistent bf16 working weights written by
+# MasterAdamW (optimizer.master_update, master_adamw.py); "blockdiff:autocast" casts fp32 weights per use;
 # ":compile" adds torch.compile per layer
-BLOCKDIFF_VARIANTS = {"blockdiff": {}, "blockdiff+torch_adamw": {"master_adamw": False},
+BLOCKDIFF_VARIANTS = {"blockdiff": {}, "blockdiff+master_adamw": {"master_adamw": True},
                       "blockdiff:autocast": {"working_weights": False},
                       "blockdiff:compile": {"compile": True},
-                      "blockdiff:compile+torch_adamw": {"compile": True, "master_adamw": False}}
+                      "blockdiff:compile+master_adamw": {"compile": True, "master_adamw": True}}
 
 
-def blockdiff_step_fn(hf_cfg, batch, args, device, working_weights=True, compile=False, master_adamw=True):
+def blockdiff_step_fn(hf_cfg, batch, args, device, working_weights=True, compile=False, master_adamw=False):
     from .model.hf_io import from_config
     from .parallel import apply_activation_checkpointing, apply_compile
 

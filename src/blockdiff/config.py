@@ -104,6 +104,9 @@ class OptimizerSection:
     eps: float = 1e-8
     weight_decay: float = 1e-4
     grad_clip: float = 1.0  # max grad norm; 0 disables clipping
+    # one CUDA device in bf16 (unsharded): AdamW that also writes persistent bf16 working weights in the same
+    # pass (master_adamw.py); off: torch's fused AdamW, which every other run uses. Opt-in until measured on a GPU
+    master_update: bool = False
 
     def checks(self):
         out = [_rng(self, "lr", gt=0), _rng(self, "eps", gt=0), _rng(self, "weight_decay", ge=0),

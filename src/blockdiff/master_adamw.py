@@ -127,18 +127,20 @@ class MasterAdamW(torch.optim.Optimizer):
         self.working.clear_grads(set_to_none)
 
 
-def uses_master_adamw(model, device: torch.device, dtype_name: str) -> bool:
-    """MasterAdamW trains a model on one CUDA device in bf16; CPU and FSDP2 runs keep torch's AdamW."""
-    return device.type == "cuda" and dtype_name == "bfloat16" and not is_sharded(model)
+def uses_master_adamw(model, device: torch.device, dtype_name: str, enabled: bool = True) -> bool:
+    """MasterAdamW trains a model on one CUDA device in bf16 (``optimizer.master_update``); CPU and FSDP2 runs
+    keep torch's AdamW."""
+    return enabled and device.type == "cuda" and dtype_name == "bfloat16" and not is_sharded(model)
 
 
 def build_optimizer(model, params, o, device: torch.device, dtype_name: str) -> torch.optim.Optimizer:
-    """The trainer's AdamW (``o``: the ``optimizer`` config section). One CUDA device in bf16: MasterAdamW.
+    """The trainer's AdamW (``o``: the ``optimizer`` config section). One CUDA device in bf16 with
+    ``optimizer.master_update``: MasterAdamW.
     Else torch's fused AdamW (CPU and CUDA): one kernel per parameter group, clipping (``grad_scale``) and
     the skip of a non-finite step (``found_inf``) inside it; a group per device mesh, since expert params
     (ep > 1) live on another mesh than the rest and one fused call over DTensors of two meshes fails.
     Checkpoints key the state by parameter name, so the grouping may differ between world sizes."""
-    if uses_master_adamw(model, device, dtype_name):
+    if uses_master_adamw(model, device, dtype_name, o.master_update):
         return MasterAdamW(model, params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     return torch.optim.AdamW(param_groups_by_mesh(params), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                              weight_decay=o.weight_decay, fused=True)

@@ -283,7 +283,7 @@ def train(cfg: Config) -> Path:
     model = build_training_model(cfg, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optimizer
-    # one GPU in bf16: MasterAdamW (persistent bf16 working weights written by the update); else fused AdamW
+    # fused AdamW; one GPU in bf16 with optimizer.master_update: MasterAdamW (writes the bf16 working weights)
     optimizer = build_optimizer(model, params, o, device, cfg.model.dtype)
     schedule = lr_lambda(cfg)
     settings = ObjectiveSettings.from_config(cfg.objective)
