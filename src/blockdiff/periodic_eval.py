@@ -124,8 +124,9 @@ def generate_across_ranks(model, prompts: list[list[int]], settings: SamplerSett
     mine = range(dist.rank, len(prompts), W)
     share = [prompts[i] for i in mine] or prompts[:1]  # an empty share carries one dummy row
     share_seeds = [seeds[i] for i in mine] or seeds[:1]
-    out = generate(model, share, settings, device=device, row_seeds=share_seeds,
-                   lockstep=Lockstep(len(share), len(mine)))
+    with torch.no_grad():  # not generate's inference_mode: FSDP2 cannot unshard into inference tensors
+        out = generate.__wrapped__(model, share, settings, device=device, row_seeds=share_seeds,
+                                   lockstep=Lockstep(len(share), len(mine)))
     shares = [None] * W
     torch.distributed.all_gather_object(shares, out[: len(mine)])
     result: list = [None] * len(prompts)
