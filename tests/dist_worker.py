@@ -6,6 +6,7 @@
     python tests/dist_worker.py export OUT_DIR SOURCE_CHECKPOINT
     python tests/dist_worker.py state  OUT_FILE  [--section.field value ...]
     python tests/dist_worker.py load   OUT_PREFIX LAYOUTS_JSON
+    python tests/dist_worker.py evals  OUT_FILE SPEC.json [--section.field value ...]
 
 ``grads``: one training step's forward/backward on the global batch (no optimizer step); rank 0 writes
 the summed losses, the global grad norm, every FULL gradient (gathered, experts in their global
@@ -16,7 +17,7 @@ no ``.done`` file. ``export``: loads SOURCE_CHECKPOINT, parallelizes it (ep = wo
 transformers export of each ``EXPORT_CASES`` model to OUT_DIR/<case> with ``EXPORT_SHARD``-byte shards;
 rank 0 writes the writer's stats to OUT_DIR/stats.json (``export_models``; called in-process for the
 1-process reference); on several ranks it then checks that a failure on rank 0 is raised on every rank
-(``export_failures``).
+(``export_failures``). ``evals``: ``periodic_evals`` (below); rank 0 writes its JSON result to OUT_FILE.
 
 With ``--lora.enabled true`` (and optionally ``--lora.experts true``) ``grads`` applies LoRA as training
 does, then sets every ``lora_B`` (and expert ``*_B``) to seeded random values: with the zero init of B
@@ -341,6 +342,77 @@ def load_layouts(out: str, layouts: list[list[str]]) -> None:
         del model, full
 
 
+def periodic_evals(overrides: list[str], spec: dict) -> dict | None:
+    """The run's periodic evaluation on a freshly built (sharded) model: ``PeriodicEval.maybe_run`` at steps 2
+    and 4 with unchanged weights (the global RNG reseeded in between), then ``generate_across_ranks`` for each
+    of ``spec["cases"]`` ({prompts, seeds, settings}), counting each rank's expert-parallel exchanges and FSDP
+    all-gathers. With ``spec["train"]`` it then trains the config for 2 steps with evaluation every step.
+    Returns (rank 0) {"evals", "outputs", "collectives": per case, per rank}."""
+    from blockdiff.config import apply_world_size, demo_config_path, load_config
+    from blockdiff.data.canvas import SFTDataset
+    from blockdiff.distributed import init_distributed
+    from blockdiff.objective import freeze_router
+    from blockdiff.parallel import parallelize
+    from blockdiff.periodic_eval import PeriodicEval, generate_across_ranks, split_held_out
+    from blockdiff.sampling import SamplerSettings
+    from blockdiff.train import build_model, load_tokenizer, train
+
+    cfg = load_config(demo_config_path(), overrides)
+    dist = init_distributed()
+    apply_world_size(cfg, dist.world_size)
+    torch.manual_seed(cfg.train.seed)
+    tok = load_tokenizer(cfg)
+    model = build_model(cfg, dist.device)
+    ds = SFTDataset(cfg.data.train_path, tok, canvas_length=cfg.data.canvas_length, seq_length=cfg.data.seq_length,
+                    eos_id=model.config.eos_token_id)
+    freeze_router(model)
+    model = parallelize(model, cfg, dist)
+    _, held = split_held_out(cfg, ds, tok, model.config.eos_token_id)
+    evals = PeriodicEval(cfg, model, tok, dist, held)
+
+    class Recorder:
+        def __init__(self):
+            self.rows = []
+
+        def log(self, step, row):
+            self.rows.append({"step": step, **row})
+
+    rec = Recorder()
+    if spec.get("evals", True):
+        evals.maybe_run(2, rec)
+        torch.manual_seed(1234)  # the fixed noise must not read the global generator
+        evals.maybe_run(4, rec)
+    outputs, collectives = [], []
+    names = ("all_to_all_single", "all_gather_into_tensor", "all_gather_single")
+    originals = {n: getattr(torch.distributed, n) for n in names if hasattr(torch.distributed, n)}
+    for case in spec.get("cases", []):
+        calls = dict.fromkeys(originals, 0)
+
+        def counting(name):
+            def call(*args, **kwargs):
+                calls[name] += 1
+                return originals[name](*args, **kwargs)
+            return call
+
+        for n in originals:
+            setattr(torch.distributed, n, counting(n))
+        try:
+            outputs.append(generate_across_ranks(model, case["prompts"], SamplerSettings(**case["settings"]),
+                                                 row_seeds=case["seeds"], dist=dist))
+        finally:
+            for n, fn in originals.items():
+                setattr(torch.distributed, n, fn)
+        per_rank = [calls]
+        if dist.world_size > 1:
+            per_rank = [None] * dist.world_size
+            torch.distributed.all_gather_object(per_rank, calls)
+        collectives.append(per_rank)
+    if spec.get("train"):
+        train(load_config(demo_config_path(), [*overrides, "--train.max_steps", "2", "--eval.loss_every", "1",
+                                               "--eval.accuracy_every", "2", "--checkpoint.every_steps", "1"]))
+    return {"evals": rec.rows, "outputs": outputs, "collectives": collectives} if dist.rank == 0 else None
+
+
 def main(argv: list[str]) -> None:
     mode, out, overrides = argv[0], Path(argv[1]), argv[2:]
     rank = int(os.environ.get("RANK", "0"))
@@ -359,6 +431,12 @@ def main(argv: list[str]) -> None:
         from blockdiff.train import train
 
         train(load_config(demo_config_path(), overrides))
+    elif mode == "evals":
+        import json
+
+        result = periodic_evals(overrides[1:], json.loads(Path(overrides[0]).read_text()))
+        if result is not None:
+            out.write_text(json.dumps(result))
     elif mode == "script":  # run a script file as __main__ with the rest as its argv (the example entry points)
         import runpy
 

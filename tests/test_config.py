@@ -153,6 +153,13 @@ BAD = [
     ("scheduler:\n  min_lr: 1.0\n", "scheduler.min_lr", 6, "optimizer.lr"),
     ("model:\n  from_config: [1, 2]\n", "model.from_config", 6, "a mapping"),
     ("logging: 3\n", "logging", 5, "must be a mapping"),
+    ("eval:\n  loss_every: -1\n", "eval.loss_every", 6, ">= 0"),
+    ("eval:\n  loss_samples: 0\n", "eval.loss_samples", 6, ">= 1"),
+    ("eval:\n  accuracy_samples: 0\n", "eval.accuracy_samples", 6, ">= 1"),
+    ("eval:\n  accuracy_every: 5\n", "eval.accuracy_every", 6, "needs data.eval_path"),
+    ("eval:\n  loss_evry: 5\n", "eval.loss_evry", 6, "did you mean 'loss_every'"),
+    ("train:\n  eval_every: 5\n", "train.eval_every", 6, "set eval.accuracy_every"),
+    ("train:\n  eval_samples: 5\n", "train.eval_samples", 6, "set eval.accuracy_samples"),
 ]
 
 

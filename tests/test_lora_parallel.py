@@ -174,7 +174,8 @@ def test_lora_example_yaml_under_torchrun_exports_the_adapter(data, tmp_path):
 
     run = tmp_path / "run"
     overrides = ["--model.from_config", json.dumps(_tiny_from_config()), "--model.dtype", "float32",
-                 "--data.tokenizer", "tiny", "--data.train_path", data, "--data.canvas_length", "32",
+                 "--data.tokenizer", "tiny", "--data.train_path", data, "--data.eval_path", data,
+                 "--data.canvas_length", "32",
                  "--data.seq_length", "128", "--parallel.ep", "2", "--train.max_steps", "2",
                  "--train.global_batch_size", "2", "--train.output_dir", str(run), "--checkpoint.every_steps", "2",
                  "--checkpoint.keep_last", "1", "--logging.tensorboard", "false", "--logging.progress", "false"]

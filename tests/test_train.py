@@ -92,18 +92,32 @@ def test_cli_train_plot_export_and_transformers_loads_it(data, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
 
 
-def test_periodic_eval_is_logged_beside_the_loss(data, tmp_path):
+def test_periodic_eval_is_logged_beside_the_loss(data, tmp_path, monkeypatch):
     from pathlib import Path
 
+    import matplotlib.axes
+
     held_out = str(Path(data).with_name("test.jsonl"))
-    run = train(cfg_for(data, tmp_path / "run", 2, "--train.eval_every", "1", "--data.eval_path", held_out,
-                        "--train.eval_samples", "3"))
-    evals = [r for r in read_metrics(run) if "eval_accuracy" in r]
+    run = train(cfg_for(data, tmp_path / "run", 2, "--eval.accuracy_every", "1", "--data.eval_path", held_out,
+                        "--eval.accuracy_samples", "3", "--eval.loss_every", "1", "--eval.loss_samples", "5"))
+    logged = read_metrics(run)
+    evals = [r for r in logged if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [1, 2]
     assert all(0.0 <= r["eval_accuracy"] <= 1.0 and r["eval_n"] == 3 for r in evals)
+    val = [r for r in logged if "val_loss" in r]
+    assert [r["step"] for r in val] == [1, 2] and all(r["val_n"] == 5 for r in val)
+    for r in val:  # the training objective's parts, ar_loss_weight 1
+        assert r["val_loss"] == pytest.approx(r["val_diffusion_loss"] + r["val_ar_loss"], rel=1e-12)
+        assert 0 < r["val_diffusion_loss"] < 20 and 0 < r["val_ar_loss"] < 20
+    assert val[1]["val_loss"] != val[0]["val_loss"]  # a training step changed the weights
     from blockdiff.metrics import plot_run
 
+    labels = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **kw: labels.append(kw.get("label")) or
+                        plot(ax, *a, **kw))
     assert any(p.name == "eval_accuracy.png" for p in plot_run(run))
+    assert {"training loss (diffusion + AR)", "validation loss", "validation diffusion loss"} <= set(labels)
 
 
 def test_refuses_to_overwrite_another_run(data, tmp_path):

@@ -140,8 +140,6 @@ class TrainSection:
     output_dir: str = field(default="", metadata=_REQUIRED)
     resume: Literal["auto", "never", "must"] = "auto"
     log_every: int = 1
-    eval_every: int = 0  # 0: no periodic eval
-    eval_samples: int = 64  # held-out rows sampled at each periodic eval
     max_epochs: int | None = None
     nan_policy: Literal["skip", "stop"] = "stop"
     skip_memory_check: bool = False  # true: launch on CUDA even when the memory plan says it cannot fit
@@ -149,11 +147,27 @@ class TrainSection:
     def checks(self):
         out = [_rng(self, n, ge=1) for n in ("max_steps", "global_batch_size", "micro_batch_size", "log_every",
                                              "max_epochs")]
-        out += [_rng(self, "seed", ge=0), _rng(self, "eval_every", ge=0), _rng(self, "eval_samples", ge=1)]
+        out.append(_rng(self, "seed", ge=0))
         if self.micro_batch_size >= 1 and self.global_batch_size % self.micro_batch_size:
             out.append(("global_batch_size", f"expected a multiple of micro_batch_size ({self.micro_batch_size}), "
                                              f"got {self.global_batch_size}"))
         return out
+
+
+@dataclass
+class EvalSection:
+    # validation loss (val_loss, val_diffusion_loss, val_ar_loss) every N steps with fixed noise; 0: off
+    loss_every: int = 0
+    # held-out rows it scores: the first N of data.eval_path, or without one N rows of the training file
+    # (a seeded choice, left out of training)
+    loss_samples: int = 64
+    accuracy_every: int = 0  # sampled exact-match accuracy (eval_accuracy) every N steps; 0: off
+    accuracy_samples: int = 64  # the first N rows of data.eval_path
+    seed: int = 0  # the validation loss's noise and the sampler's per-prompt seeds
+
+    def checks(self):
+        return [_rng(self, n, ge=0) for n in ("loss_every", "accuracy_every", "seed")] + [
+            _rng(self, n, ge=1) for n in ("loss_samples", "accuracy_samples")]
 
 
 @dataclass
@@ -232,6 +246,7 @@ class Config:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -242,8 +257,9 @@ class Config:
         if self.scheduler.min_lr > self.optimizer.lr:
             out.append(("scheduler.min_lr", f"expected min_lr <= optimizer.lr ({self.optimizer.lr}), "
                                             f"got {self.scheduler.min_lr}"))
-        if self.train.eval_every > 0 and not self.data.eval_path:
-            out.append(("train.eval_every", f"eval_every={self.train.eval_every} needs data.eval_path to be set"))
+        if self.eval.accuracy_every > 0 and not self.data.eval_path:
+            out.append(("eval.accuracy_every", f"accuracy_every={self.eval.accuracy_every} needs data.eval_path "
+                                               "(held-out rows with reference answers)"))
         return out
 
     def validate(self) -> "Config":
@@ -405,6 +421,10 @@ def _suggest(name, known, listing=True) -> str:
     return f" (known: {', '.join(known)})" if listing else ""
 
 
+# fields that live in another section: the error names the right one
+_MOVED = {"train.eval_every": "eval.accuracy_every", "train.eval_samples": "eval.accuracy_samples"}
+
+
 def _build(d, where: _Where) -> Config:
     if d is None:
         d = {}
@@ -424,7 +444,8 @@ def _build(d, where: _Where) -> Config:
         for fname, value in body.items():
             dotted = f"{sname}.{fname}"
             if fname not in hints:
-                raise where.error(dotted, f"unknown field '{fname}' in section '{sname}'{_suggest(str(fname), hints)}")
+                hint = f" (set {_MOVED[dotted]})" if dotted in _MOVED else _suggest(str(fname), hints)
+                raise where.error(dotted, f"unknown field '{fname}' in section '{sname}'{hint}")
             try:
                 kwargs[fname] = _coerce(value, hints[fname])
             except _Mismatch:

@@ -30,7 +30,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     train_path, test_path = write_splits(out / "data", args.n_train, args.n_test, seed=args.seed,
                                         level=args.level)
-    ov = ["--data.train_path", str(train_path), "--train.output_dir", str(out / "run")]
+    ov = ["--data.train_path", str(train_path), "--train.output_dir", str(out / "run"),
+          "--data.eval_path", str(test_path), "--eval.loss_every", "50"]  # the validation curve in loss.png
     if args.steps is not None:
         ov += ["--train.max_steps", str(args.steps)]
     cfg = load_config(demo_config_path(), ov + list(overrides))

@@ -94,7 +94,8 @@ def _question_and_gold(row: dict) -> tuple[list[dict], str, str | None]:
 
 
 def evaluate_gsm8k(model, tokenizer, rows, settings: SamplerSettings | None = None, batch_size: int = 8,
-                   out_jsonl=None, device=None, progress=None, enable_thinking: bool = False) -> dict:
+                   out_jsonl=None, device=None, progress=None, enable_thinking: bool = False,
+                   generate=None) -> dict:
     """Sample an answer per row and score the extracted number against the reference's.
 
     Returns {accuracy, n, correct, ci_low, ci_high, ci95: [low, high], seconds, new_tokens,
@@ -102,6 +103,8 @@ def evaluate_gsm8k(model, tokenizer, rows, settings: SamplerSettings | None = No
     rendered with thinking off unless ``enable_thinking``.
     ``out_jsonl`` gets one line per example: {prompt, output, extracted, gold, correct}.
     ``progress`` (tqdm-like, optional) gets ``update(k)`` after each batch of k examples.
+    ``generate`` (default ``sampling.generate``, same signature) samples each batch, e.g. with the rows split
+    over the ranks of a sharded model (``periodic_eval.generate_across_ranks``).
     """
     from .data.chat import render_generation_prompt
 
@@ -114,7 +117,7 @@ def evaluate_gsm8k(model, tokenizer, rows, settings: SamplerSettings | None = No
         prompts = [render_generation_prompt(tokenizer, context, enable_thinking=enable_thinking)
                    for context, _, _ in chunk]
         seeds = [settings.seed + lo + i for i in range(len(chunk))]
-        outputs = sampling.generate(model, prompts, settings, device=device, row_seeds=seeds)
+        outputs = (generate or sampling.generate)(model, prompts, settings, device=device, row_seeds=seeds)
         for (_, question, gold), ids in zip(chunk, outputs):
             new_tokens += len(ids)
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -140,12 +143,13 @@ def evaluate_gsm8k(model, tokenizer, rows, settings: SamplerSettings | None = No
 
 
 def quick_accuracy(model, tokenizer, rows, settings: SamplerSettings | None = None, batch_size: int = 8,
-                   device=None) -> float:
+                   device=None, generate=None) -> float:
     """Accuracy only (demo and periodic eval during training); the model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
     try:
-        return evaluate_gsm8k(model, tokenizer, rows, settings, batch_size=batch_size, device=device)["accuracy"]
+        return evaluate_gsm8k(model, tokenizer, rows, settings, batch_size=batch_size, device=device,
+                              generate=generate)["accuracy"]
     finally:
         model.train(was_training)
 

@@ -148,13 +148,16 @@ def read_metrics(run_dir) -> list[dict]:
 
 
 def plot_run(run_dir, out_dir=None) -> list[Path]:
-    """Loss-curve PNGs like the seed's "Inspect" step: training + diffusion (+ AR) loss, grad norm, lr."""
+    """Loss-curve PNGs like the seed's "Inspect" step: training + diffusion (+ AR) loss with the validation
+    loss beside them (``eval.loss_every``), grad norm, lr; and the periodic sampled accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_metrics(run_dir) if "loss" in r]
+    logged = read_metrics(run_dir)
+    rows = [r for r in logged if "loss" in r]
+    val = [r for r in logged if "val_loss" in r]
     if not rows:
         raise ValueError(f"{run_dir}/metrics.jsonl has no training rows to plot")
     out = Path(out_dir or run_dir)
@@ -172,6 +175,9 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
         for key, label in series:
             if key in rows[0]:
                 ax.plot(steps, [r.get(key) for r in rows], label=label)
+        if name == "loss.png" and val:  # the validation loss (held-out rows, fixed noise) beside training
+            for key, label in (("val_loss", "validation loss"), ("val_diffusion_loss", "validation diffusion loss")):
+                ax.plot([r["step"] for r in val], [r[key] for r in val], marker="o", markersize=3, label=label)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -181,7 +187,7 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
         written.append(out / name)
-    evals = [r for r in read_metrics(run_dir) if "eval_accuracy" in r]
+    evals = [r for r in logged if "eval_accuracy" in r]
     if evals:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], marker="o")

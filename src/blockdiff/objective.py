@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .data.canvas import CanvasBatch, collate, collate_packed
 from .fused_ce import linear_softcap_ce_sum
 from .model.diffusion_gemma import CanvasLayout, DiffusionGemma, canvas_layout, segment_layout
 from .soft_embed import soft_embeddings
@@ -203,6 +204,25 @@ def _draw_noise_segments(batch, stream_index, *, seed, vocab_size, eps, sc_prob)
     corrupted = (u < t[conv]) & layout.valid
     noisy = torch.where(corrupted, repl, clean)
     return Noise(t, corrupted, noisy, clean, layout, block, coin, conv, conv_block)
+
+
+def noisy_micro_batch(examples, stream_index: list[int], settings: ObjectiveSettings, data, *, seed: int,
+                      vocab_size: int, device_type: str) -> tuple[CanvasBatch, Noise]:
+    """One micro-batch as the objective reads it, built on the host: ``examples`` collated (``data.packing``:
+    packed into rows of ``data.seq_length``) and corrupted with the noise of their stream indices (one per
+    example), the scored-token indices computed. ``data``: the config's data section. Training and the
+    validation loss build theirs here."""
+    # on GPU, lengths rounded up to 128 (flex_attention's block) keep compiled shapes few
+    pad = 128 if device_type == "cuda" else None
+    if data.packing:
+        batch, order = collate_packed(examples, data.canvas_length, data.seq_length, pad_to_multiple=pad)
+        stream_index = [stream_index[i] for i in order]
+    else:
+        batch = collate(examples, data.canvas_length, pad_to_multiple=pad)
+    noise = draw_noise(batch, torch.tensor(stream_index), seed=seed, vocab_size=vocab_size, eps=settings.eps,
+                       sc_prob=settings.self_conditioning_prob)
+    noise.scored_index(settings.loss_type)  # cached in the noise, computed here on the host
+    return batch, noise
 
 
 def softcapped_ce_sum(hidden, weight, targets, token_weight, cap, exclude=None, chunk=1024):

@@ -29,6 +29,7 @@ import torch
 
 from .compiled import CompiledOrEager
 from .errors import ConfigError
+from .lockstep import LOCAL_ROWS
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -351,14 +352,14 @@ def _denoise_step(model, cache, st: _BlockState, settings: SamplerSettings, comp
     st.step += 1
 
 
-def denoise_block(model, cache, rng: _RowRandom, settings: SamplerSettings, canvas_length: int
-                  ) -> tuple[torch.Tensor, int]:
+def denoise_block(model, cache, rng: _RowRandom, settings: SamplerSettings, canvas_length: int,
+                  policy=LOCAL_ROWS) -> tuple[torch.Tensor, int]:
     """Denoise one block for every row of ``cache``. Returns (argmax block [B, C], steps run).
 
     On CUDA with ``settings.cuda_graphs`` the self-conditioned step is captured once per block as a
     CUDA graph and replayed (one launch per step instead of hundreds) after two eager steps: step 0 has
     no self-conditioning input, step 1 is the warm-up (and compile) the capture needs.
-    The only host sync per step is the all-rows-stopped check."""
+    The only host sync per step is the all-rows-stopped check (``policy.block_done``, blockdiff.lockstep)."""
     n_steps = settings.max_denoising_steps
     B = cache.positions.shape[0]
     device = cache.positions.device
@@ -391,7 +392,7 @@ def denoise_block(model, cache, rng: _RowRandom, settings: SamplerSettings, canv
         else:
             step()
         steps += 1
-        if bool(st.finished.all()):  # the one host sync per step: stop once every row is done
+        if policy.block_done(st.finished):  # the one host sync per step: stop once every row is done
             break
     return st.argmax, steps
 
@@ -399,14 +400,14 @@ def denoise_block(model, cache, rng: _RowRandom, settings: SamplerSettings, canv
 @torch.inference_mode()
 def generate(model, prompt_ids_list: list[list[int]], settings: SamplerSettings | None = None,
              device=None, progress: Callable[[dict], None] | None = None, row_seeds: list[int] | None = None,
-             reencode: bool = False) -> list[list[int]]:
+             reencode: bool = False, lockstep=LOCAL_ROWS) -> list[list[int]]:
     """Sample a reply for each prompt; returns the new tokens of each row, cut before the first EOS
     and at ``max_new_tokens``.
 
     ``row_seeds`` (default ``seed + i``) fixes each row's random stream; a row with the same seed gives
     the same tokens alone or in any batch. ``reencode=True`` (debug) re-encodes the whole prefix every
     block instead of appending the block to the K/V cache. ``progress`` gets a dict per finished block.
-    """
+    ``lockstep``: how the stop decisions are taken (``blockdiff.lockstep``: alone, or with the other ranks)."""
     settings = settings or SamplerSettings()
     if not prompt_ids_list:
         return []
@@ -419,18 +420,18 @@ def generate(model, prompt_ids_list: list[list[int]], settings: SamplerSettings 
         raise ValueError(f"row_seeds has {len(row_seeds)} entries for {B} prompts")
     C = settings.canvas_length or model.config.canvas_length
     n_blocks = math.ceil(settings.max_new_tokens / C)
-    eos = torch.tensor(settings.eos_token_ids or [-1], dtype=torch.long, device=device)
 
     saved_backend, model.attn_backend = model.attn_backend, settings.attn_backend
     try:
         with _layers_compiled(model, settings.compile and device.type == "cuda"):
-            return _generate(model, prompt_ids_list, settings, device, progress, row_seeds, reencode, C, n_blocks, eos)
+            return _generate(model, prompt_ids_list, settings, device, progress, row_seeds, reencode, C, n_blocks,
+                             lockstep)
     finally:
         model.attn_backend = saved_backend
 
 
-def _generate(model, prompt_ids_list, settings, device, progress, row_seeds, reencode, C, n_blocks, eos):
-    B = len(prompt_ids_list)
+def _generate(model, prompt_ids_list, settings, device, progress, row_seeds, reencode, C, n_blocks, policy):
+    B, eos = len(prompt_ids_list), torch.tensor(settings.eos_token_ids or [-1], dtype=torch.long, device=device)
     prompt_ids, prompt_valid = _left_pad(prompt_ids_list, device)
     _, cache = model.encode(prompt_ids, valid=prompt_valid)
     active = torch.arange(B, device=device)  # original row index of each cache row
@@ -438,7 +439,7 @@ def _generate(model, prompt_ids_list, settings, device, progress, row_seeds, ree
 
     for block in range(n_blocks):
         rng = _RowRandom([row_seeds[i] for i in active.tolist()], block, device)
-        out, steps = denoise_block(model, cache, rng, settings, C)
+        out, steps = denoise_block(model, cache, rng, settings, C, policy)
         active_list = active.tolist()
         for j, row in enumerate(active_list):
             blocks_of_row[row].append(out[j])
@@ -446,9 +447,8 @@ def _generate(model, prompt_ids_list, settings, device, progress, row_seeds, ree
             progress({"block": block, "steps": steps, "active": len(active_list)})
         if block == n_blocks - 1:
             break
-        # Rows with an EOS in this block are done: drop them so later blocks only run live rows.
         alive = ~torch.isin(out, eos).any(dim=-1) if settings.eos_token_ids else torch.ones_like(active, dtype=torch.bool)
-        keep = alive.nonzero().squeeze(-1)
+        keep = policy.rows_to_keep(alive)  # rows with an EOS in this block are done: later blocks run live rows
         if keep.numel() == 0:
             break
         if reencode:

@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from .config import Config, apply_world_size
-from .data.canvas import SFTDataset, collate, collate_packed, global_order
+from .data.canvas import SFTDataset, global_order
 from .distributed import DistInfo, all_reduce_, init_distributed, to_device
 from .errors import BlockdiffError, ConfigError
 from .guards import GradNormGuard
@@ -30,9 +30,10 @@ from .metrics import MetricsLogger, StepProfiler, peak_memory_gib
 from .master_adamw import build_optimizer
 from .model.config import ModelConfig
 from .model_export import export_model
-from .objective import ObjectiveSettings, compute_loss, count_scored, draw_noise
+from .objective import ObjectiveSettings, compute_loss, count_scored, noisy_micro_batch
 from .parallel import begin_step, clip_gradients, is_sharded
 from .plan_report import check_before_training
+from .periodic_eval import PeriodicEval, split_held_out
 from .precision import compute_context
 
 log = logging.getLogger("blockdiff")
@@ -167,35 +168,6 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
 
-class PeriodicEval:
-    """Held-out exact-match accuracy with the sampler every ``train.eval_every`` steps, logged beside the
-    loss as ``eval_accuracy``. Single-process runs only: sampling a sharded model would need every rank."""
-
-    def __init__(self, cfg: Config, model, tokenizer, dist: DistInfo):
-        self.every, self.rows = cfg.train.eval_every, None
-        if not self.every:
-            return
-        if dist.world_size > 1:
-            log.warning("train.eval_every: periodic eval runs in single-process runs only; skipped")
-            self.every = 0
-            return
-        from .data.jsonl import load_dataset_rows
-        from .sampling import SamplerSettings
-
-        rows = load_dataset_rows(cfg.data.eval_path)
-        self.rows = [r for _, r in zip(range(cfg.train.eval_samples), rows)]
-        self.model, self.tokenizer = model, tokenizer
-        self.settings = SamplerSettings(max_new_tokens=cfg.data.canvas_length, seed=cfg.train.seed)
-
-    def maybe_run(self, step: int, metrics) -> None:
-        if not self.every or step % self.every:
-            return
-        from .evaluate import quick_accuracy
-
-        acc = quick_accuracy(self.model, self.tokenizer, self.rows, self.settings, batch_size=len(self.rows))
-        metrics.log(step, {"eval_accuracy": acc, "eval_n": len(self.rows)})
-
-
 # ---------------------------------------------------------------------------------------- the loop
 
 
@@ -241,18 +213,9 @@ def host_micro_batches(step: int, cfg: Config, dataset, dist: DistInfo, vocab_si
     micro = []
     for m0 in range(0, per_rank, mb):
         pos = list(mine[m0 : m0 + mb])
-        # on GPU, lengths rounded up to 128 (flex_attention's block) keep compiled shapes few
-        pad = 128 if dist.device.type == "cuda" else None
-        examples = [dataset[indices[p]] for p in pos]
-        if cfg.data.packing:
-            batch, order = collate_packed(examples, cfg.data.canvas_length, cfg.data.seq_length, pad_to_multiple=pad)
-            pos = [pos[i] for i in order]
-        else:
-            batch = collate(examples, cfg.data.canvas_length, pad_to_multiple=pad)
-        noise = draw_noise(batch, torch.tensor([step * G + p for p in pos]), seed=cfg.train.seed,
-                           vocab_size=vocab_size, eps=settings.eps, sc_prob=settings.self_conditioning_prob)
-        noise.scored_index(settings.loss_type)  # cached in the noise, computed here on the host
-        micro.append((batch, noise))
+        micro.append(noisy_micro_batch([dataset[indices[p]] for p in pos], [step * G + p for p in pos], settings,
+                                       cfg.data, seed=cfg.train.seed, vocab_size=vocab_size,
+                                       device_type=dist.device.type))
     return micro
 
 
@@ -278,6 +241,7 @@ def train(cfg: Config) -> Path:
     dataset = SFTDataset(cfg.data.train_path, tokenizer, canvas_length=cfg.data.canvas_length,
                          seq_length=cfg.data.seq_length, prompt_policy=cfg.data.prompt_too_long,
                          split=cfg.data.split, eos_id=mc.eos_token_id, mask_history=cfg.data.mask_history)
+    dataset, held_out = split_held_out(cfg, dataset, tokenizer, mc.eos_token_id)  # eval.loss_every
     write_run_dir(cfg, dist, run_dir, tokenizer)  # only once the data is known good: bad data writes nothing
     # on meta, LoRA and the frozen router applied, parallelized, then each rank fills its own shards
     model = build_training_model(cfg, dist)
@@ -314,7 +278,7 @@ def train(cfg: Config) -> Path:
         from tqdm import tqdm
 
         progress = tqdm(total=max_steps, initial=start, desc="train", dynamic_ncols=True)
-    periodic_eval = PeriodicEval(cfg, model, tokenizer, dist)
+    periodic_eval = PeriodicEval(cfg, model, tokenizer, dist, held_out)
     nan_skipped = int(meta.get("nan_skipped", 0)) if resume_from is not None else 0  # resumed runs keep counting
     grad_guard = GradNormGuard()  # warns when the grad norm explodes repeatedly
     last_step_done = start
