@@ -54,3 +54,7 @@ def test_main_with_local_saved_dataset(prep, tmp_path, monkeypatch):
     out = tmp_path / "train.jsonl"
     assert prep.main(["--dataset", str(local), "--output", str(out)]) == 0
     assert len(read_chat_jsonl(out)) == 2
+    (tmp_path / "gsm8k_chat_test.jsonl").unlink()
+    assert prep.main(["--dataset", str(local)]) == 0  # both splits, as the example YAMLs expect
+    assert len(read_chat_jsonl(tmp_path / "gsm8k_chat_train.jsonl")) == 2
+    assert len(read_chat_jsonl(tmp_path / "gsm8k_chat_test.jsonl")) == 1

@@ -1,7 +1,7 @@
 """Convert GSM8K to chat JSONL for DiffusionGemma SFT.
 
-    python examples/dllm_sft/prep_gsm8k.py                      # -> gsm8k_chat_train.jsonl
-    python examples/dllm_sft/prep_gsm8k.py --split test         # -> gsm8k_chat_test.jsonl
+    python examples/dllm_sft/prep_gsm8k.py                      # -> gsm8k_chat_train.jsonl + gsm8k_chat_test.jsonl
+    python examples/dllm_sft/prep_gsm8k.py --split test         # -> gsm8k_chat_test.jsonl only
     python examples/dllm_sft/prep_gsm8k.py --dataset /path/to/saved_gsm8k --output out.jsonl
 
 Each line is ``{"messages":[{"role":"user","content":Q},{"role":"assistant","content":A}]}``
@@ -68,19 +68,25 @@ def write_jsonl(rows: Iterable[dict], output: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--split", choices=["train", "test"], default="train")
-    parser.add_argument("--output", default=None, help="default: gsm8k_chat_{split}.jsonl")
+    parser.add_argument("--split", choices=["train", "test", "all"], default=None,
+                        help="default: all (train and test: the example YAMLs validate on the test split), "
+                             "train with --output")
+    parser.add_argument("--output", default=None, help="default: gsm8k_chat_{split}.jsonl (one split only)")
     parser.add_argument("--dataset", default="openai/gsm8k", help="hub name or local path")
     parser.add_argument("--config", default="main", help="dataset config (hub datasets only)")
     args = parser.parse_args(argv)
-    output = args.output or f"gsm8k_chat_{args.split}.jsonl"
-    rows = load_rows(args.dataset, args.config, args.split)
-    try:
-        n = write_jsonl(convert(rows, source=args.dataset), output)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {n} rows to {output}")
+    split = args.split or ("train" if args.output else "all")
+    if split == "all" and args.output:
+        parser.error("--output names one file: give --split train or --split test with it")
+    for name in (["train", "test"] if split == "all" else [split]):
+        output = args.output or f"gsm8k_chat_{name}.jsonl"
+        rows = load_rows(args.dataset, args.config, name)
+        try:
+            n = write_jsonl(convert(rows, source=args.dataset), output)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote {n} rows to {output}")
     return 0
 
 
