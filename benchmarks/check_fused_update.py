@@ -7,8 +7,9 @@ divided by the clip factor; the bf16 working copy, poisoned with NaN before each
 master cast; a step with non-finite gradients and ``found_inf`` set must leave every tensor bit for bit.
 
 Timing (CUDA events, median) over all trainable tensors of ``--layers`` layers: the optimizer-side work
-of one step on the new path (norm over bf16 grads + the fused update, 30 B/param) and on the old one
-(cast to bf16 working weights, bf16 grads cast to fp32, norm, torch's fused AdamW; 44 B/param).
+of one step on the MasterAdamW path (norm over bf16 grads + the fused update, 30 B/param) and on
+the default path (cast to bf16 working weights, bf16 grads cast to fp32, norm, torch's fused AdamW;
+44 B/param).
 
     python benchmarks/check_fused_update.py [--layers 6] [--iters 5]
 """
@@ -140,7 +141,7 @@ def time_old(shapes, dev, iters) -> tuple[float, float]:
     def adamw():
         opt.step()
 
-    def run():  # what the old path does per step besides the model: the casts both ways, norm, AdamW
+    def run():  # what the default path does per step besides the model: the casts both ways, norm, AdamW
         for p, g in zip(params, grads16):
             p.to(torch.bfloat16)
             p.grad = g.float()

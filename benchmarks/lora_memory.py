@@ -1,4 +1,4 @@
-"""LoRA memory/throughput of the real-shape DiffusionGemma on one GPU (issue 5, item 4).
+"""LoRA memory/throughput of the real-shape DiffusionGemma on one GPU.
 
 Random-init model from config at the real hidden/expert sizes (``REAL_SHAPES``, N layers), frozen
 base in bf16, fp32 adapters (rank 16, alpha 32 on q/k/v/o + dense MLP by default), activation

@@ -1,4 +1,4 @@
-"""Training-step throughput with packing off vs on, on GSM8K-like conversation lengths (issue 9).
+"""Training-step throughput with packing off vs on, on GSM8K-like conversation lengths.
 
     python benchmarks/packing.py                         # CUDA: real layer shapes, 2 layers, bf16
     python benchmarks/packing.py --micro-batch 8,16 --steps 10 --output packing.json
@@ -56,7 +56,7 @@ TINY_SHAPES = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_a
 
 def efficiency_rows(lengths, blocks, mb: int, seq_length: int, canvas: int, pad, label: str) -> list[dict]:
     """Real / padded tokens (clean rows and decoder canvas) of micro-batches of ``mb`` conversations,
-    unpacked vs the old greedy next-fit vs ``pack_rows``."""
+    unpacked vs greedy next-fit vs ``pack_rows``."""
     plans = {"unpacked": lambda l, b: [[i] for i in range(len(l))], "next_fit": lambda l, b: next_fit(l, seq_length),
              "pack_rows": lambda l, b: pack_rows(l, seq_length, pad, b, canvas)}
     n = len(lengths) // mb * mb

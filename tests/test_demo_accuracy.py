@@ -1,4 +1,4 @@
-"""Issue 6: the demo's README accuracy is what ``blockdiff eval`` measures on the demo's model, and
+"""The demo's README accuracy is what ``blockdiff eval`` measures on the demo's model, and
 blockdiff's sampler is no worse than transformers' own ``generate`` on the same exported checkpoint.
 
 One ``blockdiff demo`` run (the full 600-step demo) into a temporary directory is shared by every

@@ -1,4 +1,4 @@
-"""Reliability (issue 8): bad input gets one clear error before training, runs survive kill -9 and
+"""Reliability: bad input gets one clear error before training, runs survive kill -9 and
 preemption, numerical faults never reach the weights, disk-full keeps the last good checkpoint, and
 nothing is unpickled, template-escaped or downloaded behind the user's back.
 
