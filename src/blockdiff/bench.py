@@ -2,8 +2,8 @@
 
 The step (both implementations do the same work): encoder over all clean tokens with the AR loss,
 decoder pass 1 without grad, decoder pass 2 with self-conditioning, backward, fp32-master AdamW step
-(blockdiff: MasterAdamW, which also writes the bf16 working weights) with bf16 autocast, frozen router,
-grad clip. The model is random-init at the real layer shapes with a configurable depth. tokens/s counts
+(torch's fused AdamW as in training; the ``+master_adamw`` variants: MasterAdamW, which also writes the bf16
+working weights) with bf16 autocast, frozen router, grad clip. The model is random-init at the real layer shapes with a configurable depth. tokens/s counts
 B * (prompt + response) clean sequence tokens per step (the facts file's convention). MFU = model FLOP/s
 (``blockdiff.flops``) / the card's dense bf16 peak, which is measured in the same run with an 8192^3
 matmul and also reported against the 989 TFLOP/s datasheet.
