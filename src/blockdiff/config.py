@@ -64,8 +64,6 @@ class DataSection:
     seq_length: int = 1024
     canvas_length: int = 256
     prompt_too_long: Literal["skip", "fail"] = "skip"
-    num_workers: int = 0
-    shuffle: bool = True
     # true: supervise only the final assistant turn (reference); false: every assistant turn is its own
     # canvas segment conditioned on the clean history before it (data/canvas.py)
     mask_history: bool = True
@@ -73,7 +71,7 @@ class DataSection:
     packing: bool = False
 
     def checks(self):
-        out = [_rng(self, "canvas_length", gt=0), _rng(self, "num_workers", ge=0)]
+        out = [_rng(self, "canvas_length", gt=0)]
         if self.seq_length < self.canvas_length + 1:
             out.append(("seq_length", f"expected seq_length >= canvas_length + 1 = {self.canvas_length + 1} "
                                       f"(room for a prompt token and one canvas), got {self.seq_length}"))
@@ -90,7 +88,6 @@ class ObjectiveSection:
     ar_loss_scope: Literal["sequence", "response"] = "sequence"
     # token: AR loss over the global batch's AR tokens; example: mean over its conversations of their own means
     ar_loss_reduction: Literal["token", "example"] = "token"
-    block_choice: Literal["uniform"] = "uniform"
 
     def checks(self):
         return [_rng(self, "eps", gt=0, lt=1), _rng(self, "self_conditioning_prob", ge=0, le=1),
