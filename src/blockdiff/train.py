@@ -10,6 +10,7 @@ re-sharded run continues the identical trajectory.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -171,16 +172,17 @@ class StopSignal:
 # ---------------------------------------------------------------------------------------- the loop
 
 
-def step_sample_indices(step: int, global_batch: int, dataset_size: int, seed: int, _cache={}) -> list[int]:
+@functools.lru_cache(maxsize=2)  # the epoch a step reads, and the next one when its batch crosses the boundary
+def _epoch_order(dataset_size: int, epoch: int, seed: int) -> tuple[int, ...]:
+    return tuple(global_order(dataset_size, epoch, seed))
+
+
+def step_sample_indices(step: int, global_batch: int, dataset_size: int, seed: int) -> list[int]:
     """Dataset indices of the global batch at ``step``: consecutive slices of per-epoch permutations."""
     out = []
     for pos in range(step * global_batch, (step + 1) * global_batch):
         epoch, i = divmod(pos, dataset_size)
-        key = (dataset_size, epoch, seed)
-        if key not in _cache:
-            _cache.clear()
-            _cache[key] = global_order(dataset_size, epoch, seed)
-        out.append(_cache[key][i])
+        out.append(_epoch_order(dataset_size, epoch, seed)[i])
     return out
 
 
