@@ -186,13 +186,6 @@ def step_sample_indices(step: int, global_batch: int, dataset_size: int, seed: i
     return out
 
 
-def rank_micro_batches(step: int, cfg: Config, dataset, dist: DistInfo, vocab_size: int,
-                       settings: ObjectiveSettings) -> list[tuple]:
-    """This rank's share of the global batch at ``step``, as (canvas batch, noise) micro-batches on the
-    device (``host_micro_batches`` moved with ``to_device``)."""
-    return micro_to_device(host_micro_batches(step, cfg, dataset, dist, vocab_size, settings), dist.device)
-
-
 def micro_to_device(micro: list[tuple], device: torch.device) -> list[tuple]:
     return [(to_device(b, device), to_device(n, device)) for b, n in micro]
 
