@@ -52,8 +52,9 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
     from blockdiff.data.canvas import SFTDataset
     from blockdiff.distributed import all_reduce_, init_distributed
     from blockdiff.objective import ObjectiveSettings, compute_loss, freeze_router
-    from blockdiff.parallel import clip_grad_norm_, gather_grads, parallelize
-    from blockdiff.train import build_model, global_token_counts, load_tokenizer, rank_micro_batches
+    from blockdiff.parallel import clip_grad_norm_, parallelize
+    from blockdiff.train import build_model, global_token_counts, load_tokenizer
+    from helpers import gather_grads, rank_micro_batches
 
     cfg = load_config(demo_config_path(), overrides)
     dist = init_distributed()
@@ -210,7 +211,8 @@ def step_state(overrides: list[str]) -> dict:
     from blockdiff.distributed import init_distributed
     from blockdiff.objective import ObjectiveSettings, compute_loss, freeze_router
     from blockdiff.parallel import clip_gradients, param_groups_by_mesh, parallelize
-    from blockdiff.train import build_model, global_token_counts, load_tokenizer, rank_micro_batches
+    from blockdiff.train import build_model, global_token_counts, load_tokenizer
+    from helpers import rank_micro_batches
 
     cfg = load_config(demo_config_path(), overrides)
     dist = init_distributed()

@@ -4,6 +4,8 @@ Keep this API stable (other test modules import it):
   tiny_hf_config(...) -> transformers.DiffusionGemmaConfig
   make_hf_checkpoint(tmp_path, seed=0, randomize=True, shard_size=None, **cfg) -> (dir, hf_model)
   load_blockdiff(dir, **kw) -> blockdiff DiffusionGemma
+  rank_micro_batches(step, cfg, dataset, dist, vocab_size, settings) -> [(canvas batch, noise)] on the device
+  gather_grads(model, dist) -> full gradients by parameter name (rank 0)
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import transformers
 
 from blockdiff.model.config import hf_config_dict
 from blockdiff.model.diffusion_gemma import DiffusionGemma
+from blockdiff.parallel import full_tensor
+from blockdiff.train import host_micro_batches, micro_to_device
 
 _HF_CONFIG_DICT_KEYS = set(inspect.signature(hf_config_dict).parameters)
 
@@ -92,3 +96,22 @@ def randomize_lora_b(model, seed: int, std: float) -> None:
         for name in ExpertLora.NAMES:
             B = a.factors(name)[1]
             B.copy_(torch.randn(B.shape, generator=g) * std)
+
+
+def rank_micro_batches(step: int, cfg, dataset, dist, vocab_size: int, settings) -> list[tuple]:
+    """This rank's share of the global batch at ``step``, as (canvas batch, noise) micro-batches on the
+    device: the trainer's ``host_micro_batches`` moved with ``micro_to_device``."""
+    return micro_to_device(host_micro_batches(step, cfg, dataset, dist, vocab_size, settings), dist.device)
+
+
+@torch.no_grad()
+def gather_grads(model, dist) -> dict[str, torch.Tensor]:
+    """Full gradients by parameter name (on rank 0). Collective on every rank."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        full = full_tensor(model, name, p.grad)
+        if dist.rank == 0:
+            out[name] = full.detach().float().cpu()
+    return out

@@ -160,6 +160,9 @@ BAD = [
     ("eval:\n  loss_evry: 5\n", "eval.loss_evry", 6, "did you mean 'loss_every'"),
     ("train:\n  eval_every: 5\n", "train.eval_every", 6, "set eval.accuracy_every"),
     ("train:\n  eval_samples: 5\n", "train.eval_samples", 6, "set eval.accuracy_samples"),
+    ("data:\n  num_workers: 2\n", "data.num_workers", 6, "unknown field 'num_workers' in section 'data'"),
+    ("data:\n  shuffle: false\n", "data.shuffle", 6, "unknown field 'shuffle' in section 'data'"),
+    ("objective:\n  block_choice: uniform\n", "objective.block_choice", 6, "unknown field 'block_choice'"),
 ]
 
 

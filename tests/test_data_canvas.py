@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from blockdiff.data import load_tiny_tokenizer
-from blockdiff.data.canvas import (
-    CanvasBatch, Example, SFTDataset, build_example, collate, global_order, iter_global_batches)
+from blockdiff.data.canvas import CanvasBatch, Example, SFTDataset, build_example, collate, global_order
 from blockdiff.errors import DataError
 
 EOS = 1
@@ -122,6 +121,13 @@ def test_sft_dataset_from_rows(tok):
     ds = SFTDataset([chat("1 + 1?", "2")], tok, canvas_length=4, seq_length=64, eos_id=[1, 6])
     # "2", <turn|>, "\n", then EOS fill with the first id
     assert ds[0].input_ids[-4:] == [tok.convert_tokens_to_ids("2"), 106, tok.convert_tokens_to_ids("\n"), 1]
+
+
+def iter_global_batches(order, global_batch):
+    """Consecutive ``global_batch``-sized chunks of ``order`` (a trailing partial chunk is dropped)."""
+    order = list(order)
+    for start in range(0, len(order) - global_batch + 1, global_batch):
+        yield order[start: start + global_batch]
 
 
 def test_global_order_deterministic_permutation():

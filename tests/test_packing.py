@@ -131,7 +131,7 @@ def test_packed_noise_per_global_sample_on_any_world_size(tmp_path, mb):
     from blockdiff.data.synthetic import generate_multiturn
     from blockdiff.distributed import DistInfo
     from blockdiff.objective import ObjectiveSettings
-    from blockdiff.train import rank_micro_batches
+    from helpers import rank_micro_batches
 
     tok = load_tiny_tokenizer()
     ds = SFTDataset(generate_multiturn(24, seed=1), tok, canvas_length=32, seq_length=256, mask_history=False)

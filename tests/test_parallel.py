@@ -133,7 +133,7 @@ def test_packed_multiturn_step_equals_single_process(multiturn_data, tmp_path, r
     from blockdiff.data.canvas import SFTDataset
     from blockdiff.distributed import DistInfo
     from blockdiff.objective import ObjectiveSettings
-    from blockdiff.train import rank_micro_batches
+    from helpers import rank_micro_batches
 
     base = ["--data.train_path", multiturn_data, *PACKED, "--objective.ar_loss_reduction", reduction]
     # the layouts really differ and really pack (several turns, several conversations per row)

@@ -300,15 +300,15 @@ def test_fuzz_tokenization_and_canvas_building():
 # ------------------------------------------------------------------------------ 2. kill -9, resume
 
 
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "BLOCKDIFF_TEST_SLOW_CHECKPOINT"}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
-
-def start(args, log_path, **env):
+def start(args, log_path, slow_checkpoint_s=None):
+    """``blockdiff train`` in a subprocess; with ``slow_checkpoint_s`` each checkpoint write pauses that long
+    after its model file (tests/slow_checkpoint_train.py)."""
     log = open(log_path, "a")
-    return subprocess.Popen([sys.executable, "-m", "blockdiff.cli", "train", "-c", demo_config_path(), *args],
-                            stdout=log, stderr=subprocess.STDOUT, env=_env(**env))
+    cmd = [sys.executable, "-m", "blockdiff.cli", "train"] if slow_checkpoint_s is None else \
+        [sys.executable, str(Path(__file__).with_name("slow_checkpoint_train.py")), str(slow_checkpoint_s)]
+    return subprocess.Popen([*cmd, "-c", demo_config_path(), *args],
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
 
 def logged_steps(run_dir) -> int:
@@ -367,7 +367,7 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(data, straigh
     kills.append(("random", logged_steps(run), check_checkpoint_invariants(run, keep)))
 
     # 2. in the middle of a checkpoint write (model.safetensors written, optimizer not yet)
-    p = start(args, log_path, BLOCKDIFF_TEST_SLOW_CHECKPOINT="60")
+    p = start(args, log_path, slow_checkpoint_s=60)
     root = run / "checkpoints"
     partial = lambda: [d for d in root.glob(".step_*.tmp-*") if (d / "model.safetensors").exists()]  # noqa: E731
     wait_for(lambda: root.exists() and partial(), p, log_path)

@@ -90,7 +90,6 @@ def save_checkpoint(run_dir, step: int, model, optimizer, meta: dict, keep_last:
         own, extra = checkpoint_state(model)
         state = {k: v.detach().to("cpu").contiguous() for k, v in own.items()}
         save_file(state, str(tmp / "model.safetensors"))
-        _test_slow_write()
         save_file(optimizer_tensors(model, optimizer), str(tmp / "optimizer.safetensors"))
         with open(tmp / "meta.json", "w") as f:
             json.dump({"format": FORMAT, "step": step, **meta, **extra}, f, indent=1)
@@ -110,15 +109,6 @@ def save_checkpoint(run_dir, step: int, model, optimizer, meta: dict, keep_last:
                               "previous checkpoint", file=str(ckpt_root / "latest")) from None
     rotate(ckpt_root, keep_last)
     return final
-
-
-def _test_slow_write() -> None:
-    """Test hook: with BLOCKDIFF_TEST_SLOW_CHECKPOINT=<seconds> set, pause mid-write (kill -9 tests)."""
-    delay = os.environ.get("BLOCKDIFF_TEST_SLOW_CHECKPOINT")
-    if delay:
-        import time
-
-        time.sleep(float(delay))
 
 
 def rotate(ckpt_root: Path, keep_last: int) -> None:

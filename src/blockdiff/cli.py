@@ -1,4 +1,4 @@
-"""``blockdiff`` command line: train, export, plan, generate, eval, data preview, plot, demo.
+"""``blockdiff`` command line: train, export, plan, generate, eval, data preview, config show, plot, demo.
 
 Every error blockdiff raises on purpose (bad config, data, checkpoint) is printed as one line naming
 file, line and field, with exit status 2: never a traceback from deep inside torch.
@@ -20,6 +20,7 @@ commands:
   generate --model DIR (--prompt T | --input F.jsonl) [...]   sample with the entropy-bound sampler
   eval gsm8k --model DIR --data F.jsonl [...] GSM8K exact-match accuracy
   data preview -c FILE [--rows N] [--json]    the first rows of data.train_path as the trainer sees them
+  config show [-c FILE] [--json]              every config field: type, default (or FILE's value), description
   plan -c FILE [--gpus N] [--gpu-memory GIB] [--json]   per-GPU memory of a run, before launch
   plot RUN_DIR [--out DIR]                    loss / grad-norm / lr curves as PNG
   demo [--out DIR] [--steps N]                the embedded CPU demo: data, train, plot, export, eval
@@ -31,7 +32,10 @@ def _train(argv):
     from .config import load_config
     from .train import train
 
-    p = argparse.ArgumentParser(prog="blockdiff train")
+    p = argparse.ArgumentParser(prog="blockdiff train", usage="blockdiff train -c FILE [--section.field VALUE ...]",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="every section and field, with type, default and description:\n"
+                                       "  blockdiff config show [-c FILE]")
     p.add_argument("-c", "--config", required=True, help="YAML config file")
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
@@ -94,6 +98,12 @@ def _data(argv):
     cli_data(argv)
 
 
+def _config(argv):
+    from .config_show import cli_config
+
+    cli_config(argv)
+
+
 def _demo(argv):
     from .demo import main as demo_main
 
@@ -101,7 +111,7 @@ def _demo(argv):
 
 
 COMMANDS = {"train": _train, "export": _export, "plan": _plan, "plot": _plot, "generate": _generate, "eval": _eval,
-            "demo": _demo, "bench": _bench, "data": _data}
+            "demo": _demo, "bench": _bench, "data": _data, "config": _config}
 
 
 def main(argv: list[str] | None = None) -> int:

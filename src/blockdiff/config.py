@@ -19,7 +19,6 @@ import yaml
 
 from blockdiff.errors import ConfigError
 
-_REQUIRED = {"required": True}
 DEFAULT_MODEL = "google/diffusiongemma-26B-A4B-it"
 
 
@@ -40,13 +39,22 @@ def _rng(obj, name, gt=None, ge=None, lt=None, le=None):
 
 
 # ----------------------------------------------------------------------------------------- sections
+def option(default, help: str, **meta):
+    """A config field with its one-line description (``blockdiff config show``); a list default is copied."""
+    meta = {"help": help, **meta}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelSection:
-    name_or_path: str = DEFAULT_MODEL  # hub id or local dir
-    from_config: dict | None = None  # DiffusionGemmaConfig kwargs: random-init model instead of loading
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute dtype; master weights stay fp32
-    attn_backend: Literal["auto", "sdpa", "flex"] = "auto"
-    num_layers: int | None = None  # reduced-depth runs at real layer shapes
+    name_or_path: str = option(DEFAULT_MODEL, "hub id or local dir of the model to fine-tune")
+    from_config: dict | None = option(None, "DiffusionGemmaConfig kwargs: random-init model instead of loading")
+    dtype: Literal["bfloat16", "float32"] = option("bfloat16", "compute dtype; master weights stay fp32")
+    attn_backend: Literal["auto", "sdpa", "flex"] = option(
+        "auto", "attention kernel; auto: flex on CUDA, sdpa elsewhere")
+    num_layers: int | None = option(None, "keep only the first N layers (reduced-depth runs at real layer shapes)")
 
     def checks(self):
         return [_rng(self, "num_layers", ge=1)]
@@ -54,26 +62,25 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train_path: str = field(default="", metadata=_REQUIRED)  # jsonl path or datasets name/dir
-    split: str = "train"
-    eval_path: str | None = None
-    tokenizer: str | None = None  # None: the model dir; "tiny": the tokenizer blockdiff ships
-    # a .jinja file replacing the tokenizer's chat template (None: the tokenizer's own); the run dir and the
-    # export keep the template used, as chat_template.jinja
-    chat_template: str | None = None
-    seq_length: int = 1024
-    canvas_length: int = 256
-    prompt_too_long: Literal["skip", "fail"] = "skip"
-    num_workers: int = 0
-    shuffle: bool = True
-    # true: supervise only the final assistant turn (reference); false: every assistant turn is its own
-    # canvas segment conditioned on the clean history before it (data/canvas.py)
-    mask_history: bool = True
-    # pack several conversations per row (document-aware masks, positions restart per conversation)
-    packing: bool = False
+    train_path: str = option("", "training data: jsonl path or datasets name/dir", required=True)
+    split: str = option("train", "split of a datasets name/dir")
+    eval_path: str | None = option(None, "held-out rows (jsonl) for the eval section")
+    tokenizer: str | None = option(None, 'tokenizer dir; null: the model dir; "tiny": the tokenizer blockdiff ships')
+    chat_template: str | None = option(
+        None, "a .jinja file replacing the tokenizer's chat template (null: the tokenizer's own); the run dir and "
+              "the export keep the template used, as chat_template.jinja")
+    seq_length: int = option(1024, "tokens per row: prompt plus canvas blocks")
+    canvas_length: int = option(256, "tokens per canvas block")
+    prompt_too_long: Literal["skip", "fail"] = option(
+        "skip", "a row whose prompt leaves no room for one canvas block: skip it, or fail")
+    mask_history: bool = option(
+        True, "true: supervise only the final assistant turn; false: every assistant turn is its own canvas "
+              "segment conditioned on the clean history before it")
+    packing: bool = option(
+        False, "pack several conversations per row (document-aware masks, positions restart per conversation)")
 
     def checks(self):
-        out = [_rng(self, "canvas_length", gt=0), _rng(self, "num_workers", ge=0)]
+        out = [_rng(self, "canvas_length", gt=0)]
         if self.seq_length < self.canvas_length + 1:
             out.append(("seq_length", f"expected seq_length >= canvas_length + 1 = {self.canvas_length + 1} "
                                       f"(room for a prompt token and one canvas), got {self.seq_length}"))
@@ -82,15 +89,17 @@ class DataSection:
 
 @dataclass
 class ObjectiveSection:
-    eps: float = 1e-3  # corruption level t = eps + (1 - eps) * U(0, 1)
-    self_conditioning_prob: float = 0.5
-    freeze_router: bool = True
-    loss_type: Literal["all_supervised", "corrupted_only", "reweighted", "leave_one_out"] = "all_supervised"
-    ar_loss_weight: float = 1.0
-    ar_loss_scope: Literal["sequence", "response"] = "sequence"
-    # token: AR loss over the global batch's AR tokens; example: mean over its conversations of their own means
-    ar_loss_reduction: Literal["token", "example"] = "token"
-    block_choice: Literal["uniform"] = "uniform"
+    eps: float = option(1e-3, "corruption level t = eps + (1 - eps) * U(0, 1)")
+    self_conditioning_prob: float = option(0.5, "probability that a sample gets the self-conditioning pass")
+    freeze_router: bool = option(True, "keep the MoE router weights frozen")
+    loss_type: Literal["all_supervised", "corrupted_only", "reweighted", "leave_one_out"] = option(
+        "all_supervised", "which canvas positions the diffusion loss scores, and how they are weighted")
+    ar_loss_weight: float = option(1.0, "weight of the encoder's next-token (AR) co-loss; 0: off")
+    ar_loss_scope: Literal["sequence", "response"] = option(
+        "sequence", "tokens the AR loss scores: the whole sequence or the response only")
+    ar_loss_reduction: Literal["token", "example"] = option(
+        "token", "token: AR loss over the global batch's AR tokens; example: mean over its conversations of "
+                 "their own means")
 
     def checks(self):
         return [_rng(self, "eps", gt=0, lt=1), _rng(self, "self_conditioning_prob", ge=0, le=1),
@@ -99,14 +108,14 @@ class ObjectiveSection:
 
 @dataclass
 class OptimizerSection:
-    lr: float = 1.5e-4
-    betas: tuple[float, float] = (0.95, 0.99)
-    eps: float = 1e-8
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0  # max grad norm; 0 disables clipping
-    # one CUDA device in bf16 (unsharded): AdamW that also writes persistent bf16 working weights in the same
-    # pass (master_adamw.py); off: torch's fused AdamW, which every other run uses. Opt-in until measured on a GPU
-    master_update: bool = False
+    lr: float = option(1.5e-4, "peak learning rate (AdamW)")
+    betas: tuple[float, float] = option((0.95, 0.99), "AdamW betas")
+    eps: float = option(1e-8, "AdamW epsilon")
+    weight_decay: float = option(1e-4, "AdamW decoupled weight decay")
+    grad_clip: float = option(1.0, "max global grad norm; 0 disables clipping")
+    master_update: bool = option(
+        False, "one CUDA device in bf16 (unsharded): AdamW that also writes persistent bf16 working weights in "
+               "the same pass (master_adamw.py); off: torch's fused AdamW. Opt-in until measured on a GPU")
 
     def checks(self):
         out = [_rng(self, "lr", gt=0), _rng(self, "eps", gt=0), _rng(self, "weight_decay", ge=0),
@@ -118,10 +127,10 @@ class OptimizerSection:
 
 @dataclass
 class SchedulerSection:
-    warmup_steps: int = 25  # linear from 0
-    decay_steps: int = 800  # cosine to min_lr over this many steps (warmup included)
-    min_lr: float = 1.5e-5
-    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = option(25, "steps of linear warmup from 0")
+    decay_steps: int = option(800, "cosine to min_lr over this many steps (warmup included)")
+    min_lr: float = option(1.5e-5, "learning rate at the end of the cosine decay")
+    kind: Literal["cosine", "constant"] = option("cosine", "schedule after warmup")
 
     def checks(self):
         out = [_rng(self, "warmup_steps", ge=0), _rng(self, "decay_steps", ge=1), _rng(self, "min_lr", ge=0)]
@@ -133,16 +142,18 @@ class SchedulerSection:
 
 @dataclass
 class TrainSection:
-    max_steps: int = 800
-    global_batch_size: int = 8
-    micro_batch_size: int = 1
-    seed: int = 42
-    output_dir: str = field(default="", metadata=_REQUIRED)
-    resume: Literal["auto", "never", "must"] = "auto"
-    log_every: int = 1
-    max_epochs: int | None = None
-    nan_policy: Literal["skip", "stop"] = "stop"
-    skip_memory_check: bool = False  # true: launch on CUDA even when the memory plan says it cannot fit
+    max_steps: int = option(800, "optimizer steps to train")
+    global_batch_size: int = option(8, "samples per optimizer step, over all ranks")
+    micro_batch_size: int = option(1, "samples per forward/backward on one rank")
+    seed: int = option(42, "seed of the data order, the noise and the model init")
+    output_dir: str = option("", "run directory (checkpoints, metrics, export)", required=True)
+    resume: Literal["auto", "never", "must"] = option(
+        "auto", "auto: resume from the run dir's latest checkpoint if any; must: fail without one; "
+                "never: fail with one")
+    log_every: int = option(1, "log metrics every N steps")
+    max_epochs: int | None = option(None, "stop after this many passes over the data (also bounded by max_steps)")
+    nan_policy: Literal["skip", "stop"] = option("stop", "a non-finite loss or gradient: skip the step, or stop")
+    skip_memory_check: bool = option(False, "true: launch on CUDA even when the memory plan says it cannot fit")
 
     def checks(self):
         out = [_rng(self, n, ge=1) for n in ("max_steps", "global_batch_size", "micro_batch_size", "log_every",
@@ -156,14 +167,14 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
-    # validation loss (val_loss, val_diffusion_loss, val_ar_loss) every N steps with fixed noise; 0: off
-    loss_every: int = 0
-    # held-out rows it scores: the first N of data.eval_path, or without one N rows of the training file
-    # (a seeded choice, left out of training)
-    loss_samples: int = 64
-    accuracy_every: int = 0  # sampled exact-match accuracy (eval_accuracy) every N steps; 0: off
-    accuracy_samples: int = 64  # the first N rows of data.eval_path
-    seed: int = 0  # the validation loss's noise and the sampler's per-prompt seeds
+    loss_every: int = option(
+        0, "validation loss (val_loss, val_diffusion_loss, val_ar_loss) every N steps with fixed noise; 0: off")
+    loss_samples: int = option(
+        64, "held-out rows it scores: the first N of data.eval_path, or without one N rows of the training file "
+            "(a seeded choice, left out of training)")
+    accuracy_every: int = option(0, "sampled exact-match accuracy (eval_accuracy) every N steps; 0: off")
+    accuracy_samples: int = option(64, "the first N rows of data.eval_path")
+    seed: int = option(0, "the validation loss's noise and the sampler's per-prompt seeds")
 
     def checks(self):
         return [_rng(self, n, ge=0) for n in ("loss_every", "accuracy_every", "seed")] + [
@@ -172,12 +183,13 @@ class EvalSection:
 
 @dataclass
 class CheckpointSection:
-    every_steps: int = 400  # 0: only the final checkpoint
-    keep_last: int = 2
-    save_final: bool = True  # checkpoint at the end of training (off for throw-away benchmark runs)
-    export_final: bool = True  # write a HF-format model dir at the end
-    export_dir: str | None = None  # default: <output_dir>/export
-    export_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: the source checkpoint's dtype
+    every_steps: int = option(400, "checkpoint every N steps; 0: only the final checkpoint")
+    keep_last: int = option(2, "checkpoints kept in the run dir (older ones are removed)")
+    save_final: bool = option(True, "checkpoint at the end of training (off for throw-away benchmark runs)")
+    export_final: bool = option(True, "write a HF-format model dir at the end")
+    export_dir: str | None = option(None, "where the final export goes; null: <output_dir>/export")
+    export_dtype: Literal["auto", "bfloat16", "float32"] = option(
+        "auto", "dtype of the exported weights; auto: the source checkpoint's dtype")
 
     def checks(self):
         return [_rng(self, "every_steps", ge=0), _rng(self, "keep_last", ge=1)]
@@ -185,17 +197,17 @@ class CheckpointSection:
 
 @dataclass
 class ParallelSection:
-    dp: int = -1  # -1: the world size
-    ep: int = 1  # expert-parallel group size (experts split over ep ranks; data parallel over all)
-    activation_checkpointing: bool = True
-    # ep > 1 with activation checkpointing: false keeps each layer's all-to-all results from the forward
-    # for its recomputation (faster; costs the dispatched rows' memory), true exchanges them again
-    recompute_expert_exchanges: bool = False
-    # false: a layer's parameters stay gathered from its first forward (encoder) through its backward
-    # instead of being all-gathered again for each decoder pass and for backward (faster; costs the
-    # gathered bf16 copy of every layer at the forward's end)
-    reshard_after_forward: bool = True
-    compile: bool = False
+    dp: int = option(-1, "data-parallel size; -1: the world size (the only other valid value)")
+    ep: int = option(1, "expert-parallel group size (experts split over ep ranks; data parallel over all)")
+    activation_checkpointing: bool = option(True, "recompute each layer's activations in backward")
+    recompute_expert_exchanges: bool = option(
+        False, "ep > 1 with activation checkpointing: false keeps each layer's all-to-all results from the "
+               "forward for its recomputation (faster; costs the dispatched rows' memory), true exchanges them again")
+    reshard_after_forward: bool = option(
+        True, "false: a layer's parameters stay gathered from its first forward (encoder) through its backward "
+              "instead of being all-gathered again for each decoder pass and for backward (faster; costs the "
+              "gathered bf16 copy of every layer at the forward's end)")
+    compile: bool = option(False, "torch.compile each layer")
 
     def checks(self):
         out = [_rng(self, "ep", ge=1)]
@@ -206,14 +218,14 @@ class ParallelSection:
 
 @dataclass
 class LoraSection:
-    enabled: bool = False
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                          "gate_proj", "up_proj", "down_proj"])
-    self_conditioning: bool = False  # also adapt the self-conditioning block
-    experts: bool = False  # also adapt the MoE experts
+    enabled: bool = option(False, "train LoRA adapters instead of all weights")
+    rank: int = option(16, "LoRA rank r")
+    alpha: float = option(32.0, "LoRA scale numerator (the update is scaled by alpha / rank)")
+    dropout: float = option(0.0, "dropout on the LoRA input")
+    targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                "names of the linear modules to adapt")
+    self_conditioning: bool = option(False, "also adapt the self-conditioning block")
+    experts: bool = option(False, "also adapt the MoE experts")
 
     def checks(self):
         out = [_rng(self, "rank", ge=1), _rng(self, "alpha", gt=0), _rng(self, "dropout", ge=0, lt=1)]
@@ -224,15 +236,16 @@ class LoraSection:
 
 @dataclass
 class LoggingSection:
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str | None = None
-    progress: bool = True
-    profile_at: int = 0  # > 0: torch-profile steps [profile_at, profile_at + profile_steps) into <run>/profile
-    profile_steps: int = 2
-    # false: record GPU kernels only, not host ops (far less host overhead, so the profiled steps run closer
-    # to unprofiled ones; the tables then list kernels only). CPU runs always record host ops.
-    profile_host_ops: bool = True
+    tensorboard: bool = option(True, "write TensorBoard event files into the run dir")
+    wandb: bool = option(False, "log to Weights & Biases (needs the wandb package)")
+    wandb_project: str | None = option(None, "W&B project name; null: wandb's default")
+    progress: bool = option(True, "show a progress bar on rank 0")
+    profile_at: int = option(
+        0, "> 0: torch-profile steps [profile_at, profile_at + profile_steps) into <run>/profile")
+    profile_steps: int = option(2, "steps the profiler records")
+    profile_host_ops: bool = option(
+        True, "false: record GPU kernels only, not host ops (far less host overhead, so the profiled steps run "
+              "closer to unprofiled ones; the tables then list kernels only). CPU runs always record host ops")
 
     def checks(self):
         return [_rng(self, "profile_at", ge=0), _rng(self, "profile_steps", ge=1)]

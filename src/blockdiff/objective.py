@@ -39,7 +39,6 @@ from .fused_ce import linear_softcap_ce_sum
 from .model.diffusion_gemma import CanvasLayout, DiffusionGemma, canvas_layout, segment_layout
 from .soft_embed import soft_embeddings
 
-LOSS_TYPES = ("all_supervised", "corrupted_only", "reweighted", "leave_one_out")
 AR_LOSS_REDUCTIONS = ("token", "example")
 
 

@@ -451,19 +451,3 @@ def param_groups_by_mesh(params) -> list[dict]:
     for p in params:
         groups.setdefault(p.device_mesh if _is_dtensor(p) else None, []).append(p)
     return [{"params": ps} for ps in groups.values()]
-
-
-# ---------------------------------------------------------------------------------------- debugging
-
-
-@torch.no_grad()
-def gather_grads(model, dist: DistInfo) -> dict[str, torch.Tensor]:
-    """Full gradients by parameter name (on rank 0; tests and debugging). Collective on every rank."""
-    out = {}
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        full = full_tensor(model, name, p.grad)
-        if dist.rank == 0:
-            out[name] = full.detach().float().cpu()
-    return out

@@ -10,6 +10,7 @@ re-sharded run continues the identical trajectory.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -171,24 +172,18 @@ class StopSignal:
 # ---------------------------------------------------------------------------------------- the loop
 
 
-def step_sample_indices(step: int, global_batch: int, dataset_size: int, seed: int, _cache={}) -> list[int]:
+@functools.lru_cache(maxsize=2)  # the epoch a step reads, and the next one when its batch crosses the boundary
+def _epoch_order(dataset_size: int, epoch: int, seed: int) -> tuple[int, ...]:
+    return tuple(global_order(dataset_size, epoch, seed))
+
+
+def step_sample_indices(step: int, global_batch: int, dataset_size: int, seed: int) -> list[int]:
     """Dataset indices of the global batch at ``step``: consecutive slices of per-epoch permutations."""
     out = []
     for pos in range(step * global_batch, (step + 1) * global_batch):
         epoch, i = divmod(pos, dataset_size)
-        key = (dataset_size, epoch, seed)
-        if key not in _cache:
-            _cache.clear()
-            _cache[key] = global_order(dataset_size, epoch, seed)
-        out.append(_cache[key][i])
+        out.append(_epoch_order(dataset_size, epoch, seed)[i])
     return out
-
-
-def rank_micro_batches(step: int, cfg: Config, dataset, dist: DistInfo, vocab_size: int,
-                       settings: ObjectiveSettings) -> list[tuple]:
-    """This rank's share of the global batch at ``step``, as (canvas batch, noise) micro-batches on the
-    device (``host_micro_batches`` moved with ``to_device``)."""
-    return micro_to_device(host_micro_batches(step, cfg, dataset, dist, vocab_size, settings), dist.device)
 
 
 def micro_to_device(micro: list[tuple], device: torch.device) -> list[tuple]:

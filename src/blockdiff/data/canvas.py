@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 
@@ -400,11 +399,3 @@ def global_order(n: int, epoch: int, seed: int) -> list[int]:
     gen = torch.Generator()
     gen.manual_seed((int(seed) * 1_000_003 + int(epoch)) % (2**63 - 1))  # distinct stream per epoch
     return torch.randperm(n, generator=gen).tolist()
-
-
-def iter_global_batches(order: Iterable[int], global_batch: int) -> Iterable[list[int]]:
-    """Consecutive ``global_batch``-sized chunks of ``order`` (a trailing partial chunk is dropped
-    so every step has the same global batch)."""
-    order = list(order)
-    for start in range(0, len(order) - global_batch + 1, global_batch):
-        yield order[start: start + global_batch]

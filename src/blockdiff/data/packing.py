@@ -1,7 +1,7 @@
 """Row plans for packed micro-batches (``data.packing: true``): which conversations share a row.
 
 The packer only REGROUPS the conversations of one micro-batch: which samples a rank and a micro-batch
-get is decided before (``train.rank_micro_batches``), and every conversation keeps its own sample id
+get is decided before (``train.host_micro_batches``), and every conversation keeps its own sample id
 and noise stream, so the plan never changes what is trained on, only how it is laid out.
 
 What it minimises: the tokens the model runs over, padding included. The encoder runs over the clean

@@ -106,10 +106,9 @@ class MaskInfo:
 class Masks:
     """Per-forward attention masks, built once per layer type and reused by every layer."""
 
-    def __init__(self, info: MaskInfo, backend: str, window: int):
+    def __init__(self, info: MaskInfo, backend: str):
         self.info = info
         self.backend = backend
-        self.window = window
         self._cache: dict[bool, object] = {}
 
     def get(self, sliding: bool):

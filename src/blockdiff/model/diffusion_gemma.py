@@ -251,7 +251,7 @@ class DiffusionGemma(nn.Module):
         return cap * torch.tanh(logits / cap) if cap else logits
 
     def _run_layers(self, x, positions, info: MaskInfo, prefix: KVCache | None, encoder: bool):
-        masks = Masks(info, self.backend_for(x.device), self.config.sliding_window)
+        masks = Masks(info, self.backend_for(x.device))
         if masks.backend != "flex":  # dense masks up front: compiled layers (sampling) then only read them
             for sliding in {layer.self_attn.sliding for layer in self.layers}:
                 masks.get(sliding)
