@@ -19,7 +19,7 @@ EXPECTED = {
     "export_run": "blockdiff.export",
     "SamplerSettings": "blockdiff.sampling",
     "generate": "blockdiff.sampling",
-    "generate_text": "blockdiff.sampling",
+    "generate_text": "blockdiff.prompting",
     "load_for_inference": "blockdiff.evaluate",
     "preview_rows": "blockdiff.data.preview",
     "BlockdiffError": "blockdiff.errors",

@@ -32,7 +32,7 @@ _EXPORTS = {
     "export_run": ("blockdiff.export", "export_run"),
     "SamplerSettings": ("blockdiff.sampling", "SamplerSettings"),
     "generate": ("blockdiff.sampling", "generate"),
-    "generate_text": ("blockdiff.sampling", "generate_text"),
+    "generate_text": ("blockdiff.prompting", "generate_text"),
     "load_for_inference": ("blockdiff.evaluate", "load_for_inference"),
     "preview_rows": ("blockdiff.data.preview", "preview_rows"),
     "BlockdiffError": ("blockdiff.errors", "BlockdiffError"),
