@@ -85,7 +85,7 @@ def test_train_on_the_hub_template_exports_it_and_stops_on_turn_end(setup, capsy
     # the stop fires: a canvas holding <turn|> ends the reply there and no further block is denoised
     blocks = []
 
-    def fake_block(model, cache, rng, settings, canvas_length):
+    def fake_block(model, cache, rng, settings, canvas_length, *lockstep):
         blocks.append(canvas_length)
         out = torch.full((len(rng.gens), canvas_length), 7, dtype=torch.long)
         out[:, 3] = 106

@@ -182,14 +182,15 @@ def test_bad_layouts_and_model_dirs(tmp_path, capsys):
     sft = "examples/dllm_sft/diffusion_gemma_sft.yaml"
     assert cli(["plan", "-c", sft, "--gpus", "3"]) == 2  # refused before the model config is read
     err = capsys.readouterr().err
-    assert f"{sft}:65: field 'parallel.ep': ep=8 does not divide the world size 3" in err
+    ep_line = 1 + next(i for i, t in enumerate(Path(sft).read_text().splitlines()) if t.strip().startswith("ep:"))
+    assert f"{sft}:{ep_line}: field 'parallel.ep': ep=8 does not divide the world size 3" in err
     assert len(err.splitlines()) == 1
     empty = tmp_path / "weights-only"
     empty.mkdir()
     (empty / "model.safetensors").write_bytes(b"")
     args = ["plan", "-c", "examples/dllm_sft/diffusion_gemma_sft.yaml", "--model.name_or_path", str(empty)]
     assert cli(args) == 2
-    assert f"{empty} holds no config.json (a plan needs only that file, no weights)" in capsys.readouterr().err
+    assert f"{empty} holds no config.json (the run's architecture is read from it)" in capsys.readouterr().err
     assert cli([*args[:-1], str(tmp_path / "missing")]) == 2
     assert "no such model directory" in capsys.readouterr().err
 
