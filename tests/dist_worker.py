@@ -39,12 +39,38 @@ a gloo teardown abort cannot turn a good run into a failure (the test checks the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+
+COLLECTIVES = ("all_to_all_single", "all_gather_into_tensor", "all_gather_single")
+
+
+@contextlib.contextmanager
+def counting_collectives():
+    """Counts this rank's calls of ``COLLECTIVES`` (expert-parallel exchanges; FSDP parameter gathers, whose
+    name depends on the torch version) inside the context; yields the {name: count} dict."""
+    calls = dict.fromkeys(COLLECTIVES, 0)
+    originals = {name: getattr(torch.distributed, name) for name in COLLECTIVES if hasattr(torch.distributed, name)}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in originals:
+        setattr(torch.distributed, name, counting(name))
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.distributed, name, fn)
 
 
 def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
@@ -79,27 +105,11 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
     micro = rank_micro_batches(0, cfg, ds, dist, model.config.vocab_size, settings)
     n_diff, n_ar = global_token_counts(micro, settings, dist)
     sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
-    # collectives of this rank in the step: all_to_all_single (expert-parallel exchanges) and
-    # all_gather_into_tensor / all_gather_single (FSDP parameter gathers; the name depends on the torch version)
-    calls = {"all_to_all_single": 0, "all_gather_into_tensor": 0, "all_gather_single": 0}
-    originals = {name: getattr(torch.distributed, name) for name in calls if hasattr(torch.distributed, name)}
-
-    def counting(name):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return originals[name](*args, **kwargs)
-        return call
-
-    for name in originals:
-        setattr(torch.distributed, name, counting(name))
-    try:
+    with counting_collectives() as calls:  # this rank's collectives in the step
         for batch, noise in micro:
             out = compute_loss(model, batch, noise, settings, n_diff, n_ar)
             out["loss"].backward()
             sums += torch.stack([out["loss"].detach(), out["diffusion_loss"], out["ar_loss"]]).double()
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.distributed, name, fn)
     all_reduce_(sums, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     if dist.world_size > 1 and not hasattr(model, "_blockdiff_parallel"):
@@ -385,25 +395,10 @@ def periodic_evals(overrides: list[str], spec: dict) -> dict | None:
         torch.manual_seed(1234)  # the fixed noise must not read the global generator
         evals.maybe_run(4, rec)
     outputs, collectives = [], []
-    names = ("all_to_all_single", "all_gather_into_tensor", "all_gather_single")
-    originals = {n: getattr(torch.distributed, n) for n in names if hasattr(torch.distributed, n)}
     for case in spec.get("cases", []):
-        calls = dict.fromkeys(originals, 0)
-
-        def counting(name):
-            def call(*args, **kwargs):
-                calls[name] += 1
-                return originals[name](*args, **kwargs)
-            return call
-
-        for n in originals:
-            setattr(torch.distributed, n, counting(n))
-        try:
+        with counting_collectives() as calls:
             outputs.append(generate_across_ranks(model, case["prompts"], SamplerSettings(**case["settings"]),
                                                  row_seeds=case["seeds"], dist=dist))
-        finally:
-            for n, fn in originals.items():
-                setattr(torch.distributed, n, fn)
         per_rank = [calls]
         if dist.world_size > 1:
             per_rank = [None] * dist.world_size
