@@ -20,8 +20,8 @@ def main(argv=None):
 
     from blockdiff.model.config import REAL_SHAPES, ModelConfig, hf_config_dict
     from blockdiff.model.diffusion_gemma import DiffusionGemma
-    from blockdiff.model.hf_names import from_hf
-    from blockdiff.sampling import SamplerSettings, generate
+    from blockdiff.model.hf.names import from_hf
+    from blockdiff.infer.sampling import SamplerSettings, generate
 
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=6)

@@ -23,12 +23,12 @@ import statistics
 
 import torch
 
-from blockdiff import master_adamw
-from blockdiff.master_adamw import MasterAdamW
+from blockdiff.train import master_adamw
+from blockdiff.train.master_adamw import MasterAdamW
 from blockdiff.model.config import REAL_SHAPES, ModelConfig, hf_config_dict
 from blockdiff.model.diffusion_gemma import DiffusionGemma
-from blockdiff.objective import freeze_router
-from blockdiff.parallel import clip_gradients
+from blockdiff.objective.loss import freeze_router
+from blockdiff.parallel.parallelize import clip_gradients
 
 BETAS, EPS, WD = (0.95, 0.99), 1e-8, 0.1
 

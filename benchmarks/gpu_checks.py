@@ -5,7 +5,7 @@
    head_dim 512 layers), training forward over several blocks, fp32 and bf16.
 3. blockdiff vs transformers' DiffusionGemmaForBlockDiffusion logits at the real shapes (2 layers:
    one sliding, one full), bf16 and fp32.
-4. pass 2's soft embeddings with the embedding's gradient (``blockdiff.soft_embed``, bf16, vocabulary
+4. pass 2's soft embeddings with the embedding's gradient (``blockdiff.objective.soft_embed``, bf16, vocabulary
    262144, hidden 2816) vs plain autograd: values and gradient against fp32, time and peak memory.
 """
 
@@ -62,7 +62,7 @@ def decisive_router_(layers):
 def check_flex_vs_sdpa(dev, dtype, layers: int = 2):
     """2 layers = one sliding (head_dim 256) and one full (head_dim 512) layer: both mask kinds, and fast
     enough for fp32 inside one device call (6 layers in fp32 did not finish in 150 s)."""
-    from blockdiff.model import hf_io
+    from blockdiff.model.hf import io as hf_io
 
     hf_cfg = hf_config_dict(**{**REAL_SHAPES, "num_hidden_layers": layers})
     model = hf_io.from_config(hf_cfg, dtype=dtype, device=dev, attn_backend="sdpa").eval()
@@ -88,7 +88,7 @@ def check_parity(dev, dtype):
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     from blockdiff.model.diffusion_gemma import DiffusionGemma
-    from blockdiff.model.hf_names import from_hf
+    from blockdiff.model.hf.names import from_hf
 
     cfg = DiffusionGemmaConfig(**hf_config_dict(**{**REAL_SHAPES, "num_hidden_layers": 2}))
     with torch.device(dev):
@@ -113,7 +113,7 @@ def check_parity(dev, dtype):
 
 
 def check_soft_embeddings(dev, n: int = 8192, H: int = 2816, V: int = 262144):
-    from blockdiff.soft_embed import soft_embeddings
+    from blockdiff.objective.soft_embed import soft_embeddings
 
     g = torch.Generator(device=dev).manual_seed(0)
     cap, scale = 30.0, H ** 0.5

@@ -37,10 +37,10 @@ def main() -> None:
 
     from blockdiff.data.canvas import CanvasBatch
     from blockdiff.lora import apply_lora
-    from blockdiff.model import hf_io
+    from blockdiff.model.hf import io as hf_io
     from blockdiff.model.config import REAL_SHAPES, hf_config_dict
-    from blockdiff.bench import recipe_step
-    from blockdiff.objective import ObjectiveSettings
+    from blockdiff.train.bench import recipe_step
+    from blockdiff.objective.loss import ObjectiveSettings
 
     dev = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -56,7 +56,7 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     if not args.no_ac:
         try:
-            from blockdiff.parallel import apply_activation_checkpointing
+            from blockdiff.parallel.parallelize import apply_activation_checkpointing
         except ImportError:
             from torch.utils.checkpoint import checkpoint
 

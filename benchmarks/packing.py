@@ -14,7 +14,7 @@ conversation per row (``collate``), on = ``collate_packed`` (``data.packing.pack
 (non-pad) tokens per step are the same, so real tokens/s compares the two directly. On CUDA rows are
 rounded up to 128 columns as the trainer does.
 
-The step is ``blockdiff.bench.recipe_step`` (encoder + AR loss, decoder pass 1 without grad, pass 2 with
+The step is ``blockdiff.train.bench.recipe_step`` (encoder + AR loss, decoder pass 1 without grad, pass 2 with
 self-conditioning, backward, clip, AdamW; bf16 working weights on CUDA, fp32 on CPU) on a random-init
 model. Each step takes the next micro-batch, so shapes vary as in training; the first ``--warmup``
 steps of each mode (compilation of new shapes included) are not timed.
@@ -41,12 +41,12 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from blockdiff.bench import recipe_step  # noqa: E402
+from blockdiff.train.bench import recipe_step  # noqa: E402
 from blockdiff.data.canvas import build_multiturn_example, collate, collate_packed  # noqa: E402
 from blockdiff.data.packing import next_fit, pack_rows, plan_cost  # noqa: E402
 from blockdiff.data.synthetic import GSM8K_LIKE, gsm8k_like_lengths, length_examples  # noqa: E402
 from blockdiff.model.config import REAL_SHAPES, hf_config_dict  # noqa: E402
-from blockdiff.objective import ObjectiveSettings, freeze_router  # noqa: E402
+from blockdiff.objective.loss import ObjectiveSettings, freeze_router  # noqa: E402
 
 TINY_SHAPES = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
@@ -78,14 +78,14 @@ def efficiency_rows(lengths, blocks, mb: int, seq_length: int, canvas: int, pad,
 
 
 def build_model(args, device):
-    from blockdiff.model.hf_io import from_config
+    from blockdiff.model.hf.io import from_config
 
     shapes = TINY_SHAPES if args.tiny else REAL_SHAPES
     model = from_config(hf_config_dict(**{**shapes, "num_hidden_layers": args.layers}), dtype=torch.float32,
                         device=device, attn_backend=args.attn, seed=0)
     freeze_router(model)
     if args.activation_checkpointing:
-        from blockdiff.parallel import apply_activation_checkpointing
+        from blockdiff.parallel.parallelize import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
     model.train()

@@ -11,7 +11,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from blockdiff.bench import blockdiff_step_fn, make_batch
+from blockdiff.train.bench import blockdiff_step_fn, make_batch
 from blockdiff.model.config import REAL_SHAPES, hf_config_dict
 
 

@@ -8,7 +8,7 @@
   # --profile: torch-profiler tables of the last two steps on every rank (and benchmarks/trace_breakdown.py
   # of their traces); --tiny: CPU smoke run (gloo)
 
-``throughput`` trains through ``blockdiff.train.train`` (the production loop: FSDP2 + EP + AC) on
+``throughput`` trains through ``blockdiff.train.loop.train`` (the production loop: FSDP2 + EP + AC) on
 synthetic data and prints one JSON line on rank 0: tokens/s per GPU, median step time, peak memory.
 """
 
@@ -61,11 +61,11 @@ def equivalence(args) -> None:
 def throughput(args) -> None:
     import torch
 
-    from blockdiff.config import demo_config_path, load_config
+    from blockdiff.config.schema import demo_config_path, load_config
     from blockdiff.data.synthetic import write_splits
-    from blockdiff.metrics import read_metrics
+    from blockdiff.train.metrics import read_metrics
     from blockdiff.model.config import REAL_SHAPES, hf_config_dict
-    from blockdiff.train import train
+    from blockdiff.train.loop import train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -77,7 +77,7 @@ def throughput(args) -> None:
     if world > 1:
         import torch.distributed as dist
 
-        from blockdiff.distributed import init_distributed
+        from blockdiff.parallel.distributed import init_distributed
 
         init_distributed()  # as train() would: the GPU is bound before NCCL starts (no device-id guessing)
         dist.barrier()
@@ -160,7 +160,7 @@ def balanced_routing() -> None:
 def record_expert_loads() -> list[int]:
     """Rows each expert-parallel call hands to this rank's experts (recomputations included: they run the
     experts again), appended to the returned list as the run goes."""
-    from blockdiff.parallel import ExpertDispatcher
+    from blockdiff.parallel.parallelize import ExpertDispatcher
 
     loads, dispatch = [], ExpertDispatcher.dispatch
 

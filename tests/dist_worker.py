@@ -11,7 +11,7 @@
 ``grads``: one training step's forward/backward on the global batch (no optimizer step); rank 0 writes
 the summed losses, the global grad norm, every FULL gradient (gathered, experts in their global
 layout), its number of ``all_to_all_single`` calls and FSDP all-gathers in the step and
-of micro-batches to OUT_FILE (safetensors). ``train``: ``blockdiff.train.train`` on the config. ``script``: runs
+of micro-batches to OUT_FILE (safetensors). ``train``: ``blockdiff.train.loop.train`` on the config. ``script``: runs
 SCRIPT.py as ``__main__`` (e.g. ``examples/dllm_sft/finetune.py -c ...``); a non-zero ``sys.exit`` leaves
 no ``.done`` file. ``export``: loads SOURCE_CHECKPOINT, parallelizes it (ep = world size) and writes the
 transformers export of each ``EXPORT_CASES`` model to OUT_DIR/<case> with ``EXPORT_SHARD``-byte shards;
@@ -74,12 +74,12 @@ def counting_collectives():
 
 
 def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
-    from blockdiff.config import apply_world_size, demo_config_path, load_config
+    from blockdiff.config.schema import apply_world_size, demo_config_path, load_config
     from blockdiff.data.canvas import SFTDataset
-    from blockdiff.distributed import all_reduce_, init_distributed
-    from blockdiff.objective import ObjectiveSettings, compute_loss, freeze_router
-    from blockdiff.parallel import clip_grad_norm_, parallelize
-    from blockdiff.train import build_model, global_token_counts, load_tokenizer
+    from blockdiff.parallel.distributed import all_reduce_, init_distributed
+    from blockdiff.objective.loss import ObjectiveSettings, compute_loss, freeze_router
+    from blockdiff.parallel.parallelize import clip_grad_norm_, parallelize
+    from blockdiff.train.loop import build_model, global_token_counts, load_tokenizer
     from helpers import gather_grads, rank_micro_batches
 
     cfg = load_config(demo_config_path(), overrides)
@@ -139,8 +139,8 @@ EXPORT_CASES = {"full": None, "lora": LORA, "lora_experts": {**LORA, "experts": 
 def export_case_model(source: str, case: str, cfg, dist):
     """The model of an export case: the source checkpoint (fp32 masters), LoRA with seeded A and B."""
     from blockdiff.lora import apply_lora
-    from blockdiff.model import hf_io
-    from blockdiff.parallel import parallelize
+    from blockdiff.model.hf import io as hf_io
+    from blockdiff.parallel.parallelize import parallelize
 
     model = hf_io.load_pretrained(source, dtype=torch.float32, attn_backend="sdpa")
     if EXPORT_CASES[case] is not None:
@@ -155,9 +155,9 @@ def export_case_model(source: str, case: str, cfg, dist):
 def export_models(out: Path, source: str) -> None:
     import json
 
-    from blockdiff.config import apply_world_size, demo_config_path, load_config
-    from blockdiff.distributed import init_distributed
-    from blockdiff.model_export import export_model
+    from blockdiff.config.schema import apply_world_size, demo_config_path, load_config
+    from blockdiff.parallel.distributed import init_distributed
+    from blockdiff.checkpoint.live_export import export_model
 
     dist = init_distributed()
     cfg = load_config(demo_config_path(), ["--train.output_dir", str(out), "--data.train_path", "unused",
@@ -177,8 +177,8 @@ def export_failures(out: Path, model, dist) -> None:
     """Every rank must raise (not hang) when rank 0 cannot write: a refused path, then a full disk on
     rank 0's second shard. Each rank writes what it raised to OUT_DIR/failure.<kind>.rank<R>."""
     from blockdiff.errors import CheckpointError
-    from blockdiff.model import hf_save
-    from blockdiff.model_export import export_model
+    from blockdiff.model.hf import save as hf_save
+    from blockdiff.checkpoint.live_export import export_model
 
     if dist.rank == 0:
         (out / "a-file").write_text("keep")
@@ -216,12 +216,12 @@ def _storage_bytes(tensors) -> int:
 def step_state(overrides: list[str]) -> dict:
     from torch.distributed.tensor import DTensor
 
-    from blockdiff.config import apply_world_size, demo_config_path, load_config
+    from blockdiff.config.schema import apply_world_size, demo_config_path, load_config
     from blockdiff.data.canvas import SFTDataset
-    from blockdiff.distributed import init_distributed
-    from blockdiff.objective import ObjectiveSettings, compute_loss, freeze_router
-    from blockdiff.parallel import clip_gradients, param_groups_by_mesh, parallelize
-    from blockdiff.train import build_model, global_token_counts, load_tokenizer
+    from blockdiff.parallel.distributed import init_distributed
+    from blockdiff.objective.loss import ObjectiveSettings, compute_loss, freeze_router
+    from blockdiff.parallel.parallelize import clip_gradients, param_groups_by_mesh, parallelize
+    from blockdiff.train.loop import build_model, global_token_counts, load_tokenizer
     from helpers import rank_micro_batches
 
     cfg = load_config(demo_config_path(), overrides)
@@ -321,11 +321,11 @@ def load_layouts(out: str, layouts: list[list[str]]) -> None:
 
     from safetensors.torch import save_file
 
-    from blockdiff.config import demo_config_path, load_config
-    from blockdiff.distributed import init_distributed
-    from blockdiff.loading import build_training_model
-    from blockdiff.model.hf_load import Checkpoint
-    from blockdiff.parallel import full_tensor
+    from blockdiff.config.schema import demo_config_path, load_config
+    from blockdiff.parallel.distributed import init_distributed
+    from blockdiff.train.loading import build_training_model
+    from blockdiff.model.hf.load import Checkpoint
+    from blockdiff.parallel.parallelize import full_tensor
 
     dist = init_distributed()
     for i, overrides in enumerate(layouts):
@@ -360,14 +360,14 @@ def periodic_evals(overrides: list[str], spec: dict) -> dict | None:
     of ``spec["cases"]`` ({prompts, seeds, settings}), counting each rank's expert-parallel exchanges and FSDP
     all-gathers. With ``spec["train"]`` it then trains the config for 2 steps with evaluation every step.
     Returns (rank 0) {"evals", "outputs", "collectives": per case, per rank}."""
-    from blockdiff.config import apply_world_size, demo_config_path, load_config
+    from blockdiff.config.schema import apply_world_size, demo_config_path, load_config
     from blockdiff.data.canvas import SFTDataset
-    from blockdiff.distributed import init_distributed
-    from blockdiff.objective import freeze_router
-    from blockdiff.parallel import parallelize
-    from blockdiff.periodic_eval import PeriodicEval, generate_across_ranks, split_held_out
-    from blockdiff.sampling import SamplerSettings
-    from blockdiff.train import build_model, load_tokenizer, train
+    from blockdiff.parallel.distributed import init_distributed
+    from blockdiff.objective.loss import freeze_router
+    from blockdiff.parallel.parallelize import parallelize
+    from blockdiff.train.periodic_eval import PeriodicEval, generate_across_ranks, split_held_out
+    from blockdiff.infer.sampling import SamplerSettings
+    from blockdiff.train.loop import build_model, load_tokenizer, train
 
     cfg = load_config(demo_config_path(), overrides)
     dist = init_distributed()
@@ -424,8 +424,8 @@ def main(argv: list[str]) -> None:
 
         Path(f"{out}.rank{rank}.json").write_text(json.dumps(step_state(overrides)))
     elif mode == "train":
-        from blockdiff.config import demo_config_path, load_config
-        from blockdiff.train import train
+        from blockdiff.config.schema import demo_config_path, load_config
+        from blockdiff.train.loop import train
 
         train(load_config(demo_config_path(), overrides))
     elif mode == "evals":

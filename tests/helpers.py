@@ -19,8 +19,8 @@ import transformers
 
 from blockdiff.model.config import hf_config_dict
 from blockdiff.model.diffusion_gemma import DiffusionGemma
-from blockdiff.parallel import full_tensor
-from blockdiff.train import host_micro_batches, micro_to_device
+from blockdiff.parallel.parallelize import full_tensor
+from blockdiff.train.loop import host_micro_batches, micro_to_device
 
 _HF_CONFIG_DICT_KEYS = set(inspect.signature(hf_config_dict).parameters)
 

@@ -12,8 +12,8 @@ import os
 import sys
 import time
 
-import blockdiff.checkpoint as checkpoint
-from blockdiff.cli import main
+import blockdiff.checkpoint.training as checkpoint
+from blockdiff.cli.main import main
 
 
 def pause_after_model_file(seconds: float):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockdiff.cli import main
-from blockdiff.config import demo_config_path
+from blockdiff.cli.main import main
+from blockdiff.config.schema import demo_config_path
 from blockdiff.data import load_tiny_tokenizer
 from blockdiff.data.chat import render_generation_prompt
 from blockdiff.data.synthetic import write_splits
@@ -60,7 +60,7 @@ def run_cli(capsys, *args):
 
 
 def test_train_on_the_hub_template_exports_it_and_stops_on_turn_end(setup, capsys, monkeypatch):
-    from blockdiff import evaluate, prompting, sampling
+    from blockdiff.infer import evaluate, prompting, sampling
 
     d, train_path, tok_dir, hub = setup
     run = d / "run"

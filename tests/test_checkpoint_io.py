@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from blockdiff.errors import CheckpointError
-from blockdiff.model import hf_io, hf_save
+from blockdiff.model.hf import io as hf_io, save as hf_save
 
 VOCAB = 128
 

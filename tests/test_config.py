@@ -10,11 +10,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
-    import blockdiff.config  # noqa: F401
+    import blockdiff.config.schema  # noqa: F401
 except ImportError:  # not installed in the venv: run from the source tree
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from blockdiff.config import (Config, apply_world_size, config_from_dict, demo_config_path, load_config,
+from blockdiff.config.schema import (Config, apply_world_size, config_from_dict, demo_config_path, load_config,
                               parse_overrides)
 from blockdiff.errors import BlockdiffError, ConfigError
 

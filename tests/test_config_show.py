@@ -8,9 +8,9 @@ import json
 import pytest
 import yaml
 
-from blockdiff.cli import main
-from blockdiff.config import SECTIONS, Config, demo_config_path, load_config
-from blockdiff.config_show import describe, render, type_name
+from blockdiff.cli.main import main
+from blockdiff.config.schema import SECTIONS, Config, demo_config_path, load_config
+from blockdiff.config.show import describe, render, type_name
 
 
 def show(capsys, *args) -> tuple[int, str, str]:

@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from blockdiff.cli import main
-from blockdiff.config import demo_config_path, load_config
+from blockdiff.cli.main import main
+from blockdiff.config.schema import demo_config_path, load_config
 from blockdiff.data import load_tiny_tokenizer
 from blockdiff.data.canvas import SFTDataset
 from blockdiff.data.chat import tokenize_conversation
 from blockdiff.data.preview import CLOSE, OPEN, preview_rows, render_plain, render_rich
-from blockdiff.loading import model_config
+from blockdiff.train.loading import model_config
 from blockdiff.data.synthetic import generate, generate_multiturn
 
 C, S = 32, 96  # canvas_length, seq_length: a long reply is cut to 2 blocks, a long prompt is skipped

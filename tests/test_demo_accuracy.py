@@ -71,8 +71,8 @@ def demo(tmp_path_factory):
     directory, with torch's thread count as ``make demo`` has it (one per core; the conftest pins 1).
     Training numerics depend on the thread count (a 1-thread run's grad norms differ from a 2-thread
     run's in the 6th digit by step 20), and the README's run used 2 threads on 2 cores."""
-    from blockdiff.config import demo_config_path, load_config
-    from blockdiff.demo import main
+    from blockdiff.config.schema import demo_config_path, load_config
+    from blockdiff.cli.demo import main
 
     out = tmp_path_factory.mktemp("demo")
     threads = torch.get_num_threads()
@@ -104,7 +104,7 @@ def test_eval_cli_reproduces_readme_accuracy(demo, readme, setting, tmp_path, ca
     """``blockdiff eval gsm8k`` on the demo's export and held-out JSONL, with the sampler settings of
     the demo's ``setting`` number: within README_SE binomial standard errors of the README's number,
     significantly above the trivial baseline, and equal to the demo's own report."""
-    from blockdiff.evaluate import cli_eval, wilson_interval
+    from blockdiff.infer.evaluate import cli_eval, wilson_interval
 
     preds = tmp_path / "preds.jsonl"
     argv = ["gsm8k", "--model", str(demo.export), "--data", str(demo.test_jsonl), "--device", "cpu",
@@ -149,7 +149,7 @@ def test_blockdiff_sampler_no_worse_than_transformers_generate(demo, readme, cap
     Asserts blockdiff >= transformers - PAIRED_SE standard errors of the paired difference."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from blockdiff import evaluate, prompting, sampling
+    from blockdiff.infer import evaluate, prompting, sampling
     from blockdiff.data.chat import render_generation_prompt
     from blockdiff.data.jsonl import read_chat_jsonl
 

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from blockdiff import evaluate, prompting, sampling
+from blockdiff.infer import evaluate, prompting, sampling
 from blockdiff.data import load_tiny_tokenizer, synthetic
 from blockdiff.errors import BlockdiffError
-from blockdiff.evaluate import extract_answer, normalize_number, wilson_interval
-from blockdiff.sampling import SamplerSettings
+from blockdiff.infer.evaluate import extract_answer, normalize_number, wilson_interval
+from blockdiff.infer.sampling import SamplerSettings
 from helpers import make_hf_checkpoint
 
 EXTRACTION_CASES = [
@@ -151,7 +151,7 @@ def test_settings_for_tokenizer_keeps_the_chat_format_stops_and_drops_ordinary_i
     assert prompting.settings_for_tokenizer(SamplerSettings(), tok).eos_token_ids == (1, 106, 50)
     assert prompting.settings_for_tokenizer(SamplerSettings(eos_token_ids=(7, 1)), tok).eos_token_ids == (1, 106, 50)
     assert prompting.settings_for_tokenizer(SamplerSettings(eos_token_ids=()), tok).eos_token_ids == ()
-    assert sampling.cli_generate is not None  # cli.py imports it from blockdiff.sampling
+    assert sampling.cli_generate is not None  # cli.py imports it from blockdiff.infer.sampling
 
 
 def test_settings_for_checkpoint_takes_eos_from_tokenizer(ckpt, tok):

@@ -19,10 +19,10 @@ import transformers
 from helpers import randomize_hf_model, tiny_hf_config
 from safetensors import safe_open
 
-from blockdiff.config import apply_world_size, demo_config_path, load_config
-from blockdiff.distributed import DistInfo
+from blockdiff.config.schema import apply_world_size, demo_config_path, load_config
+from blockdiff.parallel.distributed import DistInfo
 from blockdiff.errors import CheckpointError
-from blockdiff.model import hf_io, hf_save
+from blockdiff.model.hf import io as hf_io, save as hf_save
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -172,7 +172,7 @@ def hf_and_blockdiff_logits(export: Path, prompt, canvas):
 
 
 def test_export_loads_in_transformers_with_blockdiff_logits(exports, source, tmp_path):
-    from blockdiff.model_export import export_model
+    from blockdiff.checkpoint.live_export import export_model
 
     one, _, _ = exports
     prompt, canvas = inputs()
@@ -218,7 +218,7 @@ def test_peft_adapter_of_the_sharded_export_loads_onto_the_source(exports, sourc
 
 def make_run(tmp_path, source, case) -> Path:
     """A run dir whose checkpoint is a DCP (sharded-format) checkpoint of the case's model."""
-    from blockdiff.checkpoint import save_sharded_checkpoint
+    from blockdiff.checkpoint.training import save_sharded_checkpoint
 
     run = tmp_path / f"run-{case}"
     overrides = ["--train.output_dir", str(run), "--data.train_path", "unused", "--model.name_or_path", str(source),
@@ -237,8 +237,8 @@ def make_run(tmp_path, source, case) -> Path:
 
 @pytest.mark.parametrize("case", ["full", "lora_experts"])
 def test_cli_export_of_a_sharded_checkpoint_streams_the_same_bytes(exports, source, tmp_path, case):
-    from blockdiff.cli import main
-    from blockdiff.export import export_run
+    from blockdiff.cli.main import main
+    from blockdiff.checkpoint.export import export_run
 
     one, _, _ = exports
     run = make_run(tmp_path, source, case)
@@ -262,8 +262,8 @@ def test_cli_export_of_a_sharded_checkpoint_streams_the_same_bytes(exports, sour
 
 
 def test_bad_dtype_and_out_paths_are_refused_and_leave_exports_intact(exports, source, tmp_path, capsys):
-    from blockdiff.cli import main
-    from blockdiff.export import export_run
+    from blockdiff.cli.main import main
+    from blockdiff.checkpoint.export import export_run
 
     model = hf_io.load_pretrained(source, attn_backend="sdpa")
     with pytest.raises(CheckpointError, match="unknown export dtype 'float16'"):

@@ -2,7 +2,7 @@
 
 import transformers
 
-from blockdiff.flops import StepShape, active_params, step_flops
+from blockdiff.train.flops import StepShape, active_params, step_flops
 from blockdiff.model.config import ModelConfig, hf_config_dict
 
 

@@ -1,4 +1,4 @@
-"""The fused chunked softcap cross-entropy (``blockdiff.fused_ce``) against plain autograd, and the
+"""The fused chunked softcap cross-entropy (``blockdiff.objective.fused_ce``) against plain autograd, and the
 compile-or-eager wrapper."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from blockdiff.compiled import CompiledOrEager
-from blockdiff.fused_ce import linear_softcap_ce_sum
+from blockdiff.objective.fused_ce import linear_softcap_ce_sum
 
 
 def reference(h, w, tgt, tw, cap):
@@ -47,7 +47,7 @@ def test_values_and_gradients_equal_plain_autograd(cap, chunk):
 def test_no_grad_computes_the_loss_only(monkeypatch):
     """Under no_grad the chunks are asked for no logits gradient (autograd's needs_input_grad would still
     say True for inputs that require grad)."""
-    from blockdiff import fused_ce
+    from blockdiff.objective import fused_ce
 
     asked = []
     real = fused_ce._ce_chunk_compiled

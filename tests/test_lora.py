@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_file
 from helpers import load_blockdiff, make_hf_checkpoint, randomize_lora_b
 
-from blockdiff.config import ObjectiveSection, demo_config_path, load_config
+from blockdiff.config.schema import ObjectiveSection, demo_config_path, load_config
 from blockdiff.data.canvas import CanvasBatch
 from blockdiff.errors import CheckpointError
 from blockdiff.lora import (EXPERT_FILE, ExpertLora, LoraLinear, apply_lora, cast_frozen_base_,
                             load_model_with_adapter, load_peft_adapter, merge_lora_, save_peft_adapter,
                             trainable_state_dict)
-from blockdiff.objective import ObjectiveSettings, compute_loss, count_scored, draw_noise
+from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, draw_noise
 
 V, C = 128, 8
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -238,8 +238,8 @@ def _six_layer(tmp_path):
 
 def test_lora_run_end_to_end(tmp_path):
     from blockdiff.data.synthetic import write_splits
-    from blockdiff.export import export_run
-    from blockdiff.train import train
+    from blockdiff.checkpoint.export import export_run
+    from blockdiff.train.loop import train
 
     train_path, _ = write_splits(tmp_path / "data", 16, 4, seed=0)
     fast = ["--train.global_batch_size", "2", "--train.micro_batch_size", "2", "--train.log_every", "1",

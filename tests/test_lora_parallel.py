@@ -53,9 +53,9 @@ def _worker():
 
 
 def _trainable_names(experts: bool) -> set[str]:
-    from blockdiff.config import demo_config_path, load_config
+    from blockdiff.config.schema import demo_config_path, load_config
     from blockdiff.lora import apply_lora
-    from blockdiff.train import build_model
+    from blockdiff.train.loop import build_model
 
     cfg = load_config(demo_config_path(), ["--data.train_path", "x", *TINY, *LORA, "--lora.experts", str(experts)])
     model = build_model(cfg, torch.device("cpu"))
@@ -106,8 +106,8 @@ def test_lora_save_on_2_ranks_resume_on_1(data, tmp_path):
     and a 1-process resume continues the single-process trajectory."""
     import torch.distributed.checkpoint as dcp
 
-    from blockdiff.config import demo_config_path, load_config
-    from blockdiff.train import train
+    from blockdiff.config.schema import demo_config_path, load_config
+    from blockdiff.train.loop import train
 
     base = ["--data.train_path", data, *TINY, *LORA, "--lora.experts", "true", "--checkpoint.every_steps", "2"]
     ref_dir = train(load_config(demo_config_path(), [*base, "--train.output_dir", str(tmp_path / "ref"),
@@ -127,9 +127,9 @@ def test_lora_save_on_2_ranks_resume_on_1(data, tmp_path):
     assert gu.size[0] == 8
     # the export of that sharded run holds the gathered expert adapters (blockdiff's side file), equal to
     # the checkpoint's once loaded into one process
-    from blockdiff.checkpoint import load_checkpoint
+    from blockdiff.checkpoint.training import load_checkpoint
     from blockdiff.lora import EXPERT_FILE, apply_lora
-    from blockdiff.train import build_model
+    from blockdiff.train.loop import build_model
 
     cfg = load_config(demo_config_path(), [*base, "--train.output_dir", str(tmp_path / "x")])
     model = build_model(cfg, torch.device("cpu"))
@@ -154,7 +154,7 @@ def test_lora_save_on_2_ranks_resume_on_1(data, tmp_path):
 
 
 def _tiny_from_config() -> dict:
-    from blockdiff.config import demo_config_path
+    from blockdiff.config.schema import demo_config_path
 
     fc = yaml.safe_load(Path(demo_config_path()).read_text())["model"]["from_config"]
     fc["canvas_length"] = 32
@@ -166,11 +166,11 @@ def test_lora_example_yaml_under_torchrun_exports_the_adapter(data, tmp_path):
     """``torchrun --nproc-per-node=2 examples/dllm_sft/finetune.py -c diffusion_gemma_lora.yaml`` with the
     hub model replaced by a tiny from_config model, ep 2 (activation checkpointing on, as in the YAML):
     finishes on every rank and writes the PEFT adapter + merged export from the sharded run."""
-    from blockdiff.config import load_config
+    from blockdiff.config.schema import load_config
     from blockdiff.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, lora_modules, merge_lora_
-    from blockdiff.checkpoint import load_checkpoint
-    from blockdiff.model import hf_io
-    from blockdiff.train import build_model
+    from blockdiff.checkpoint.training import load_checkpoint
+    from blockdiff.model.hf import io as hf_io
+    from blockdiff.train.loop import build_model
 
     run = tmp_path / "run"
     overrides = ["--model.from_config", json.dumps(_tiny_from_config()), "--model.dtype", "float32",

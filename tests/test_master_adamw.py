@@ -7,12 +7,12 @@ driving it end to end."""
 import pytest
 import torch
 
-from blockdiff import master_adamw
-from blockdiff.checkpoint import load_checkpoint, save_checkpoint
-from blockdiff.master_adamw import MasterAdamW
-from blockdiff.objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
-from blockdiff.parallel import clip_gradients
-from blockdiff.precision import compute_context, working_weights
+from blockdiff.train import master_adamw
+from blockdiff.checkpoint.training import load_checkpoint, save_checkpoint
+from blockdiff.train.master_adamw import MasterAdamW
+from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
+from blockdiff.parallel.parallelize import clip_gradients
+from blockdiff.train.precision import compute_context, working_weights
 from test_model_training_forward import V, tiny_model
 from test_objective import batch_of
 
@@ -199,7 +199,7 @@ def data(tmp_path_factory):
 
 
 def test_trainer_with_master_adamw_resumes_identically(master_on_cpu, data, tmp_path):
-    from blockdiff.train import train
+    from blockdiff.train.loop import train
     from test_reliability import cfg_for, final_weights, trajectory
 
     bf16 = [*BF16, "--train.micro_batch_size", "1"]  # 2 micro-batches per step
@@ -217,7 +217,7 @@ def test_trainer_with_master_adamw_skips_a_nonfinite_step(master_on_cpu, data, t
     counts of the skipped step's checkpoint equal the previous one's, bit for bit."""
     from safetensors.torch import load_file
 
-    from blockdiff.train import train
+    from blockdiff.train.loop import train
     from test_reliability import cfg_for, final_weights, inject
 
     inject(monkeypatch, 3, "grad")  # one micro-batch per step: the third step's gradient is NaN

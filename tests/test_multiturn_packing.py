@@ -10,7 +10,7 @@ from blockdiff.data.canvas import (
     Example, SFTDataset, _runs, build_example, build_multiturn_example, collate, collate_packed)
 from blockdiff.data.chat import tokenize_conversation, tokenize_turns
 from blockdiff.model.diffusion_gemma import segment_layout
-from blockdiff.objective import ObjectiveSettings, compute_loss, count_scored, draw_noise
+from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, draw_noise
 from test_model_training_forward import C, V, tiny_model
 
 EOS = 1
@@ -270,7 +270,7 @@ def test_mask_history_true_is_todays_output(tok):
 
 
 def test_config_fields(tmp_path):
-    from blockdiff.config import DataSection
+    from blockdiff.config.schema import DataSection
 
     d = DataSection(train_path="x")
     assert d.mask_history is True and d.packing is False
@@ -279,10 +279,10 @@ def test_config_fields(tmp_path):
 def test_train_step_packed_equals_unpacked_and_logs_efficiency(tmp_path):
     """End to end: one training step with packing gives the unpacked step's loss (same global batch,
     same noise) and logs packing_efficiency."""
-    from blockdiff.config import demo_config_path, load_config
+    from blockdiff.config.schema import demo_config_path, load_config
     from blockdiff.data.synthetic import write_splits
-    from blockdiff.metrics import read_metrics
-    from blockdiff.train import train
+    from blockdiff.train.metrics import read_metrics
+    from blockdiff.train.loop import train
 
     train_path, _ = write_splits(tmp_path / "data", 16, 4, seed=0)
     rows = {}

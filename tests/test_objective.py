@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from blockdiff.data.canvas import CanvasBatch
-from blockdiff.objective import (
+from blockdiff.objective.loss import (
     ObjectiveSettings,
     compute_loss,
     count_scored,
@@ -17,7 +17,7 @@ from blockdiff.objective import (
     self_conditioning_signal,
     softcapped_ce_sum,
 )
-from blockdiff.soft_embed import soft_embeddings
+from blockdiff.objective.soft_embed import soft_embeddings
 from test_model_training_forward import C, V, tiny_model
 
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from blockdiff.model.hf_names import to_hf
-from blockdiff.objective import ObjectiveSettings, compute_loss, count_scored, draw_noise
+from blockdiff.model.hf.names import to_hf
+from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, draw_noise
 from helpers import load_blockdiff, make_hf_checkpoint
 from test_model_training_forward import C, V
 from test_objective import batch_of

@@ -125,12 +125,12 @@ def test_collate_packed_layout():
 def test_packed_noise_per_global_sample_on_any_world_size(tmp_path, mb):
     """rank_micro_batches with packing: whatever the world size and micro-batch size, every global sample
     lands on the same rank position as unpacked and gets the same t / block / coin / corruption."""
-    from blockdiff.config import demo_config_path, load_config
+    from blockdiff.config.schema import demo_config_path, load_config
     from blockdiff.data import load_tiny_tokenizer
     from blockdiff.data.canvas import SFTDataset
     from blockdiff.data.synthetic import generate_multiturn
-    from blockdiff.distributed import DistInfo
-    from blockdiff.objective import ObjectiveSettings
+    from blockdiff.parallel.distributed import DistInfo
+    from blockdiff.objective.loss import ObjectiveSettings
     from helpers import rank_micro_batches
 
     tok = load_tiny_tokenizer()

@@ -16,7 +16,7 @@ from test_model_training_forward import tiny_model
 
 from blockdiff.data.canvas import collate, collate_packed
 from blockdiff.lora import apply_lora
-from blockdiff.objective import ObjectiveSettings, compute_loss, count_scored, draw_noise
+from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, draw_noise
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -66,12 +66,12 @@ def test_lora_packed_equals_conversations_unpacked(loss_type):
 
 @pytest.mark.filterwarnings("ignore:PEFT cannot express")  # expert adapters: blockdiff's own file
 def test_lora_packing_multiturn_train_run(tmp_path):
-    """blockdiff.train with LoRA + packing + every assistant turn supervised: runs, logs the packing
+    """blockdiff.train.loop with LoRA + packing + every assistant turn supervised: runs, logs the packing
     efficiency, the first step's loss equals the unpacked LoRA run's, and the adapter is exported."""
-    from blockdiff.config import demo_config_path, load_config
+    from blockdiff.config.schema import demo_config_path, load_config
     from blockdiff.data.synthetic import generate_multiturn
-    from blockdiff.metrics import read_metrics
-    from blockdiff.train import train
+    from blockdiff.train.metrics import read_metrics
+    from blockdiff.train.loop import train
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in generate_multiturn(24, seed=3)))

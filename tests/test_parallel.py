@@ -128,11 +128,11 @@ def multiturn_data(tmp_path_factory):
 def test_packed_multiturn_step_equals_single_process(multiturn_data, tmp_path, reduction):
     sys.path.insert(0, str(ROOT / "tests"))
     import dist_worker
-    from blockdiff.config import demo_config_path, load_config
+    from blockdiff.config.schema import demo_config_path, load_config
     from blockdiff.data import load_tiny_tokenizer
     from blockdiff.data.canvas import SFTDataset
-    from blockdiff.distributed import DistInfo
-    from blockdiff.objective import ObjectiveSettings
+    from blockdiff.parallel.distributed import DistInfo
+    from blockdiff.objective.loss import ObjectiveSettings
     from helpers import rank_micro_batches
 
     base = ["--data.train_path", multiturn_data, *PACKED, "--objective.ar_loss_reduction", reduction]
@@ -238,7 +238,7 @@ def test_dense_work_is_queued_between_count_exchange_and_row_exchange():
 
 def test_permutation_is_a_gather_both_ways():
     """The dispatcher's regrouping by local expert: values as plain indexing, gradient the inverse gather."""
-    from blockdiff.parallel import _Permute
+    from blockdiff.parallel.parallelize import _Permute
 
     order = torch.randperm(9, generator=torch.Generator().manual_seed(0))
     inverse = torch.argsort(order)
@@ -254,8 +254,8 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_save_on_4_ranks_resume_on_2(data, tmp_path):
-    from blockdiff.config import demo_config_path, load_config
-    from blockdiff.train import train
+    from blockdiff.config.schema import demo_config_path, load_config
+    from blockdiff.train.loop import train
 
     base = ["--data.train_path", data, *TINY, "--checkpoint.every_steps", "2"]
     ref_dir = train(load_config(demo_config_path(), [*base, "--train.output_dir", str(tmp_path / "ref"),
@@ -273,7 +273,7 @@ def test_save_on_4_ranks_resume_on_2(data, tmp_path):
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=1e-4), (s, got[s], ref[s])
     # the HF export of the sharded run loads back and equals the gathered weights of the final checkpoint
-    from blockdiff.model import hf_io
+    from blockdiff.model.hf import io as hf_io
 
     exported = hf_io.load_pretrained(str(run / "export"), dtype=torch.float32)
     single = load_file(str(ref_dir / "checkpoints" / "step_00000004" / "model.safetensors"))
@@ -304,11 +304,11 @@ def test_two_nodes_on_loopback(data, tmp_path):
 
 
 def test_impossible_layouts_are_refused(data, tmp_path):
-    from blockdiff.config import demo_config_path, load_config
-    from blockdiff.distributed import DistInfo
+    from blockdiff.config.schema import demo_config_path, load_config
+    from blockdiff.parallel.distributed import DistInfo
     from blockdiff.errors import ConfigError
-    from blockdiff.parallel import parallelize
-    from blockdiff.train import build_model
+    from blockdiff.parallel.parallelize import parallelize
+    from blockdiff.train.loop import build_model
 
     cfg = load_config(demo_config_path(), ["--data.train_path", data, "--train.output_dir", str(tmp_path),
                                            "--model.num_layers", "1", "--parallel.ep", "3"])

@@ -1,4 +1,4 @@
-"""Evaluation during training (blockdiff.periodic_eval, blockdiff.lockstep): the validation loss with fixed
+"""Evaluation during training (blockdiff.train.periodic_eval, blockdiff.infer.lockstep): the validation loss with fixed
 noise and the sampled accuracy, equal on 1 process and on 2 processes under FSDP2 + expert parallelism.
 
 The 2-process case is one torchrun launch (tests/dist_worker.py ``evals``) against the same function run
@@ -78,7 +78,7 @@ def test_two_processes_with_fsdp_and_ep_evaluate_as_one(data, tmp_path):
     for per_rank in got["collectives"]:  # both ranks ran the same forward passes
         assert per_rank[0] == per_rank[1] and per_rank[0]["all_to_all_single"] > 0, per_rank
 
-    from blockdiff.metrics import read_metrics
+    from blockdiff.train.metrics import read_metrics
 
     logged = read_metrics(tmp_path / "two")
     assert [r["step"] for r in logged if "val_loss" in r] == [1, 2]
@@ -87,10 +87,10 @@ def test_two_processes_with_fsdp_and_ep_evaluate_as_one(data, tmp_path):
 
 
 def test_validation_loss_does_not_depend_on_the_micro_batch_split(data, tmp_path):
-    from blockdiff.config import demo_config_path, load_config
-    from blockdiff.distributed import DistInfo
-    from blockdiff.periodic_eval import ValidationLoss, split_held_out
-    from blockdiff.train import build_model, load_tokenizer
+    from blockdiff.config.schema import demo_config_path, load_config
+    from blockdiff.parallel.distributed import DistInfo
+    from blockdiff.train.periodic_eval import ValidationLoss, split_held_out
+    from blockdiff.train.loop import build_model, load_tokenizer
 
     values = []
     for mb in ("1", "4"):
@@ -105,11 +105,11 @@ def test_validation_loss_does_not_depend_on_the_micro_batch_split(data, tmp_path
 
 
 def test_held_out_split_of_the_training_file(data, tmp_path):
-    from blockdiff.config import demo_config_path, load_config
+    from blockdiff.config.schema import demo_config_path, load_config
     from blockdiff.data import load_tiny_tokenizer
     from blockdiff.data.canvas import SFTDataset
     from blockdiff.errors import ConfigError
-    from blockdiff.periodic_eval import split_held_out
+    from blockdiff.train.periodic_eval import split_held_out
 
     tok = load_tiny_tokenizer()
     ds = SFTDataset(data[0], tok, canvas_length=CANVAS, seq_length=128)
@@ -133,7 +133,7 @@ def test_held_out_split_of_the_training_file(data, tmp_path):
 
 def test_lockstep_decisions(monkeypatch):
     """Lockstep with a stand-in for the other rank's all-reduce contribution."""
-    from blockdiff.lockstep import Lockstep
+    from blockdiff.infer.lockstep import Lockstep
 
     other = [0]
 

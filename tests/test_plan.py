@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockdiff.cli import main as cli
-from blockdiff.config import demo_config_path, load_config
+from blockdiff.cli.main import main as cli
+from blockdiff.config.schema import demo_config_path, load_config
 from blockdiff.errors import ConfigError
-from blockdiff.loading import model_config
-from blockdiff.plan import make_plan, simulate
+from blockdiff.train.loading import model_config
+from blockdiff.plan.estimate import make_plan, simulate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_parallel import TINY, torchrun  # noqa: E402
@@ -210,8 +210,8 @@ class _Card:
 
 
 def test_train_refuses_a_cuda_run_that_cannot_fit(tmp_path, monkeypatch):
-    from blockdiff.plan_report import check_before_training
-    from blockdiff.train import train
+    from blockdiff.plan.report import check_before_training
+    from blockdiff.train.loop import train
 
     cfg = load_config(demo_config_path(), ["--data.train_path", "x.jsonl", "--train.output_dir", str(tmp_path)])
     # a "GPU" of 10 MiB; the plan is made for CUDA (bf16 compute off: the demo computes in fp32)
@@ -226,7 +226,7 @@ def test_train_refuses_a_cuda_run_that_cannot_fit(tmp_path, monkeypatch):
 
 
 def test_cpu_run_logs_the_plan(tmp_path, caplog):
-    from blockdiff.plan_report import check_before_training
+    from blockdiff.plan.report import check_before_training
 
     cfg = load_config(demo_config_path(), ["--data.train_path", "x.jsonl", "--train.output_dir", str(tmp_path)])
     with caplog.at_level("INFO", logger="blockdiff"):
@@ -238,7 +238,7 @@ def test_cpu_run_logs_the_plan(tmp_path, caplog):
 def test_several_ranks_are_planned_in_a_child_process(tmp_path, monkeypatch):
     import torch.distributed as tdist
 
-    from blockdiff.plan_report import check_before_training
+    from blockdiff.plan.report import check_before_training
 
     cfg = load_config(demo_config_path(), ["--data.train_path", "x.jsonl", "--train.output_dir", str(tmp_path),
                                            "--train.micro_batch_size", "8", "--parallel.ep", "2"])

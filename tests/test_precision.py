@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from blockdiff.objective import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
-from blockdiff.parallel import apply_activation_checkpointing
-from blockdiff.precision import working_weights
+from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
+from blockdiff.parallel.parallelize import apply_activation_checkpointing
+from blockdiff.train.precision import working_weights
 from test_model_training_forward import V, tiny_model
 from test_objective import batch_of
 

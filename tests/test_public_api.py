@@ -13,14 +13,14 @@ import blockdiff
 
 EXPECTED = {
     "DiffusionGemma": "blockdiff.model.diffusion_gemma",
-    "Config": "blockdiff.config",
-    "load_config": "blockdiff.config",
-    "config_from_dict": "blockdiff.config",
-    "export_run": "blockdiff.export",
-    "SamplerSettings": "blockdiff.sampling",
-    "generate": "blockdiff.sampling",
-    "generate_text": "blockdiff.prompting",
-    "load_for_inference": "blockdiff.evaluate",
+    "Config": "blockdiff.config.schema",
+    "load_config": "blockdiff.config.schema",
+    "config_from_dict": "blockdiff.config.schema",
+    "export_run": "blockdiff.checkpoint.export",
+    "SamplerSettings": "blockdiff.infer.sampling",
+    "generate": "blockdiff.infer.sampling",
+    "generate_text": "blockdiff.infer.prompting",
+    "load_for_inference": "blockdiff.infer.evaluate",
     "preview_rows": "blockdiff.data.preview",
     "BlockdiffError": "blockdiff.errors",
     "ConfigError": "blockdiff.errors",
@@ -41,9 +41,9 @@ def test_every_public_name_is_the_real_object():
     for name, module in EXPECTED.items():
         assert getattr(blockdiff, name) is getattr(importlib.import_module(module), name), name
         assert name in blockdiff.__all__ and name in dir(blockdiff)
-    import blockdiff.train as train_module  # the module keeps its name; the loop is blockdiff.fit
+    import blockdiff.train.loop as train_module  # the module keeps its name; the loop is blockdiff.fit
 
-    assert blockdiff.fit is train_module.train and blockdiff.train is train_module
+    assert blockdiff.fit is train_module.train and blockdiff.train.loop is train_module
     assert set(blockdiff.__all__) == {*EXPECTED, "fit", "__version__"}
     for name in ("from_pretrained", "save_pretrained", "denoise_logits"):
         assert getattr(blockdiff.DiffusionGemma, name).__doc__, name

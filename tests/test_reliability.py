@@ -24,11 +24,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blockdiff.cli import main
-from blockdiff.config import demo_config_path, load_config
+from blockdiff.cli.main import main
+from blockdiff.config.schema import demo_config_path, load_config
 from blockdiff.data.synthetic import write_splits
-from blockdiff.metrics import read_metrics
-from blockdiff.train import train
+from blockdiff.train.metrics import read_metrics
+from blockdiff.train.loop import train
 
 STEPS = 10  # the kill / signal runs
 # a 1-layer demo model, one micro-batch of 2 per step: ~0.2 s a step on one CPU thread
@@ -304,7 +304,7 @@ def start(args, log_path, slow_checkpoint_s=None):
     """``blockdiff train`` in a subprocess; with ``slow_checkpoint_s`` each checkpoint write pauses that long
     after its model file (tests/slow_checkpoint_train.py)."""
     log = open(log_path, "a")
-    cmd = [sys.executable, "-m", "blockdiff.cli", "train"] if slow_checkpoint_s is None else \
+    cmd = [sys.executable, "-m", "blockdiff.cli.main", "train"] if slow_checkpoint_s is None else \
         [sys.executable, str(Path(__file__).with_name("slow_checkpoint_train.py")), str(slow_checkpoint_s)]
     return subprocess.Popen([*cmd, "-c", demo_config_path(), *args],
                             stdout=log, stderr=subprocess.STDOUT,
@@ -443,7 +443,7 @@ class _NanGrad(torch.autograd.Function):
 
 def inject(monkeypatch, at_step: int, where: str):
     """Make the loss (or only the gradient) non-finite at 1-based ``at_step`` (one micro-batch per step)."""
-    import blockdiff.train as tr
+    import blockdiff.train.loop as tr
 
     real, calls = tr.compute_loss, []
 
@@ -462,7 +462,7 @@ def inject(monkeypatch, at_step: int, where: str):
 
 
 def expected_ids(step0: int):
-    from blockdiff.train import step_sample_indices
+    from blockdiff.train.loop import step_sample_indices
 
     return step_sample_indices(step0, 2, 40, 42)  # no row is skipped: sample id == dataset index
 
@@ -504,7 +504,7 @@ def test_nan_policy_skip_counts_and_keeps_weights_finite(data, tmp_path, monkeyp
 
 
 def test_grad_norm_guard_unit():
-    from blockdiff.guards import GradNormGuard
+    from blockdiff.train.guards import GradNormGuard
 
     g = GradNormGuard(factor=10, patience=3)
     norms = [1.0] * 10 + [50.0, 1.0, 60.0, 70.0, 80.0, 90.0, 1.0, float("nan"), 40.0, 41.0, 42.0]
@@ -514,7 +514,7 @@ def test_grad_norm_guard_unit():
 
 
 def test_grad_norm_explosion_warns_during_training(data, tmp_path, monkeypatch, caplog):
-    import blockdiff.train as tr
+    import blockdiff.train.loop as tr
 
     real, calls = tr.clip_gradients, []
 
@@ -536,7 +536,7 @@ def test_grad_norm_explosion_warns_during_training(data, tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("failure", ["OSError", "SafetensorError"])
 def test_disk_full_keeps_last_good_checkpoint(data, tmp_path, capsys, monkeypatch, failure):
-    import blockdiff.checkpoint as ck
+    import blockdiff.checkpoint.training as ck
     from safetensors import SafetensorError
 
     real, calls = ck.save_file, []
@@ -584,9 +584,9 @@ def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path, monkeypatch
 
     from helpers import make_hf_checkpoint
 
-    from blockdiff.checkpoint import load_checkpoint
+    from blockdiff.checkpoint.training import load_checkpoint
     from blockdiff.errors import CheckpointError
-    from blockdiff.model import hf_io
+    from blockdiff.model.hf import io as hf_io
 
     def boom(*a, **k):
         raise AssertionError("something tried to unpickle")
@@ -602,7 +602,7 @@ def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path, monkeypatch
     step = shutil.copytree(finished / "checkpoints" / "step_00000002", tmp_path / "step")
     (step / "model.safetensors").unlink()
     (step / "pytorch_model.bin").write_bytes(pickle.dumps({"x": 1}))
-    model = __import__("blockdiff.train", fromlist=["build_model"]).build_model(
+    model = __import__("blockdiff.train.loop", fromlist=["build_model"]).build_model(
         cfg_for("x", tmp_path / "o", 1), torch.device("cpu"))
     with pytest.raises(CheckpointError, match=r"step/model\.safetensors: corrupted or unreadable tensor file"):
         load_checkpoint(step, model)
@@ -638,7 +638,7 @@ def test_no_network_unless_a_hub_id_is_asked_for(tmp_path, monkeypatch, data):
     from helpers import make_hf_checkpoint
 
     from blockdiff.errors import CheckpointError
-    from blockdiff.model import hf_io
+    from blockdiff.model.hf import io as hf_io
 
     ckpt, _ = make_hf_checkpoint(tmp_path)
     load_tiny_tokenizer = __import__("blockdiff.data", fromlist=["x"]).load_tiny_tokenizer
@@ -661,7 +661,7 @@ def test_no_network_unless_a_hub_id_is_asked_for(tmp_path, monkeypatch, data):
     # a local model dir and its tokenizer, as a training run loads them (tokenizer: the model dir)
     cfg = cfg_for(data, tmp_path / "run", 1, "--model.name_or_path", str(ckpt), "--data.tokenizer", "null")
     cfg.model.from_config = None
-    from blockdiff.train import build_model, load_tokenizer
+    from blockdiff.train.loop import build_model, load_tokenizer
 
     assert build_model(cfg, torch.device("cpu")) is not None and load_tokenizer(cfg) is not None
     # the demo (from_config + the shipped tokenizer) trains without a hub call

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers.models.diffusion_gemma import generation_diffusion_gemma as ref
 
-from blockdiff import prompting, sampling
+from blockdiff.infer import prompting, sampling
 from blockdiff.errors import ConfigError
 from blockdiff.model.config import ModelConfig
 from blockdiff.model.diffusion_gemma import DiffusionGemma
-from blockdiff.sampling import (SamplerSettings, entropy_bound_accept, generate, should_stop, temperature_at,
+from blockdiff.infer.sampling import (SamplerSettings, entropy_bound_accept, generate, should_stop, temperature_at,
                                 token_entropy)
 from helpers import load_blockdiff, make_hf_checkpoint, tiny_hf_config
 

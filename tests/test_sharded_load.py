@@ -1,5 +1,5 @@
 """Sharded loading on CPU processes (gloo): each rank builds the model on ``meta``, parallelizes it and fills
-only its own shards from a transformers-written checkpoint (``blockdiff.loading``).
+only its own shards from a transformers-written checkpoint (``blockdiff.train.loading``).
 
 - Equality: every tensor gathered from the ranks (``parallel.full_tensor``) equals, exactly, the one-process
   ``build_model`` + LoRA + frozen router of today's path (``hf_io.load_pretrained``), LoRA adapters'
@@ -49,14 +49,14 @@ def _base(ckpt: Path) -> list[str]:
 
 
 def _cfg(ckpt: Path, overrides: list[str]):
-    from blockdiff.config import demo_config_path, load_config
+    from blockdiff.config.schema import demo_config_path, load_config
 
     return load_config(demo_config_path(), [*_base(ckpt), *overrides])
 
 
 def _reference(cfg):
     """Today's one-process path: the whole model loaded, then LoRA and the frozen router applied."""
-    from blockdiff.loading import _prepare, build_model
+    from blockdiff.train.loading import _prepare, build_model
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, torch.device("cpu"))
@@ -79,7 +79,7 @@ def _text_bytes(ckpt: Path, num_layers: int | None) -> int:
     """Stored bytes of the checkpoint tensors a model of ``num_layers`` reads (all: None)."""
     from safetensors import safe_open
 
-    from blockdiff.model import hf_load, hf_names
+    from blockdiff.model.hf import load as hf_load, names as hf_names
 
     total = 0
     for name, file in hf_load.weight_map(ckpt).items():
@@ -129,7 +129,7 @@ def test_sharded_load_equals_single_process_within_shard_memory(ckpt, tmp_path, 
 
 def test_resume_on_meta_built_models_across_world_sizes(ckpt, tmp_path):
     from blockdiff.data.synthetic import write_splits
-    from blockdiff.train import train
+    from blockdiff.train.loop import train
 
     data = str(write_splits(tmp_path / "data", 40, 8, seed=0)[0])
     run = ["--data.train_path", data, "--data.tokenizer", "tiny", "--model.num_layers", "2",
@@ -155,8 +155,8 @@ def test_one_process_goes_through_meta_and_equals_todays_path(ckpt):
     """World size 1 builds on meta too (no full fp32 copy before the fill): same tensors, dtypes and
     trainable set as loading the whole model and applying LoRA to it, and the generator is left where
     LoRA's init left it."""
-    from blockdiff.distributed import DistInfo
-    from blockdiff.loading import build_training_model
+    from blockdiff.parallel.distributed import DistInfo
+    from blockdiff.train.loading import build_training_model
     from blockdiff.lora import adapter_param_names
 
     cfg = _cfg(ckpt, LORA)
@@ -180,10 +180,10 @@ def test_bad_checkpoint_is_refused_before_training(ckpt, tmp_path):
     """The meta build reads through the same checks as load_pretrained: one error naming file and tensor."""
     import shutil
 
-    from blockdiff.distributed import DistInfo
+    from blockdiff.parallel.distributed import DistInfo
     from blockdiff.errors import CheckpointError
-    from blockdiff.loading import build_training_model
-    from blockdiff.model import hf_io
+    from blockdiff.train.loading import build_training_model
+    from blockdiff.model.hf import io as hf_io
 
     bad = Path(shutil.copytree(ckpt, tmp_path / "bad"))
     index = json.loads((bad / hf_io.INDEX).read_text())

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from blockdiff.cli import main
-from blockdiff.config import demo_config_path, load_config
+from blockdiff.cli.main import main
+from blockdiff.config.schema import demo_config_path, load_config
 from blockdiff.data.synthetic import write_splits
 from blockdiff.errors import ConfigError
-from blockdiff.metrics import read_metrics
-from blockdiff.train import train
+from blockdiff.train.metrics import read_metrics
+from blockdiff.train.loop import train
 
 FAST = ["--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.log_every", "1",
         "--logging.progress", "false", "--logging.tensorboard", "false", "--checkpoint.export_final", "false"]
@@ -110,7 +110,7 @@ def test_periodic_eval_is_logged_beside_the_loss(data, tmp_path, monkeypatch):
         assert r["val_loss"] == pytest.approx(r["val_diffusion_loss"] + r["val_ar_loss"], rel=1e-12)
         assert 0 < r["val_diffusion_loss"] < 20 and 0 < r["val_ar_loss"] < 20
     assert val[1]["val_loss"] != val[0]["val_loss"]  # a training step changed the weights
-    from blockdiff.metrics import plot_run
+    from blockdiff.train.metrics import plot_run
 
     labels = []
     plot = matplotlib.axes.Axes.plot
@@ -167,7 +167,7 @@ def test_profile_window_writes_tables_and_summary(data, tmp_path):
 def test_profile_host_ops_off_records_kernels_only_on_gpu(tmp_path):
     from torch.profiler import ProfilerActivity
 
-    from blockdiff.metrics import StepProfiler
+    from blockdiff.train.metrics import StepProfiler
 
     def acts(device, host_ops):
         return StepProfiler(tmp_path, 1, 1, 0, torch.device(device), host_ops=host_ops).activities()
@@ -180,7 +180,7 @@ def test_profile_host_ops_off_records_kernels_only_on_gpu(tmp_path):
 @pytest.mark.parametrize("fused", [False, True])
 def test_optimizer_state_round_trip_continues_identically(fused):
     """AdamW state through the checkpoint's tensors (foreach, and fused as train.py uses on one GPU)."""
-    from blockdiff.checkpoint import load_optimizer_tensors, optimizer_tensors
+    from blockdiff.checkpoint.training import load_optimizer_tensors, optimizer_tensors
 
     def make():
         torch.manual_seed(0)
@@ -213,7 +213,7 @@ def test_optimizer_state_round_trip_continues_identically(fused):
 def test_clipping_inside_fused_adamw_equals_clip_then_step():
     """One GPU: the clip factor goes to the fused AdamW kernel as grad_scale (no separate pass over the
     grads). Same update as clipping the grads and stepping; fused AdamW runs on CPU too."""
-    from blockdiff.parallel import clip_grad_norm_, clip_gradients
+    from blockdiff.parallel.parallelize import clip_grad_norm_, clip_gradients
 
     torch.manual_seed(0)
     start = [torch.randn(5, 3), torch.randn(7)]
@@ -243,9 +243,9 @@ def test_host_micro_batches_counts_and_losses_match_the_device_path(data):
     from dataclasses import fields
 
     from blockdiff.data.canvas import SFTDataset
-    from blockdiff.distributed import DistInfo, to_device
-    from blockdiff.objective import ObjectiveSettings, compute_loss, count_scored
-    from blockdiff.train import build_model, global_token_counts, host_micro_batches, load_tokenizer
+    from blockdiff.parallel.distributed import DistInfo, to_device
+    from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored
+    from blockdiff.train.loop import build_model, global_token_counts, host_micro_batches, load_tokenizer
 
     cfg = cfg_for(data, "unused", 1)
     tok = load_tokenizer(cfg)
@@ -278,7 +278,7 @@ def test_host_micro_batches_counts_and_losses_match_the_device_path(data):
 def test_to_device_walks_dataclasses_dicts_and_leaves_the_rest():
     from dataclasses import dataclass, field
 
-    from blockdiff.distributed import to_device
+    from blockdiff.parallel.distributed import to_device
 
     @dataclass
     class Inner:

@@ -6,7 +6,7 @@
 
 import sys
 
-from blockdiff.cli import main
+from blockdiff.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -13,7 +13,7 @@ no torch::
     replies = blockdiff.generate_text(model, tokenizer, [[{"role": "user", "content": "Hi"}]],
                                       blockdiff.SamplerSettings(max_new_tokens=256))
 
-The training loop is ``fit`` because ``blockdiff.train`` is the module that holds it.
+The training loop is ``fit`` because ``blockdiff.train.loop`` is the module that holds it.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ __version__ = "0.1.0"
 # public name -> (module, attribute)
 _EXPORTS = {
     "DiffusionGemma": ("blockdiff.model.diffusion_gemma", "DiffusionGemma"),
-    "Config": ("blockdiff.config", "Config"),
-    "load_config": ("blockdiff.config", "load_config"),
-    "config_from_dict": ("blockdiff.config", "config_from_dict"),
-    "fit": ("blockdiff.train", "train"),
-    "export_run": ("blockdiff.export", "export_run"),
-    "SamplerSettings": ("blockdiff.sampling", "SamplerSettings"),
-    "generate": ("blockdiff.sampling", "generate"),
-    "generate_text": ("blockdiff.prompting", "generate_text"),
-    "load_for_inference": ("blockdiff.evaluate", "load_for_inference"),
+    "Config": ("blockdiff.config.schema", "Config"),
+    "load_config": ("blockdiff.config.schema", "load_config"),
+    "config_from_dict": ("blockdiff.config.schema", "config_from_dict"),
+    "fit": ("blockdiff.train.loop", "train"),
+    "export_run": ("blockdiff.checkpoint.export", "export_run"),
+    "SamplerSettings": ("blockdiff.infer.sampling", "SamplerSettings"),
+    "generate": ("blockdiff.infer.sampling", "generate"),
+    "generate_text": ("blockdiff.infer.prompting", "generate_text"),
+    "load_for_inference": ("blockdiff.infer.evaluate", "load_for_inference"),
     "preview_rows": ("blockdiff.data.preview", "preview_rows"),
     "BlockdiffError": ("blockdiff.errors", "BlockdiffError"),
     "ConfigError": ("blockdiff.errors", "ConfigError"),

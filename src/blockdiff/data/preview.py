@@ -68,8 +68,8 @@ def preview_rows(cfg, rows: int = 5, tokenizer=None) -> list[RowPreview]:
 
     from blockdiff.data.canvas import build_row_example, fill_token_id
     from blockdiff.data.jsonl import load_dataset_rows
-    from blockdiff.loading import model_config as run_model_config
-    from blockdiff.train import check_consistency, load_tokenizer
+    from blockdiff.train.loading import model_config as run_model_config
+    from blockdiff.train.loop import check_consistency, load_tokenizer
 
     if rows < 1:
         raise ConfigError(f"expected a positive number of rows, got {rows}", field="--rows")
@@ -210,7 +210,7 @@ def cli_data(argv) -> int:
     if not argv or argv[0] != "preview":
         got = f"unknown data command {argv[0]!r}" if argv else "no data command"
         raise ConfigError(f"{got}; expected: blockdiff data preview -c FILE [--rows N] [--json]")
-    from blockdiff.config import load_config
+    from blockdiff.config.schema import load_config
 
     p = argparse.ArgumentParser(prog="blockdiff data preview",
                                 description="show the first rows of data.train_path as the trainer sees them")

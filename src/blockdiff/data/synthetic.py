@@ -221,7 +221,7 @@ def length_examples(lengths: list[tuple[int, int]], *, canvas_length: int, seq_l
     ones truncated, too-long prompts skipped) of random tokens with the given (prompt, response) lengths."""
     import torch
 
-    from .canvas import build_example
+    from blockdiff.data.canvas import build_example
 
     g = torch.Generator().manual_seed(seed)
     out = []

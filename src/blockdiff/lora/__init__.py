@@ -18,14 +18,14 @@
   PEFT file (see ``EXPERT_FILE``): merge them (``merge_lora_``) for a transformers-only consumer.
 - ``merge_lora_`` folds everything into the base (plain ``nn.Linear`` again, expert tensors updated);
   ``merged_items`` gives the same merged tensors one at a time without changing the model, which is how
-  ``blockdiff.model_export.export_model`` writes a LoRA run's merged checkpoint (+ ``adapter/``).
+  ``blockdiff.checkpoint.live_export.export_model`` writes a LoRA run's merged checkpoint (+ ``adapter/``).
 - ``trainable_state_dict`` / ``checkpoint_state`` let training checkpoints of a LoRA run hold only the
   adapters (+ optimizer state), never the frozen base.
 """
 
-from .adapters import *  # noqa: F401,F403
-from .adapters import __all__ as _a
-from .peft_format import *  # noqa: F401,F403
-from .peft_format import __all__ as _p
+from blockdiff.lora.adapters import *  # noqa: F401,F403
+from blockdiff.lora.adapters import __all__ as _a
+from blockdiff.lora.peft_format import *  # noqa: F401,F403
+from blockdiff.lora.peft_format import __all__ as _p
 
 __all__ = [*_a, *_p]

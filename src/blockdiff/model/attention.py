@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .layers import RMSNorm, apply_rotary
+from blockdiff.model.config import ModelConfig
+from blockdiff.model.layers import RMSNorm, apply_rotary
 
 
 @dataclass

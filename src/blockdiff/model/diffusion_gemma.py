@@ -13,7 +13,7 @@ Parameter names equal transformers' ``model.decoder.*`` names minus that prefix 
 checkpoint I/O is a rename. The encoder's ``layer_scalar`` is kept as its own buffer because the
 reference checkpoint stores it separately.
 
-Plain single-device PyTorch: nothing distributed is imported here (``blockdiff.parallel`` wraps it).
+Plain single-device PyTorch: nothing distributed is imported here (``blockdiff.parallel.parallelize`` wraps it).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, Masks, MaskInfo
-from .config import ModelConfig
-from .layers import GatedMLP, RMSNorm, Rotary
-from .moe import Experts, Router
+from blockdiff.model.attention import Attention, Masks, MaskInfo
+from blockdiff.model.config import ModelConfig
+from blockdiff.model.layers import GatedMLP, RMSNorm, Rotary
+from blockdiff.model.moe import Experts, Router
 
 
 @dataclass
@@ -211,7 +211,7 @@ class DiffusionGemma(nn.Module):
         in ``dtype``. Keyword arguments of ``hf_io.load_pretrained``: ``device``, ``attn_backend``
         (auto / sdpa / flex), ``num_layers`` (the first N layers only), ``revision``. Raises
         CheckpointError naming the file and tensor when the checkpoint does not fit the config."""
-        from .hf_io import load_pretrained
+        from blockdiff.model.hf.io import load_pretrained
 
         return load_pretrained(path_or_hub_id, dtype=dtype, **kwargs)
 
@@ -222,7 +222,7 @@ class DiffusionGemma(nn.Module):
         own vision init). Written to a temporary directory and swapped into place. Keyword arguments of
         ``hf_save.save_pretrained``: ``max_shard_size`` (bytes), ``dtype`` (default: the source checkpoint's),
         ``source_dir``."""
-        from .hf_save import save_pretrained
+        from blockdiff.model.hf.save import save_pretrained
 
         save_pretrained(self, out_dir, **kwargs)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, RopeSpec
+from blockdiff.model.config import ModelConfig, RopeSpec
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

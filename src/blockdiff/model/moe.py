@@ -12,8 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .layers import RMSNorm, activation
+from blockdiff.model.config import ModelConfig
+from blockdiff.model.layers import RMSNorm, activation
 
 
 class Router(nn.Module):
@@ -74,7 +74,7 @@ def expert_counts(sorted_experts: torch.Tensor, num_experts: int) -> torch.Tenso
 
 class Experts(nn.Module):
     """Experts as 3-D tensors. ``dispatcher`` (None by default) is the expert-parallel hook: an object
-    installed from outside (``blockdiff.parallel``) when this module holds only a slice of the experts.
+    installed from outside (``blockdiff.parallel.parallelize``) when this module holds only a slice of the experts.
     Its ``dispatch(rows, counts)`` sends the expert-sorted rows to the ranks owning their experts and
     returns ``(local rows grouped by local expert, per-local-expert counts, ctx)``; ``combine(h, ctx)``
     returns the outputs to the original ranks, in the original row order. None: everything runs here.

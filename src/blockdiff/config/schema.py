@@ -1,0 +1,588 @@
+"""Typed run configuration: YAML file + ``--section.field value`` overrides -> validated ``Config``.
+
+Every bad value raises one ``ConfigError`` that names the file (or the CLI flag), the YAML line of the
+offending key, the dotted field and what was expected. Type checking is generic (driven by the dataclass
+annotations); each section's ``checks()`` adds the range rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from blockdiff.errors import ConfigError
+
+DEFAULT_MODEL = "google/diffusiongemma-26B-A4B-it"
+
+
+def demo_config_path() -> str:
+    """Path of the CPU demo config shipped inside the package."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.yaml")
+
+
+def _rng(obj, name, gt=None, ge=None, lt=None, le=None):
+    """(name, message-or-None) for a numeric bound check; None values pass (optional fields)."""
+    v = getattr(obj, name)
+    bounds = [(">", gt, lambda a, b: a > b), (">=", ge, lambda a, b: a >= b),
+              ("<", lt, lambda a, b: a < b), ("<=", le, lambda a, b: a <= b)]
+    bounds = [(sym, b, op) for sym, b, op in bounds if b is not None]
+    if v is None or all(op(v, b) for _, b, op in bounds):
+        return name, None
+    return name, f"expected a value {' and '.join(f'{s} {b}' for s, b, _ in bounds)}, got {v!r}"
+
+
+# ----------------------------------------------------------------------------------------- sections
+def option(default, help: str, **meta):
+    """A config field with its one-line description (``blockdiff config show``); a list default is copied."""
+    meta = {"help": help, **meta}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = option(DEFAULT_MODEL, "hub id or local dir of the model to fine-tune")
+    from_config: dict | None = option(None, "DiffusionGemmaConfig kwargs: random-init model instead of loading")
+    dtype: Literal["bfloat16", "float32"] = option("bfloat16", "compute dtype; master weights stay fp32")
+    attn_backend: Literal["auto", "sdpa", "flex"] = option(
+        "auto", "attention kernel; auto: flex on CUDA, sdpa elsewhere")
+    num_layers: int | None = option(None, "keep only the first N layers (reduced-depth runs at real layer shapes)")
+
+    def checks(self):
+        return [_rng(self, "num_layers", ge=1)]
+
+
+@dataclass
+class DataSection:
+    train_path: str = option("", "training data: jsonl path or datasets name/dir", required=True)
+    split: str = option("train", "split of a datasets name/dir")
+    eval_path: str | None = option(None, "held-out rows (jsonl) for the eval section")
+    tokenizer: str | None = option(None, 'tokenizer dir; null: the model dir; "tiny": the tokenizer blockdiff ships')
+    chat_template: str | None = option(
+        None, "a .jinja file replacing the tokenizer's chat template (null: the tokenizer's own); the run dir and "
+              "the export keep the template used, as chat_template.jinja")
+    seq_length: int = option(1024, "tokens per row: prompt plus canvas blocks")
+    canvas_length: int = option(256, "tokens per canvas block")
+    prompt_too_long: Literal["skip", "fail"] = option(
+        "skip", "a row whose prompt leaves no room for one canvas block: skip it, or fail")
+    mask_history: bool = option(
+        True, "true: supervise only the final assistant turn; false: every assistant turn is its own canvas "
+              "segment conditioned on the clean history before it")
+    packing: bool = option(
+        False, "pack several conversations per row (document-aware masks, positions restart per conversation)")
+
+    def checks(self):
+        out = [_rng(self, "canvas_length", gt=0)]
+        if self.seq_length < self.canvas_length + 1:
+            out.append(("seq_length", f"expected seq_length >= canvas_length + 1 = {self.canvas_length + 1} "
+                                      f"(room for a prompt token and one canvas), got {self.seq_length}"))
+        return out
+
+
+@dataclass
+class ObjectiveSection:
+    eps: float = option(1e-3, "corruption level t = eps + (1 - eps) * U(0, 1)")
+    self_conditioning_prob: float = option(0.5, "probability that a sample gets the self-conditioning pass")
+    freeze_router: bool = option(True, "keep the MoE router weights frozen")
+    loss_type: Literal["all_supervised", "corrupted_only", "reweighted", "leave_one_out"] = option(
+        "all_supervised", "which canvas positions the diffusion loss scores, and how they are weighted")
+    ar_loss_weight: float = option(1.0, "weight of the encoder's next-token (AR) co-loss; 0: off")
+    ar_loss_scope: Literal["sequence", "response"] = option(
+        "sequence", "tokens the AR loss scores: the whole sequence or the response only")
+    ar_loss_reduction: Literal["token", "example"] = option(
+        "token", "token: AR loss over the global batch's AR tokens; example: mean over its conversations of "
+                 "their own means")
+
+    def checks(self):
+        return [_rng(self, "eps", gt=0, lt=1), _rng(self, "self_conditioning_prob", ge=0, le=1),
+                _rng(self, "ar_loss_weight", ge=0)]
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = option(1.5e-4, "peak learning rate (AdamW)")
+    betas: tuple[float, float] = option((0.95, 0.99), "AdamW betas")
+    eps: float = option(1e-8, "AdamW epsilon")
+    weight_decay: float = option(1e-4, "AdamW decoupled weight decay")
+    grad_clip: float = option(1.0, "max global grad norm; 0 disables clipping")
+    master_update: bool = option(
+        False, "one CUDA device in bf16 (unsharded): AdamW that also writes persistent bf16 working weights in "
+               "the same pass (master_adamw.py); off: torch's fused AdamW. Opt-in until measured on a GPU")
+
+    def checks(self):
+        out = [_rng(self, "lr", gt=0), _rng(self, "eps", gt=0), _rng(self, "weight_decay", ge=0),
+               _rng(self, "grad_clip", ge=0)]
+        if not all(0 <= b < 1 for b in self.betas):
+            out.append(("betas", f"expected two values in [0, 1), got {list(self.betas)}"))
+        return out
+
+
+@dataclass
+class SchedulerSection:
+    warmup_steps: int = option(25, "steps of linear warmup from 0")
+    decay_steps: int = option(800, "cosine to min_lr over this many steps (warmup included)")
+    min_lr: float = option(1.5e-5, "learning rate at the end of the cosine decay")
+    kind: Literal["cosine", "constant"] = option("cosine", "schedule after warmup")
+
+    def checks(self):
+        out = [_rng(self, "warmup_steps", ge=0), _rng(self, "decay_steps", ge=1), _rng(self, "min_lr", ge=0)]
+        if self.kind == "cosine" and self.decay_steps < self.warmup_steps:
+            out.append(("decay_steps", f"expected decay_steps >= warmup_steps ({self.warmup_steps}), "
+                                       f"got {self.decay_steps}"))
+        return out
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = option(800, "optimizer steps to train")
+    global_batch_size: int = option(8, "samples per optimizer step, over all ranks")
+    micro_batch_size: int = option(1, "samples per forward/backward on one rank")
+    seed: int = option(42, "seed of the data order, the noise and the model init")
+    output_dir: str = option("", "run directory (checkpoints, metrics, export)", required=True)
+    resume: Literal["auto", "never", "must"] = option(
+        "auto", "auto: resume from the run dir's latest checkpoint if any; must: fail without one; "
+                "never: fail with one")
+    log_every: int = option(1, "log metrics every N steps")
+    max_epochs: int | None = option(None, "stop after this many passes over the data (also bounded by max_steps)")
+    nan_policy: Literal["skip", "stop"] = option("stop", "a non-finite loss or gradient: skip the step, or stop")
+    skip_memory_check: bool = option(False, "true: launch on CUDA even when the memory plan says it cannot fit")
+
+    def checks(self):
+        out = [_rng(self, n, ge=1) for n in ("max_steps", "global_batch_size", "micro_batch_size", "log_every",
+                                             "max_epochs")]
+        out.append(_rng(self, "seed", ge=0))
+        if self.micro_batch_size >= 1 and self.global_batch_size % self.micro_batch_size:
+            out.append(("global_batch_size", f"expected a multiple of micro_batch_size ({self.micro_batch_size}), "
+                                             f"got {self.global_batch_size}"))
+        return out
+
+
+@dataclass
+class EvalSection:
+    loss_every: int = option(
+        0, "validation loss (val_loss, val_diffusion_loss, val_ar_loss) every N steps with fixed noise; 0: off")
+    loss_samples: int = option(
+        64, "held-out rows it scores: the first N of data.eval_path, or without one N rows of the training file "
+            "(a seeded choice, left out of training)")
+    accuracy_every: int = option(0, "sampled exact-match accuracy (eval_accuracy) every N steps; 0: off")
+    accuracy_samples: int = option(64, "the first N rows of data.eval_path")
+    seed: int = option(0, "the validation loss's noise and the sampler's per-prompt seeds")
+
+    def checks(self):
+        return [_rng(self, n, ge=0) for n in ("loss_every", "accuracy_every", "seed")] + [
+            _rng(self, n, ge=1) for n in ("loss_samples", "accuracy_samples")]
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = option(400, "checkpoint every N steps; 0: only the final checkpoint")
+    keep_last: int = option(2, "checkpoints kept in the run dir (older ones are removed)")
+    save_final: bool = option(True, "checkpoint at the end of training (off for throw-away benchmark runs)")
+    export_final: bool = option(True, "write a HF-format model dir at the end")
+    export_dir: str | None = option(None, "where the final export goes; null: <output_dir>/export")
+    export_dtype: Literal["auto", "bfloat16", "float32"] = option(
+        "auto", "dtype of the exported weights; auto: the source checkpoint's dtype")
+
+    def checks(self):
+        return [_rng(self, "every_steps", ge=0), _rng(self, "keep_last", ge=1)]
+
+
+@dataclass
+class ParallelSection:
+    dp: int = option(-1, "data-parallel size; -1: the world size (the only other valid value)")
+    ep: int = option(1, "expert-parallel group size (experts split over ep ranks; data parallel over all)")
+    activation_checkpointing: bool = option(True, "recompute each layer's activations in backward")
+    recompute_expert_exchanges: bool = option(
+        False, "ep > 1 with activation checkpointing: false keeps each layer's all-to-all results from the "
+               "forward for its recomputation (faster; costs the dispatched rows' memory), true exchanges them again")
+    reshard_after_forward: bool = option(
+        True, "false: a layer's parameters stay gathered from its first forward (encoder) through its backward "
+              "instead of being all-gathered again for each decoder pass and for backward (faster; costs the "
+              "gathered bf16 copy of every layer at the forward's end)")
+    compile: bool = option(False, "torch.compile each layer")
+
+    def checks(self):
+        out = [_rng(self, "ep", ge=1)]
+        if self.dp != -1 and self.dp < 1:
+            out.append(("dp", f"expected -1 (infer from world size) or a value >= 1, got {self.dp}"))
+        return out
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = option(False, "train LoRA adapters instead of all weights")
+    rank: int = option(16, "LoRA rank r")
+    alpha: float = option(32.0, "LoRA scale numerator (the update is scaled by alpha / rank)")
+    dropout: float = option(0.0, "dropout on the LoRA input")
+    targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                "names of the linear modules to adapt")
+    self_conditioning: bool = option(False, "also adapt the self-conditioning block")
+    experts: bool = option(False, "also adapt the MoE experts")
+
+    def checks(self):
+        out = [_rng(self, "rank", ge=1), _rng(self, "alpha", gt=0), _rng(self, "dropout", ge=0, lt=1)]
+        if self.enabled and not self.targets and not self.self_conditioning and not self.experts:
+            out.append(("targets", "LoRA is enabled but adapts nothing: give at least one target module"))
+        return out
+
+
+@dataclass
+class LoggingSection:
+    tensorboard: bool = option(True, "write TensorBoard event files into the run dir")
+    wandb: bool = option(False, "log to Weights & Biases (needs the wandb package)")
+    wandb_project: str | None = option(None, "W&B project name; null: wandb's default")
+    progress: bool = option(True, "show a progress bar on rank 0")
+    profile_at: int = option(
+        0, "> 0: torch-profile steps [profile_at, profile_at + profile_steps) into <run>/profile")
+    profile_steps: int = option(2, "steps the profiler records")
+    profile_host_ops: bool = option(
+        True, "false: record GPU kernels only, not host ops (far less host overhead, so the profiled steps run "
+              "closer to unprofiled ones; the tables then list kernels only). CPU runs always record host ops")
+
+    def checks(self):
+        return [_rng(self, "profile_at", ge=0), _rng(self, "profile_steps", ge=1)]
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def cross_checks(self):
+        out = []
+        if self.scheduler.min_lr > self.optimizer.lr:
+            out.append(("scheduler.min_lr", f"expected min_lr <= optimizer.lr ({self.optimizer.lr}), "
+                                            f"got {self.scheduler.min_lr}"))
+        if self.eval.accuracy_every > 0 and not self.data.eval_path:
+            out.append(("eval.accuracy_every", f"accuracy_every={self.eval.accuracy_every} needs data.eval_path "
+                                               "(held-out rows with reference answers)"))
+        return out
+
+    def validate(self) -> "Config":
+        """Re-run the type and range checks (for a Config built or edited in code); returns a checked copy."""
+        return _build(self.to_dict(), getattr(self, "_where", None) or _Where("<config>"))
+
+    def to_dict(self) -> dict:
+        """Plain dict of plain YAML types (tuples become lists)."""
+        def plain(v):
+            if isinstance(v, (list, tuple)):
+                return [plain(x) for x in v]
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+        return {s.name: {f.name: plain(getattr(getattr(self, s.name), f.name))
+                         for f in dataclasses.fields(getattr(self, s.name))} for s in dataclasses.fields(self)}
+
+    def save_yaml(self, path) -> None:
+        """Write the resolved config (what the run actually used); loads back to an equal Config."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write("# resolved blockdiff config (defaults + file + command-line overrides)\n")
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False, default_flow_style=None)
+
+
+SECTIONS: dict[str, type] = {f.name: get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+# ----------------------------------------------------------------------------------------- YAML
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats such as ``1e-3`` (PyYAML would return a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _key_lines(node, prefix, out, source):
+    """Map dotted keys -> 1-based line of the key; flag duplicate keys."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for k, v in node.value:
+        if not isinstance(k, yaml.ScalarNode):
+            continue
+        dotted = f"{prefix}{k.value}"
+        if dotted in out:
+            raise ConfigError(f"duplicate key '{k.value}' (first at line {out[dotted]})",
+                              file=source, line=k.start_mark.line + 1, field=dotted)
+        out[dotted] = k.start_mark.line + 1
+        _key_lines(v, dotted + ".", out, source)
+
+
+def _read_yaml(path) -> tuple[Any, dict[str, int]]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        what = "is a directory, not a YAML file" if os.path.isdir(path) else "not found"
+        raise ConfigError(f"config file {what} (cwd: {os.getcwd()})", file=path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            lines: dict[str, int] = {}
+            _key_lines(node, "", lines, path)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        raise ConfigError(f"invalid YAML: {getattr(e, 'problem', None) or e}", file=path,
+                          line=mark.line + 1 if mark else None) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of sections at the top level, {_got(data)}", file=path, line=1)
+    return data, lines
+
+
+# ----------------------------------------------------------------------------------------- typing
+def _describe(tp) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
+    if origin is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
+    if origin is tuple:
+        return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[1]}s"
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping", Any: "any value"}.get(origin or tp, str(tp))
+
+
+def _got(v) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", tuple: "list",
+            dict: "mapping", type(None): "null"}.get(type(v), type(v).__name__)
+    return f"got {kind} {v!r}" if v is not None else "got null"
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _need(ok: bool) -> None:
+    if not ok:
+        raise _Mismatch
+
+
+def _coerce(value, tp):
+    """Return ``value`` checked against ``tp`` (int -> float, list -> tuple); raise _Mismatch otherwise."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any or (value is None and type(None) in args):
+        return value
+    if origin in (Union, types.UnionType):
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, a)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is Literal:
+        _need(any(type(value) is type(a) and value == a for a in args))
+        return value
+    if origin is list:
+        _need(isinstance(value, list))
+        return [_coerce(v, args[0]) for v in value]
+    if origin is tuple:
+        _need(isinstance(value, (list, tuple)) and len(value) == len(args))
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if tp is float:
+        _need(isinstance(value, (int, float)) and not isinstance(value, bool))
+        return float(value)
+    _need(isinstance(value, origin or tp) and not (tp is int and isinstance(value, bool)))
+    return value
+
+
+# ----------------------------------------------------------------------------------------- building
+class _Where:
+    """Turns a dotted field into a located ConfigError (file + line, or the CLI flag that set it)."""
+
+    def __init__(self, source, lines=None, overridden=()):
+        self.source, self.lines, self.overridden = source, lines or {}, set(overridden)
+
+    def error(self, dotted: str, msg: str) -> ConfigError:
+        if dotted in self.overridden:
+            return ConfigError(msg, file=f"--{dotted}")
+        section = dotted.split(".")[0]
+        line = self.lines.get(dotted, self.lines.get(section))
+        return ConfigError(msg, file=self.source, line=line, field=dotted)
+
+
+def _suggest(name, known, listing=True) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (known: {', '.join(known)})" if listing else ""
+
+
+# fields that live in another section: the error names the right one
+_MOVED = {"train.eval_every": "eval.accuracy_every", "train.eval_samples": "eval.accuracy_samples"}
+
+
+def _build(d, where: _Where) -> Config:
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"expected a mapping of sections at the top level, {_got(d)}", file=where.source, line=1)
+    sections = {}
+    for sname, body in d.items():
+        if sname not in SECTIONS:
+            raise where.error(str(sname), f"unknown section '{sname}'{_suggest(str(sname), SECTIONS)}")
+        cls = SECTIONS[sname]
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise where.error(sname, f"section '{sname}' must be a mapping of field: value, {_got(body)}")
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for fname, value in body.items():
+            dotted = f"{sname}.{fname}"
+            if fname not in hints:
+                hint = f" (set {_MOVED[dotted]})" if dotted in _MOVED else _suggest(str(fname), hints)
+                raise where.error(dotted, f"unknown field '{fname}' in section '{sname}'{hint}")
+            try:
+                kwargs[fname] = _coerce(value, hints[fname])
+            except _Mismatch:
+                msg = f"expected {_describe(hints[fname])}, {_got(value)}"
+                if get_origin(hints[fname]) is Literal and isinstance(value, str):
+                    msg += _suggest(value, get_args(hints[fname]), listing=False)
+                elif "a string" in _describe(hints[fname]) and dotted in where.overridden:
+                    msg += f" (to pass it as a string, quote it: --{dotted}='\"{value}\"')"
+                raise where.error(dotted, msg) from None
+        sections[sname] = cls(**kwargs)
+    cfg = Config(**sections)
+    _validate(cfg, where)
+    cfg._where = where  # kept so later checks (apply_world_size, validate) can point at the same lines
+    return cfg
+
+
+def _validate(cfg: Config, where: _Where) -> None:
+    for s in dataclasses.fields(cfg):
+        sec = getattr(cfg, s.name)
+        for f in dataclasses.fields(sec):
+            if f.metadata.get("required") and not getattr(sec, f.name):
+                raise where.error(f"{s.name}.{f.name}", f"required field is missing or empty: set {s.name}.{f.name}")
+        for fname, msg in sec.checks():
+            if msg:
+                raise where.error(f"{s.name}.{fname}", msg)
+    for dotted, msg in cfg.cross_checks():
+        raise where.error(dotted, msg)
+
+
+def config_from_dict(d: dict, source: str = "<dict>") -> Config:
+    """Validated Config from a plain nested dict (sections -> fields)."""
+    return _build(d, _Where(source))
+
+
+# ----------------------------------------------------------------------------------------- CLI overrides
+def _parse_value(text: str):
+    try:
+        return yaml.load(text, Loader=_Loader) if text != "" else ""
+    except yaml.YAMLError:
+        return text  # e.g. an odd path; the type check says what was expected
+
+
+def parse_overrides(argv) -> list[tuple[str, Any]]:
+    """``["--a.b", "1", "--c.d=[1,2]", "--e.f"]`` -> ``[("a.b", 1), ("c.d", [1, 2]), ("e.f", True)]``.
+
+    Values are YAML scalars/lists; a flag with no value means ``true``; dashes in names become underscores.
+    """
+    argv, out, i = list(argv), [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected an override '--section.field value' or '--section.field=value', got {arg!r}",
+                              file="<command line>")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"
+        key = key.replace("-", "_")
+        if "." not in key or "" in key.split("."):
+            raise ConfigError(f"expected '--section.field', e.g. '--optimizer.lr' (sections: {', '.join(SECTIONS)})",
+                              file=f"--{key}")
+        out.append((key, _parse_value(value)))
+        i += 1
+    return out
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = d
+    for j, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set '{'.'.join(parts[j + 1:])}' inside {'.'.join(parts[:j + 1])}, "
+                              f"which is not a mapping ({_got(nxt)})", file=f"--{key}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path=None, overrides=()) -> Config:
+    """Defaults <- YAML file (optional) <- ``--section.field value`` overrides; validated."""
+    data, lines, source = {}, {}, "<defaults>"
+    if path is not None:
+        data, lines = _read_yaml(path)
+        source = os.fspath(path)
+    pairs = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) else list(overrides)
+    overridden = set()
+    for key, value in pairs:
+        section = key.split(".")[0]
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section '{section}'{_suggest(section, SECTIONS)}", file=f"--{key}")
+        if data.get(section) is None:
+            data[section] = {}
+        _set_dotted(data, key, value)
+        overridden.add(".".join(key.split(".")[:2]))
+    return _build(data, _Where(source, lines, overridden))
+
+
+# ----------------------------------------------------------------------------------------- world size
+def apply_world_size(cfg: Config, world_size: int) -> int:
+    """Resolve ``parallel.dp`` for ``world_size`` ranks, check the layout; return grad-accumulation steps.
+
+    Layout (FSDP + EP): data parallel over all ranks (dp == world size); experts split across groups of
+    ``ep`` ranks inside it, so ``ep`` must divide the world size.
+    """
+    where = getattr(cfg, "_where", None) or _Where("<config>")
+    p, t = cfg.parallel, cfg.train
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if p.dp == -1:
+        p.dp = world_size
+    elif p.dp != world_size:
+        raise where.error("parallel.dp", f"dp={p.dp} but the world size is {world_size}: data parallelism spans "
+                                         f"all ranks (set dp to -1 or {world_size})")
+    if world_size % p.ep:
+        ok = [k for k in range(1, world_size + 1) if world_size % k == 0]
+        raise where.error("parallel.ep", f"ep={p.ep} does not divide the world size {world_size} "
+                                         f"(experts are split across ep ranks; valid ep: {ok})")
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise where.error("train.global_batch_size",
+                          f"global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size "
+                          f"({t.micro_batch_size}) x world size ({world_size}) = {per_step}")
+    return t.global_batch_size // per_step
