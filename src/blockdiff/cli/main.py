@@ -16,6 +16,7 @@ USAGE = """usage: blockdiff <command> [args]
 
 commands:
   train -c FILE [--section.field VALUE ...]   fine-tune (works under torchrun and plain python)
+  rl -c FILE [--section.field VALUE ...]      GRPO with verifiable rewards (same config, run dir and launch as train)
   export RUN_DIR [--out DIR] [--step N] [--dtype float32]   a transformers-loadable model from a run's checkpoint
   generate --model DIR (--prompt T | --input F.jsonl) [...]   sample with the entropy-bound sampler
   eval gsm8k --model DIR --data F.jsonl [...] GSM8K exact-match accuracy
@@ -23,7 +24,7 @@ commands:
   config show [-c FILE] [--json]              every config field: type, default (or FILE's value), description
   plan -c FILE [--gpus N] [--gpu-memory GIB] [--json]   per-GPU memory of a run, before launch
   plot RUN_DIR [--out DIR]                    loss / grad-norm / lr curves as PNG
-  demo [--out DIR] [--steps N]                the embedded CPU demo: data, train, plot, export, eval
+  demo [--out DIR] [--steps N] [--rl]         the embedded CPU demo: data, train, plot, export, eval (--rl: GRPO)
   bench [--layers 6] [--shapes 768+256,...]   one-GPU step benchmark, blockdiff vs transformers
 """
 
@@ -40,6 +41,17 @@ def _train(argv):
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     train(cfg)
+
+
+def _rl(argv):
+    from blockdiff.config.schema import load_config
+    from blockdiff.rl.loop import rl_train
+
+    p = argparse.ArgumentParser(prog="blockdiff rl", usage="blockdiff rl -c FILE [--section.field VALUE ...]",
+                                epilog="every section and field: blockdiff config show [-c FILE]")
+    p.add_argument("-c", "--config", required=True, help="YAML config file")
+    args, overrides = p.parse_known_args(argv)
+    rl_train(load_config(args.config, overrides))
 
 
 def _export(argv):
@@ -110,7 +122,7 @@ def _demo(argv):
     demo_main(argv)
 
 
-COMMANDS = {"train": _train, "export": _export, "plan": _plan, "plot": _plot, "generate": _generate, "eval": _eval,
+COMMANDS = {"train": _train, "rl": _rl, "export": _export, "plan": _plan, "plot": _plot, "generate": _generate, "eval": _eval,
             "demo": _demo, "bench": _bench, "data": _data, "config": _config}
 
 

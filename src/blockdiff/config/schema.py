@@ -252,6 +252,34 @@ class LoggingSection:
 
 
 @dataclass
+class RLSection:
+    """``blockdiff rl`` (group-relative policy optimisation); ``blockdiff train`` ignores it."""
+    prompts_per_step: int = option(8, "prompts per RL step (over all ranks)")
+    group_size: int = option(8, "completions sampled per prompt (the group its advantages are relative to)")
+    rewards: list[dict] = option([{"name": "gsm8k_exact", "weight": 1.0}, {"name": "format", "weight": 0.1}],
+                                 "reward terms {name, weight}: gsm8k_exact, format or 'module:function'")
+    advantage: Literal["group_norm", "mean_only"] = option(
+        "group_norm", "group_norm: (r - mean) / (std + advantage_eps); mean_only: r - mean")
+    advantage_eps: float = option(1e-4, "added to the group's reward std")
+    clip_eps: float = option(0.2, "PPO clip of the policy ratio: [1 - clip_eps, 1 + clip_eps]")
+    update_iterations: int = option(1, "optimizer steps per rollout batch")
+    kl_beta: float = option(
+        0.0, "weight of the KL penalty to the starting checkpoint; LoRA: the adapter-off base, full fine-tuning: a "
+             "frozen copy of the weights (twice the weight memory)")
+    elbo_draws: int = option(2, "noise draws per completion of the ELBO log-likelihood estimate")
+    max_new_tokens: int = option(256, "tokens sampled per completion at most")
+    max_denoising_steps: int | None = option(None, "sampler steps per block; null: the checkpoint's")
+    t_max: float | None = option(None, "sampler temperature at the first step; null: the checkpoint's")
+    t_min: float | None = option(None, "sampler temperature the schedule decays towards; null: the checkpoint's")
+
+    def checks(self):
+        return [_rng(self, "prompts_per_step", ge=1), _rng(self, "group_size", ge=2), _rng(self, "clip_eps", gt=0),
+                _rng(self, "advantage_eps", gt=0), _rng(self, "update_iterations", ge=1), _rng(self, "kl_beta", ge=0),
+                _rng(self, "elbo_draws", ge=1), _rng(self, "max_new_tokens", ge=1),
+                _rng(self, "max_denoising_steps", ge=1)]
+
+
+@dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -264,6 +292,7 @@ class Config:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     lora: LoraSection = field(default_factory=LoraSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    rl: RLSection = field(default_factory=RLSection)
 
     def cross_checks(self):
         out = []

@@ -331,9 +331,12 @@ def compute_loss(
     settings: ObjectiveSettings,
     diffusion_tokens: int | torch.Tensor,
     ar_tokens: int | torch.Tensor,
+    per_row: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One micro-batch of the objective. Returns the loss to backward (already divided by the global
-    counts of ``count_scored``, ints or 0-dim tensors on the device) and its parts."""
+    counts of ``count_scored``, ints or 0-dim tensors on the device) and its parts. ``per_row`` (RL's
+    per-sequence likelihoods, ``blockdiff.rl.elbo``) adds ``diffusion_rows``: each row's diffusion CE sum
+    [B], with gradients, and ``scored_rows``: its scored-token count [B]."""
     cap = model.config.final_logit_softcapping
     weight = model.embed_tokens.weight
     if getattr(batch, "doc_ids", None) is not None:  # packed: per-conversation positions and masks
@@ -365,11 +368,21 @@ def compute_loss(
     if settings.loss_type == "reweighted":
         w = w / noise.token_t().flatten()[idx]
     exclude = noise.noisy.flatten()[idx] if settings.loss_type == "leave_one_out" else None
-    diff_sum = softcapped_ce_sum(h2.flatten(0, 1).index_select(0, idx), weight, noise.clean.flatten()[idx], w, cap,
-                                 exclude=exclude, chunk=settings.chunk_tokens)
+    hidden, targets = h2.flatten(0, 1).index_select(0, idx), noise.clean.flatten()[idx]
+    extra = {}
+    if per_row:  # one CE sum per row: the flat indices are sorted, so each row's tokens are one slice
+        counts = torch.bincount(idx // noise.noisy.shape[1], minlength=noise.noisy.shape[0])
+        ends = counts.cumsum(0).tolist()
+        rows = [softcapped_ce_sum(hidden[s:e], weight, targets[s:e], w[s:e], cap,
+                                  exclude=None if exclude is None else exclude[s:e], chunk=settings.chunk_tokens)
+                if e > s else hidden.new_zeros((), dtype=torch.float32) for s, e in zip([0] + ends[:-1], ends)]
+        extra = {"diffusion_rows": torch.stack(rows), "scored_rows": counts}
+        diff_sum = extra["diffusion_rows"].sum()
+    else:
+        diff_sum = softcapped_ce_sum(hidden, weight, targets, w, cap, exclude=exclude, chunk=settings.chunk_tokens)
     diffusion_loss = diff_sum / _at_least_one(diffusion_tokens)
     loss = diffusion_loss + settings.ar_loss_weight * ar_loss
-    return {"loss": loss, "diffusion_loss": diffusion_loss.detach(), "ar_loss": ar_loss.detach()}
+    return {"loss": loss, "diffusion_loss": diffusion_loss.detach(), "ar_loss": ar_loss.detach(), **extra}
 
 
 def _at_least_one(count: int | torch.Tensor):

@@ -1,0 +1,118 @@
+"""Rewards of RL completions: the built-in GSM8K exact match and format rewards, and user functions.
+
+``rl.rewards`` lists ``{name, weight}`` entries; a completion's reward is the weighted sum of its terms.
+``name`` is a built-in (``gsm8k_exact``, ``format``) or ``"module:function"``, a function
+``fn(prompt: str, completion: str, reference: str | None) -> float`` importable from the run's Python
+path. Every entry is resolved and called once on a probe at start-up, so an import error, a wrong
+signature or a non-finite return is one ConfigError naming the function, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from blockdiff.errors import ConfigError
+from blockdiff.infer.evaluate import extract_answer, normalize_number
+
+RewardFn = Callable[[str, str, "str | None"], float]
+
+# a line holding only "#### N" (N a number as extract_answer reads it), the final-answer line of GSM8K
+_ANSWER_LINE = re.compile(r"^\s*####\s*[-\u2212]?\$?\s?[\d,]*\.?\d+\s*$", re.M)
+
+
+def gsm8k_exact(prompt: str, completion: str, reference: str | None) -> float:
+    """1.0 when the completion's final answer (the eval's ``extract_answer``) equals the reference's."""
+    got = extract_answer(completion)
+    return float(got is not None and reference is not None and got == normalize_number(reference))
+
+
+def format_reward(prompt: str, completion: str, reference: str | None) -> float:
+    """1.0 when the completion has a well-formed ``#### N`` line."""
+    return float(_ANSWER_LINE.search(completion) is not None)
+
+
+BUILTIN: dict[str, RewardFn] = {"gsm8k_exact": gsm8k_exact, "format": format_reward}
+ACCURACY = "gsm8k_exact"  # the term logged as ``accuracy``
+
+# the probe every reward is called on at start-up
+_PROBE = ("What is 2 + 3?", "2 + 3 = 5\n#### 5", "5")
+
+
+@dataclass
+class RewardTerm:
+    name: str
+    weight: float
+    fn: RewardFn
+
+
+def _located(msg: str, field: str, where) -> ConfigError:
+    return where.error(field, msg) if where is not None else ConfigError(msg, field=field)
+
+
+def _resolve(name: str, field: str, where) -> RewardFn:
+    if name in BUILTIN:
+        return BUILTIN[name]
+    module_name, sep, attr = name.partition(":")
+    if not sep or not module_name or not attr:
+        raise _located(f"unknown reward {name!r}: a built-in ({', '.join(BUILTIN)}) or 'module:function'",
+                       field, where)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001  (whatever the user's module raised on import)
+        raise _located(f"reward {name!r}: cannot import {module_name!r} ({type(e).__name__}: {e})",
+                       field, where) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise _located(f"reward {name!r}: {module_name!r} has no function {attr!r}", field, where)
+    try:
+        inspect.signature(fn).bind("prompt", "completion", "reference")
+    except TypeError:
+        raise _located(f"reward {name!r}: expected fn(prompt, completion, reference) -> float, got "
+                       f"{attr}{inspect.signature(fn)}", field, where) from None
+    except ValueError:  # a builtin without a signature: the probe call below decides
+        pass
+    return fn
+
+
+def call_reward(term: RewardTerm, prompt: str, completion: str, reference: str | None) -> float:
+    """One term's value; anything but a finite number is a ConfigError naming the function."""
+    try:
+        value = term.fn(prompt, completion, reference)
+    except Exception as e:  # noqa: BLE001  (the user's function failed: say which one)
+        raise ConfigError(f"reward {term.name!r} raised {type(e).__name__}: {e}", field="rl.rewards") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"reward {term.name!r} returned {value!r}; expected a finite float", field="rl.rewards")
+    return float(value)
+
+
+def build_rewards(entries: list[dict], where=None) -> list[RewardTerm]:
+    """Resolve and probe ``rl.rewards`` (see the module doc). ``where``: the config's locator (file and line)."""
+    if not entries:
+        raise _located("no rewards: give at least one {name, weight}", "rl.rewards", where)
+    terms = []
+    for i, entry in enumerate(entries):
+        field = "rl.rewards"
+        if not isinstance(entry, dict) or set(entry) - {"name", "weight"} or "name" not in entry:
+            raise _located(f"entry {i}: expected {{name: ..., weight: ...}}, got {entry!r}", field, where)
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise _located(f"entry {i} ({entry['name']!r}): weight must be a finite number, got {weight!r}",
+                           field, where)
+        term = RewardTerm(str(entry["name"]), float(weight), _resolve(str(entry["name"]), field, where))
+        try:
+            call_reward(term, *_PROBE)
+        except ConfigError as e:
+            raise _located(e.msg + " on the start-up probe", field, where) from None
+        terms.append(term)
+    return terms
+
+
+def score(terms: list[RewardTerm], prompt: str, completion: str, reference: str | None) -> tuple[float, dict]:
+    """(weighted total, {term name: unweighted value})."""
+    parts = {t.name: call_reward(t, prompt, completion, reference) for t in terms}
+    return sum(t.weight * parts[t.name] for t in terms), parts
