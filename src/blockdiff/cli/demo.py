@@ -20,7 +20,15 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--level", default="easy", choices=["easy", "standard"],
                    help="synthetic problem difficulty (easy: operands small enough for the tiny model)")
+    p.add_argument("--rl", action="store_true", help="GRPO on the SFT demo's export (run first if missing)")
+    p.add_argument("--sft-export", default=None, help="--rl: the SFT export to start from (default OUT/run/export)")
     args, overrides = p.parse_known_args(argv)
+    if args.rl:
+        from blockdiff.rl.demo import run_demo_rl
+
+        steps = ["--train.max_steps", str(args.steps)] if args.steps is not None else []
+        return run_demo_rl(Path(args.out), args.sft_export, steps + list(overrides), seed=args.seed,
+                           n_train=args.n_train, n_test=args.n_test, level=args.level)
 
     from blockdiff.data.jsonl import read_chat_jsonl
     from blockdiff.data.synthetic import trivial_baseline_accuracy, write_splits

@@ -83,6 +83,33 @@ def fixed_elbos(model, micro: list[tuple], settings, cfg, dist, reference: bool)
     return torch.cat(values) if values else torch.zeros(0, device=dist.device)
 
 
+def accumulate_gradients(model, params, optimizer, micro: list[tuple], adv: torch.Tensor, old, ref, settings, cfg,
+                         dist: DistInfo, n: int) -> torch.Tensor:
+    """Forward and backward of the GRPO loss over this rank's micro-batches, gradients summed over ranks.
+    ``old`` / ``ref``: this rank's rollout-time / reference ELBOs (None: old == new, no KL). Returns the global
+    sums [loss, kl, clipped, ratio, elbo] (float64, on the device)."""
+    rl, dev = cfg.rl, dist.device
+    sums = torch.zeros(5, dtype=torch.float64, device=dev)
+    done = 0  # completions of this rank before the micro-batch (index into old / ref)
+    for cs, batch, noise in micro:
+        batch, noise = to_device(batch, dev), to_device(noise, dev)
+        mine = slice(done, done + len(cs))
+        done += len(cs)
+        with _context(model, cfg, dev, optimizer):
+            new = elbo(model, batch, noise, settings, rl.elbo_draws).float()
+            out = grpo_loss(new, new.detach() if old is None else old[mine], None if ref is None else ref[mine],
+                            adv[cs[0]:cs[-1] + 1], rl.clip_eps, rl.kl_beta, n)
+            out["loss"].backward()
+        sums += torch.stack([out["loss"].detach(), out["kl_sum"], out["clipped"], out["ratio_sum"],
+                             new.detach().sum()]).double()
+    all_reduce_(sums, dist)
+    if dist.world_size > 1 and not is_sharded(model):  # FSDP already SUMMED the grads
+        for p in params:
+            if p.grad is not None:
+                all_reduce_(p.grad, dist)
+    return sums
+
+
 def update(model, optimizer, params, rollout: Rollout, micro: list[tuple], settings, cfg, dist: DistInfo, *,
            reference_model, lr_at, first: bool) -> UpdateResult:
     """``rl.update_iterations`` optimizer steps on this rollout; ``lr_at(i)`` is iteration i's learning rate.
@@ -106,25 +133,8 @@ def update(model, optimizer, params, rollout: Rollout, micro: list[tuple], setti
         for group in optimizer.param_groups:
             group["lr"] = lr
         res.lrs.append(lr)
-        sums = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, kl, clipped, ratio, elbo
-        done = 0  # completions of this rank before the micro-batch (index into old / ref)
-        for cs, batch, noise in micro:
-            batch, noise = to_device(batch, dev), to_device(noise, dev)
-            mine = slice(done, done + len(cs))
-            done += len(cs)
-            with _context(model, cfg, dev, optimizer):
-                new = elbo(model, batch, noise, settings, rl.elbo_draws).float()
-                out = grpo_loss(new, new.detach() if old is None else old[mine], None if ref is None else ref[mine],
-                                adv[cs[0]:cs[-1] + 1], rl.clip_eps, rl.kl_beta, n)
-                out["loss"].backward()
-            sums += torch.stack([out["loss"].detach(), out["kl_sum"], out["clipped"], out["ratio_sum"],
-                                 new.detach().sum()]).double()
+        sums = accumulate_gradients(model, params, optimizer, micro, adv, old, ref, settings, cfg, dist, n)
         passes += 1
-        all_reduce_(sums, dist)
-        if dist.world_size > 1 and not is_sharded(model):  # FSDP already SUMMED the grads
-            for p in params:
-                if p.grad is not None:
-                    all_reduce_(p.grad, dist)
         grad_norm = clip_gradients(params, optimizer, cfg.optimizer.grad_clip)
         nonfinite = ~(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
         optimizer.found_inf = nonfinite.float()  # the fused kernel skips the update: no host read before it

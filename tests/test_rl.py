@@ -1,0 +1,318 @@
+"""GRPO (``blockdiff rl``): advantages, clipping and KL against plain loops; the ELBO estimator against the
+objective; reward validation; a LoRA run's PEFT adapter; kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from blockdiff.cli.main import main
+from blockdiff.config.schema import demo_config_path, load_config
+from blockdiff.data.synthetic import write_splits
+from blockdiff.errors import ConfigError
+from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored
+from blockdiff.rl.advantages import clipped_surrogate, group_advantages, grpo_loss, k3_kl
+from blockdiff.rl.elbo import completion_example, elbo, elbo_micro_batch, elbo_settings
+from blockdiff.rl.rewards import build_rewards, format_reward, gsm8k_exact
+from blockdiff.train.metrics import read_metrics
+
+TESTS = Path(__file__).resolve().parent
+# the demo model at 1 layer, 2 prompts x 2 completions a step, 4 denoising steps: ~1 s a step on one thread
+FAST = ["--model.num_layers", "1", "--rl.prompts_per_step", "2", "--rl.group_size", "2", "--rl.max_new_tokens", "32",
+        "--rl.max_denoising_steps", "4", "--rl.rewards", '[{name: "rl_rewards:distinct_words", weight: 1.0}]',
+        "--train.micro_batch_size", "2", "--train.global_batch_size", "2", "--train.log_every", "1",
+        "--logging.progress", "false", "--logging.tensorboard", "false", "--checkpoint.export_final", "false",
+        "--scheduler.warmup_steps", "0", "--optimizer.lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return str(write_splits(tmp_path_factory.mktemp("rldata"), 24, 4, seed=0)[0])
+
+
+def rl_args(data, out, steps, *extra):
+    return ["--data.train_path", str(data), "--train.output_dir", str(out), "--train.max_steps", str(steps), *FAST,
+            *extra]
+
+
+# ------------------------------------------------------------------------------ algorithm vs plain loops
+
+
+@pytest.mark.parametrize("kind", ["group_norm", "mean_only"])
+def test_group_advantages_match_a_loop(kind):
+    g = torch.Generator().manual_seed(0)
+    G, eps = 4, 1e-4
+    rewards = torch.rand(3 * G, generator=g)
+    rewards[G:2 * G] = 0.5  # a group with equal rewards: advantage 0
+    got = group_advantages(rewards, G, kind, eps)
+    r = rewards.tolist()
+    for p in range(3):
+        group = r[p * G:(p + 1) * G]
+        mean = sum(group) / G
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / G)
+        for i in range(G):
+            want = (group[i] - mean) / (std + eps) if kind == "group_norm" else group[i] - mean
+            assert got[p * G + i].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert got[G:2 * G].abs().max() == 0
+
+
+def test_clipped_surrogate_kl_and_loss_match_a_loop():
+    g = torch.Generator().manual_seed(1)
+    n, eps, beta = 64, 0.2, 0.05
+    new = torch.randn(n, generator=g) * 0.3
+    old = new + torch.randn(n, generator=g) * 0.3
+    ref = new + torch.randn(n, generator=g) * 0.3
+    adv = torch.randn(n, generator=g)
+    new_g = new.clone().requires_grad_(True)
+    out = grpo_loss(new_g, old, ref, adv, eps, beta, count=2 * n)
+    out["loss"].backward()
+    loss, clipped, grads = 0.0, 0, []
+    for a, o, r, x in zip(adv.tolist(), old.tolist(), ref.tolist(), new.tolist()):
+        ratio = math.exp(x - o)
+        surr = min(ratio * a, min(max(ratio, 1 - eps), 1 + eps) * a)
+        kl = math.exp(r - x) - (r - x) - 1
+        loss += (-surr + beta * kl) / (2 * n)
+        is_clipped = (ratio > 1 + eps and a > 0) or (ratio < 1 - eps and a < 0)
+        clipped += is_clipped
+        # d/dx: -a * ratio where the ratio term is chosen, 0 where the clip is active; kl' = 1 - exp(r - x)
+        grads.append(((0.0 if is_clipped else -a * ratio) + beta * (1 - math.exp(r - x))) / (2 * n))
+        assert kl >= 0
+    assert 0 < clipped < n  # both branches exercised
+    assert out["loss"].item() == pytest.approx(loss, rel=1e-5)
+    assert int(out["clipped"]) == clipped
+    torch.testing.assert_close(new_g.grad, torch.tensor(grads), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(k3_kl(new, new), torch.zeros(n))
+    surr, active = clipped_surrogate(new, new, adv, eps)  # ratio 1: the surrogate is the advantage
+    torch.testing.assert_close(surr, adv)
+    assert not active.any()
+
+
+# ------------------------------------------------------------------------------ the estimator
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, example, objective settings): the 1-layer demo model at random init, one prompt + completion."""
+    from blockdiff.train.loading import build_model
+
+    cfg = load_config(demo_config_path(), ["--model.num_layers", "1", "--data.train_path", "x", "--train.output_dir",
+                                           "y", "--model.attn_backend", "sdpa"])
+    model = build_model(cfg, torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    prompt, completion = torch.randint(5, 1000, (20,), generator=g).tolist(), torch.randint(5, 1000, (40,), generator=g).tolist()
+    ex = completion_example(prompt, completion, canvas_length=32, seq_length=128, eos_id=1, sample_id=0)
+    return model, ex, elbo_settings(ObjectiveSettings.from_config(cfg.objective)), cfg
+
+
+def _elbos(model, ex, settings, cfg, streams, draws):
+    """ELBOs of ``ex`` for each group of ``draws`` consecutive streams (one micro-batch)."""
+    groups = [streams[i:i + draws] for i in range(0, len(streams), draws)]
+    batch, noise = elbo_micro_batch([ex] * len(groups), groups, settings, cfg.data, seed=0, vocab_size=1024,
+                                    device_type="cpu")
+    with torch.no_grad():
+        return elbo(model, batch, noise, settings, draws)
+
+
+def test_estimator_mean_equals_the_objective_value(tiny):
+    model, ex, settings, cfg = tiny
+    assert ex.num_blocks == 2 and ex.input_ids[-1] == 1  # 40 tokens: two canvas blocks, EOS fill
+    est = _elbos(model, ex, settings, cfg, list(range(96)), draws=1)  # 96 independent 1-draw estimates
+    # the objective itself: compute_loss's diffusion loss over 256 other draws of the same canvas
+    batch, noise = elbo_micro_batch([ex], [list(range(1000, 1256))], settings, cfg.data, seed=0, vocab_size=1024,
+                                    device_type="cpu")
+    with torch.no_grad():
+        objective = compute_loss(model, batch, noise, settings, count_scored(batch, noise, settings)[0], 1)
+    # per-row CE of the same call: the objective's own rows (draws) for its Monte Carlo error
+    with torch.no_grad():
+        rows = compute_loss(model, batch, noise, settings, 1, 1, per_row=True)
+    per_draw = rows["diffusion_rows"] / rows["scored_rows"]
+    se = math.sqrt(est.var().item() / len(est) + per_draw.var().item() / len(per_draw))
+    assert abs(-est.mean().item() - objective["diffusion_loss"].item()) < 4 * se
+    assert float(rows["diffusion_rows"].sum() / rows["scored_rows"].sum()) == pytest.approx(
+        objective["diffusion_loss"].item(), rel=1e-5)
+    # K draws average K one-draw estimates (same streams)
+    k2 = _elbos(model, ex, settings, cfg, list(range(96)), draws=2)
+    torch.testing.assert_close(k2, est.view(-1, 2).mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_shared_noise_makes_the_log_ratio_low_variance(tiny):
+    """exp(new - old) with the draws shared between the two policies: the log-ratio varies far less over draws
+    than with independent draws (what the ratio's clip and the KL would otherwise see)."""
+    import copy
+
+    model, ex, settings, cfg = tiny
+    moved = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in moved.parameters():
+            if p.requires_grad and p.ndim >= 2:
+                p.add_(torch.randn(p.shape, generator=g) * 0.002)
+    streams = list(range(48))
+    a, b = _elbos(model, ex, settings, cfg, streams, 1), _elbos(moved, ex, settings, cfg, streams, 1)
+    c = _elbos(moved, ex, settings, cfg, list(range(500, 548)), 1)
+    shared, independent = (b - a).std().item(), (c - a).std().item()
+    assert shared < 0.2 * independent, (shared, independent)
+
+
+def test_per_row_loss_equals_the_batch_loss_with_the_same_gradients(tiny):
+    model, ex, settings, cfg = tiny
+    batch, noise = elbo_micro_batch([ex, ex], [[0, 1], [2, 3]], settings, cfg.data, seed=0, vocab_size=1024,
+                                    device_type="cpu")
+    n = count_scored(batch, noise, settings)[0]
+    grads = []
+    for per_row in (False, True):
+        model.zero_grad()
+        out = compute_loss(model, batch, noise, settings, n, 1, per_row=per_row)
+        out["loss"].backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        if per_row:
+            assert out["diffusion_rows"].shape == (4,) and int(out["scored_rows"].sum()) == n
+    model.zero_grad()
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------ rewards
+
+
+def test_builtin_rewards():
+    assert gsm8k_exact("q", "3 * 4 = 12\n#### 12", "12") == 1.0
+    assert gsm8k_exact("q", "#### 1,200.0", "1200") == 1.0
+    assert gsm8k_exact("q", "3 * 4 = 12\n#### 13", "12") == 0.0
+    assert gsm8k_exact("q", "no number", "12") == 0.0
+    assert format_reward("q", "3 * 4 = 12\n#### 12", None) == 1.0
+    assert format_reward("q", "the answer is 12", None) == 0.0
+    assert format_reward("q", "#### twelve", None) == 0.0
+    terms = build_rewards([{"name": "gsm8k_exact", "weight": 1.0}, {"name": "format", "weight": 0.1},
+                           {"name": "rl_rewards:distinct_words", "weight": 2}])
+    assert [t.weight for t in terms] == [1.0, 0.1, 2.0]
+
+
+@pytest.mark.parametrize("name,pattern", [
+    ("no_such_module_xyz:fn", r"reward 'no_such_module_xyz:fn': cannot import 'no_such_module_xyz' \(ModuleNotFound"),
+    ("rl_rewards:missing", r"reward 'rl_rewards:missing': 'rl_rewards' has no function 'missing'"),
+    ("rl_rewards:two_arguments", r"reward 'rl_rewards:two_arguments': expected fn\(prompt, completion, reference\)"),
+    ("rl_rewards:not_finite", r"reward 'rl_rewards:not_finite' returned nan; expected a finite float on the start-up"),
+    ("rl_rewards:raises", r"reward 'rl_rewards:raises' raised RuntimeError: boom"),
+    ("nonsense", r"unknown reward 'nonsense': a built-in \(gsm8k_exact, format\) or 'module:function'"),
+])
+def test_bad_reward_is_one_clear_error_before_anything_is_written(data, tmp_path, capsys, name, pattern):
+    import re
+
+    out = tmp_path / "run"
+    capsys.readouterr()
+    rc = main(["rl", "-c", demo_config_path(), *rl_args(data, out, 1, "--rl.rewards",
+                                                       f'[{{name: "{name}", weight: 1}}]')])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("blockdiff rl: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "rl.rewards" in lines[0]
+    assert not out.exists()
+
+
+def test_bad_rl_settings_are_located(data, tmp_path):
+    with pytest.raises(ConfigError, match="rl.group_size: expected a value >= 2"):
+        load_config(demo_config_path(), rl_args(data, tmp_path / "r", 1, "--rl.group_size", "1"))
+    with pytest.raises(ConfigError, match="rl.prompts_per_step"):
+        from blockdiff.rl.loop import check_layout
+
+        check_layout(load_config(demo_config_path(), rl_args(data, tmp_path / "r", 1, "--rl.prompts_per_step", "3",
+                                                             "--rl.group_size", "3")), 2)
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+@pytest.mark.slow
+def test_lora_rl_exports_a_peft_adapter_peft_loads(data, tmp_path):
+    """A LoRA RL run with the KL to the adapter-off base; its adapter loads in peft onto the transformers base
+    and gives the logits of the run's merged export."""
+    import peft
+    import transformers
+
+    from blockdiff.rl.loop import rl_train
+    from blockdiff.train.loading import build_model
+
+    base_cfg = load_config(demo_config_path(), ["--model.num_layers", "1", "--data.train_path", "x",
+                                                "--train.output_dir", "y"])
+    base_dir = tmp_path / "base"
+    build_model(base_cfg, torch.device("cpu")).save_pretrained(base_dir)
+    cfg = load_config(demo_config_path(), rl_args(
+        data, tmp_path / "run", 2, "--model.name_or_path", str(base_dir), "--model.from_config", "null",
+        "--model.num_layers", "null", "--lora.enabled", "true", "--lora.rank", "4", "--rl.kl_beta", "0.1",
+        "--checkpoint.export_final", "true", "--optimizer.lr", "1e-2"))
+    run = rl_train(cfg)
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["kl"] > 0  # the adapters moved away from the base
+    export = run / "export"
+    assert json.loads((export / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    ids = torch.randint(5, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    canvas = torch.randint(5, 1000, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir).eval()
+        with_adapter = peft.PeftModel.from_pretrained(base, export / "adapter").eval()
+        got = with_adapter(input_ids=ids, decoder_input_ids=canvas).logits
+        merged = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(export).eval()
+        want = merged(input_ids=ids, decoder_input_ids=canvas).logits
+        plain = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir).eval()
+        before = plain(input_ids=ids, decoder_input_ids=canvas).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (want - before).abs().max() > 1e-4  # RL changed the model
+
+
+def start(args, log_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "blockdiff.cli.main", "rl", "-c", demo_config_path(), *args],
+                            stdout=open(log_path, "a"), stderr=subprocess.STDOUT, env=env)
+
+
+def logged_steps(run_dir) -> int:
+    path = Path(run_dir) / "metrics.jsonl"
+    return sum(1 for ln in path.read_text().splitlines() if ln.endswith("}")) if path.exists() else 0
+
+
+def trajectory(run_dir):
+    keys = ("loss", "reward_mean", "reward_std", "kl", "clip_fraction", "elbo", "completion_length", "grad_norm", "lr")
+    return [(r["step"], *(r[k] for k in keys)) for r in read_metrics(run_dir)]
+
+
+@pytest.mark.slow
+def test_kill_9_during_rollout_or_update_then_resume_is_identical(data, tmp_path):
+    from blockdiff.rl.loop import rl_train
+
+    steps = 6
+    extra = ["--checkpoint.every_steps", "2", "--rl.kl_beta", "0.05", "--rl.update_iterations", "2"]
+    straight = rl_train(load_config(demo_config_path(), rl_args(data, tmp_path / "straight", steps, *extra)))
+    run, log_path = tmp_path / "run", tmp_path / "log.txt"
+    rng = random.Random(3)
+    for target in (2, 4):  # killed at a random moment after `target` logged steps (rollout or update)
+        p = start(rl_args(data, run, steps, *extra), log_path)
+        deadline = time.monotonic() + 240
+        while logged_steps(run) < target:
+            assert p.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.8))
+        p.kill(), p.wait()
+    p = start(rl_args(data, run, steps, *extra), log_path)
+    assert p.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+    got, want = trajectory(run), trajectory(straight)
+    assert [r[0] for r in got] == list(range(1, steps + 1))
+    assert got == want
+    from safetensors.torch import load_file
+
+    a = load_file(str(run / "checkpoints" / f"step_{steps:08d}" / "model.safetensors"))
+    b = load_file(str(straight / "checkpoints" / f"step_{steps:08d}" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
