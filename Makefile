@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test demo demo-rl install clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/blockdiff demo --out runs/demo
+
+demo-rl: $(STAMP)
+	$(VENV)/bin/blockdiff demo --rl --out runs/demo
 
 clean:
 	rm -rf $(VENV) runs
