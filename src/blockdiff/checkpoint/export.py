@@ -84,7 +84,7 @@ def _skeleton(cfg):
     """The run's model without its weights: on meta for a checkpoint source (with ``hf_source`` set, so the
     export carries the source's files), rebuilt on the CPU for a ``from_config`` run."""
     if cfg.model.from_config is not None:
-        from blockdiff.train.loop import build_model
+        from blockdiff.train.loading import build_model
 
         return build_model(cfg, torch.device("cpu"))
     from blockdiff.model.hf import io as hf_io
@@ -134,7 +134,7 @@ def export_run(run_dir, out=None, step: int | None = None, merge: bool = False, 
     else:
         check_overwritable(out)
     from blockdiff.checkpoint.live_export import export_model
-    from blockdiff.train.loop import load_tokenizer
+    from blockdiff.train.setup import load_tokenizer
 
     model = _skeleton(cfg)
     with contextlib.ExitStack() as stack:

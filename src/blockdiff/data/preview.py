@@ -69,7 +69,7 @@ def preview_rows(cfg, rows: int = 5, tokenizer=None) -> list[RowPreview]:
     from blockdiff.data.canvas import build_row_example, fill_token_id
     from blockdiff.data.jsonl import load_dataset_rows
     from blockdiff.train.loading import model_config as run_model_config
-    from blockdiff.train.loop import check_consistency, load_tokenizer
+    from blockdiff.train.setup import check_consistency, load_tokenizer
 
     if rows < 1:
         raise ConfigError(f"expected a positive number of rows, got {rows}", field="--rows")
