@@ -28,7 +28,7 @@ def rl_step_grads(overrides: list[str]):
     from blockdiff.rl.rollout import PromptSet, sample_rollout
     from blockdiff.rl.update import accumulate_gradients, fixed_elbos, host_batches
     from blockdiff.train.loading import build_training_model
-    from blockdiff.train.loop import load_tokenizer
+    from blockdiff.train.setup import load_tokenizer
     from helpers import gather_grads
 
     cfg = load_config(demo_config_path(), overrides)

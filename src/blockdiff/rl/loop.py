@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 
 from blockdiff.checkpoint.live_export import export_model
-from blockdiff.checkpoint.training import load_checkpoint
-from blockdiff.config.schema import Config, apply_world_size
+from blockdiff.config.schema import Config
 from blockdiff.errors import ConfigError
 from blockdiff.infer import prompting
 from blockdiff.infer.evaluate import settings_for_checkpoint
 from blockdiff.infer.sampling import SamplerSettings
-from blockdiff.objective.loss import ObjectiveSettings
 from blockdiff.parallel.distributed import DistInfo, init_distributed
 from blockdiff.parallel.parallelize import is_sharded
 from blockdiff.rl.elbo import elbo_settings
@@ -34,12 +32,12 @@ from blockdiff.rl.plots import plot_rl
 from blockdiff.rl.rewards import build_rewards
 from blockdiff.rl.rollout import PromptSet, sample_rollout
 from blockdiff.rl.update import host_batches, update
-from blockdiff.train.loading import build_training_model, model_config
-from blockdiff.train.loop import (StopSignal, TrainingError, _checkpoint, check_consistency, load_tokenizer, lr_lambda,
-                                  prepare_run_dir, write_run_dir)
-from blockdiff.train.master_adamw import build_optimizer
+from blockdiff.train.loading import build_training_model
+from blockdiff.train.loop import StopSignal, _checkpoint
 from blockdiff.train.metrics import MetricsLogger, peak_memory_gib
 from blockdiff.train.periodic_eval import PeriodicEval
+from blockdiff.train.setup import build_run, load_tokenizer
+from blockdiff.train.step import TrainingError
 
 log = logging.getLogger("blockdiff")
 
@@ -80,36 +78,21 @@ def reference_policy(cfg: Config, dist: DistInfo, model):
 
 def rl_train(cfg: Config) -> Path:
     dist = init_distributed()
-    apply_world_size(cfg, dist.world_size)
     check_layout(cfg, dist.world_size)
-    torch.manual_seed(cfg.train.seed)
-    run_dir, resume_from = prepare_run_dir(cfg, dist)
-    tokenizer = load_tokenizer(cfg)
-    mc = model_config(cfg)
-    check_consistency(cfg, mc, tokenizer)
-    terms = build_rewards(cfg.rl.rewards, getattr(cfg, "_where", None))  # before anything is written
-    prompts = PromptSet(cfg.data.train_path, tokenizer, canvas_length=cfg.data.canvas_length,
+    terms = build_rewards(cfg.rl.rewards, getattr(cfg, "_where", None))  # before anything is read or written
+    prompts = PromptSet(cfg.data.train_path, load_tokenizer(cfg), canvas_length=cfg.data.canvas_length,
                         seq_length=cfg.data.seq_length, prompt_policy=cfg.data.prompt_too_long, split=cfg.data.split)
-    write_run_dir(cfg, dist, run_dir, tokenizer)
-    model = build_training_model(cfg, dist)
+    # run dir, tokenizer, model, AdamW, LR schedule and resume as SFT builds them
+    run = build_run(cfg, dist, dataset=prompts)
+    model, optimizer, params, tokenizer, run_dir = run.model, run.optimizer, run.params, run.tokenizer, run.run_dir
+    mc = model.config
     reference = reference_policy(cfg, dist, model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, params, cfg.optimizer, dist.device, cfg.model.dtype)
-    schedule = lr_lambda(cfg)
-    settings = elbo_settings(ObjectiveSettings.from_config(cfg.objective))
+    settings = elbo_settings(run.settings)
     sampler = sampler_settings(cfg, model, tokenizer)
-
-    start, meta = 0, {}
-    if resume_from is not None:
-        meta = load_checkpoint(resume_from, model, optimizer)
-        start = int(meta["step"])
-        log.info("resumed from %s at step %d", resume_from, start)
+    start, meta, schedule = run.start_step, run.resumed_meta or {}, run.schedule
     rank0 = dist.rank == 0
     metrics = MetricsLogger(run_dir, rank0, cfg.logging.tensorboard, cfg.logging.wandb, cfg.logging.wandb_project,
                             cfg.to_dict(), resume_step=start)
-    if rank0:
-        stats = {**prompts.stats(), "world_size": dist.world_size, "trainable_params": sum(p.numel() for p in params)}
-        (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
     periodic_eval = PeriodicEval(cfg, model, tokenizer, dist, None)  # eval.accuracy_every on data.eval_path
     rl, o = cfg.rl, cfg.optimizer
     stop = StopSignal()

@@ -24,7 +24,7 @@ from blockdiff.infer.evaluate import _question_and_gold
 from blockdiff.infer.sampling import SamplerSettings
 from blockdiff.rl.advantages import group_advantages
 from blockdiff.rl.rewards import ACCURACY, BUILTIN, RewardTerm, score
-from blockdiff.train.loop import step_sample_indices
+from blockdiff.train.step import step_sample_indices
 from blockdiff.train.periodic_eval import generate_across_ranks
 
 log = logging.getLogger("blockdiff")
