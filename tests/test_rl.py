@@ -20,7 +20,7 @@ from blockdiff.config.schema import demo_config_path, load_config
 from blockdiff.data.synthetic import write_splits
 from blockdiff.errors import ConfigError
 from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored
-from blockdiff.rl.advantages import clipped_surrogate, group_advantages, grpo_loss, k3_kl
+from blockdiff.rl.advantages import clipped_surrogate, group_advantages, grpo_loss, k3_kl, weigh_negatives
 from blockdiff.rl.elbo import completion_example, elbo, elbo_micro_batch, elbo_settings
 from blockdiff.rl.rewards import build_rewards, format_reward, gsm8k_exact
 from blockdiff.train.metrics import read_metrics
@@ -63,6 +63,9 @@ def test_group_advantages_match_a_loop(kind):
             want = (group[i] - mean) / (std + eps) if kind == "group_norm" else group[i] - mean
             assert got[p * G + i].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert got[G:2 * G].abs().max() == 0
+    weighed = weigh_negatives(got, 0.25)
+    for a, w in zip(got.tolist(), weighed.tolist()):
+        assert w == pytest.approx(a * 0.25 if a < 0 else a)
 
 
 def test_clipped_surrogate_kl_and_loss_match_a_loop():

@@ -261,6 +261,8 @@ class RLSection:
     advantage: Literal["group_norm", "mean_only"] = option(
         "group_norm", "group_norm: (r - mean) / (std + advantage_eps); mean_only: r - mean")
     advantage_eps: float = option(1e-4, "added to the group's reward std")
+    negative_advantage_weight: float = option(
+        1.0, "scale of negative advantages (1: GRPO); < 1 limits pushing the ELBO, a lower bound, down")
     clip_eps: float = option(0.2, "PPO clip of the policy ratio: [1 - clip_eps, 1 + clip_eps]")
     update_iterations: int = option(1, "optimizer steps per rollout batch")
     kl_beta: float = option(
@@ -274,7 +276,8 @@ class RLSection:
 
     def checks(self):
         return [_rng(self, "prompts_per_step", ge=1), _rng(self, "group_size", ge=2), _rng(self, "clip_eps", gt=0),
-                _rng(self, "advantage_eps", gt=0), _rng(self, "update_iterations", ge=1), _rng(self, "kl_beta", ge=0),
+                _rng(self, "advantage_eps", gt=0), _rng(self, "negative_advantage_weight", ge=0, le=1),
+                _rng(self, "update_iterations", ge=1), _rng(self, "kl_beta", ge=0),
                 _rng(self, "elbo_draws", ge=1), _rng(self, "max_new_tokens", ge=1),
                 _rng(self, "max_denoising_steps", ge=1)]
 

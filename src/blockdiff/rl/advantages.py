@@ -1,7 +1,10 @@
 """Group-relative advantages, the clipped policy-ratio surrogate and the KL penalty (GRPO).
 
 Per prompt, G completions with rewards r_1..r_G: advantage A_i = (r_i - mean(r)) / (std(r) + eps)
-(``group_norm``; std is the population std of the group) or r_i - mean(r) (``mean_only``).
+(``group_norm``; std is the population std of the group) or r_i - mean(r) (``mean_only``). Negative advantages
+are then scaled by ``rl.negative_advantage_weight`` (1: plain GRPO): the ELBO is a lower bound of the
+log-likelihood, and a loss that pushes a lower bound down can loosen the bound (worse denoising) instead of
+making the completion less likely; a weight below 1 limits that.
 
 Per completion, with log-likelihood estimates under the current, the rollout-time ("old") and the
 reference policy (``rl.elbo``: per-token ELBOs on shared noise draws):
@@ -31,6 +34,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, kind: str = "group_
     if kind == "group_norm":
         centred = centred / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
     return centred.flatten().to(rewards.dtype)
+
+
+def weigh_negatives(advantages: torch.Tensor, weight: float) -> torch.Tensor:
+    """Negative advantages times ``weight`` (positive ones unchanged)."""
+    return torch.where(advantages < 0, advantages * weight, advantages)
 
 
 def k3_kl(new: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from blockdiff.data.chat import render_generation_prompt
 from blockdiff.errors import DataError
 from blockdiff.infer.evaluate import _question_and_gold
 from blockdiff.infer.sampling import SamplerSettings
-from blockdiff.rl.advantages import group_advantages
+from blockdiff.rl.advantages import group_advantages, weigh_negatives
 from blockdiff.rl.rewards import ACCURACY, BUILTIN, RewardTerm, score
 from blockdiff.train.step import step_sample_indices
 from blockdiff.train.periodic_eval import generate_across_ranks
@@ -98,7 +98,7 @@ class Rollout:
 
 def sample_rollout(model, tokenizer, prompts: PromptSet, step: int, *, prompts_per_step: int, group_size: int,
                    seed: int, sampler: SamplerSettings, terms: list[RewardTerm], advantage: str, adv_eps: float,
-                   dist) -> Rollout:
+                   dist, negative_weight: float = 1.0) -> Rollout:
     """The completions, rewards and advantages of ``step`` (collective when several ranks: every rank calls it)."""
     P, G = prompts_per_step, group_size
     indices = step_sample_indices(step, P, len(prompts), seed)
@@ -123,4 +123,4 @@ def sample_rollout(model, tokenizer, prompts: PromptSet, step: int, *, prompts_p
             parts[name].append(v)
     r = torch.tensor(rewards, dtype=torch.float32)
     return Rollout(chosen, completions, texts, r, torch.tensor(accuracy), parts,
-                   group_advantages(r, G, advantage, adv_eps), seconds)
+                   weigh_negatives(group_advantages(r, G, advantage, adv_eps), negative_weight), seconds)
