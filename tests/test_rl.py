@@ -125,26 +125,32 @@ def _elbos(model, ex, settings, cfg, streams, draws):
         return elbo(model, batch, noise, settings, draws)
 
 
+def _rows(model, ex, settings, cfg, streams):
+    """Per-draw diffusion CE sums and scored-token counts of ``ex`` (one row per stream)."""
+    batch, noise = elbo_micro_batch([ex], [streams], settings, cfg.data, seed=0, vocab_size=1024, device_type="cpu")
+    with torch.no_grad():
+        out = compute_loss(model, batch, noise, settings, count_scored(batch, noise, settings)[0], 1, per_row=True)
+    return out["diffusion_rows"].double(), out["scored_rows"].double(), out["diffusion_loss"].item()
+
+
 def test_estimator_mean_equals_the_objective_value(tiny):
+    """The K-draw ELBO estimates -(the objective's diffusion loss) on the completion's canvas: with K = 24 its
+    mean over 8 independent estimates equals compute_loss over 256 other draws within Monte Carlo error."""
     model, ex, settings, cfg = tiny
     assert ex.num_blocks == 2 and ex.input_ids[-1] == 1  # 40 tokens: two canvas blocks, EOS fill
-    est = _elbos(model, ex, settings, cfg, list(range(96)), draws=1)  # 96 independent 1-draw estimates
-    # the objective itself: compute_loss's diffusion loss over 256 other draws of the same canvas
-    batch, noise = elbo_micro_batch([ex], [list(range(1000, 1256))], settings, cfg.data, seed=0, vocab_size=1024,
-                                    device_type="cpu")
-    with torch.no_grad():
-        objective = compute_loss(model, batch, noise, settings, count_scored(batch, noise, settings)[0], 1)
-    # per-row CE of the same call: the objective's own rows (draws) for its Monte Carlo error
-    with torch.no_grad():
-        rows = compute_loss(model, batch, noise, settings, 1, 1, per_row=True)
-    per_draw = rows["diffusion_rows"] / rows["scored_rows"]
-    se = math.sqrt(est.var().item() / len(est) + per_draw.var().item() / len(per_draw))
-    assert abs(-est.mean().item() - objective["diffusion_loss"].item()) < 4 * se
-    assert float(rows["diffusion_rows"].sum() / rows["scored_rows"].sum()) == pytest.approx(
-        objective["diffusion_loss"].item(), rel=1e-5)
-    # K draws average K one-draw estimates (same streams)
-    k2 = _elbos(model, ex, settings, cfg, list(range(96)), draws=2)
-    torch.testing.assert_close(k2, est.view(-1, 2).mean(1), rtol=1e-5, atol=1e-6)
+    K = 24
+    est = _elbos(model, ex, settings, cfg, list(range(8 * K)), draws=K)  # 8 independent 24-draw estimates
+    ce, n, objective = _rows(model, ex, settings, cfg, list(range(1000, 1256)))
+    # scored: the drawn block's completion tokens and the stop, never the fill (32 in block 0, 8 + 1 in block 1)
+    assert set(n.long().tolist()) == {32, 9}
+    assert float(ce.sum() / n.sum()) == pytest.approx(objective, rel=1e-6)
+    # Monte Carlo error of both sides (a ratio estimator: the delta method's residuals)
+    resid = (ce - objective * n) / n.mean()
+    se = math.sqrt(est.var().item() / len(est) + resid.var().item() / len(resid))
+    assert abs(-est.mean().item() - objective) < 4 * se, (est.mean().item(), objective, se)
+    # K draws in one micro-batch = the pooled K one-draw rows (same streams)
+    ce1, n1, _ = _rows(model, ex, settings, cfg, list(range(8 * K)))
+    torch.testing.assert_close(est.double(), -(ce1.view(-1, K).sum(1) / n1.view(-1, K).sum(1)), rtol=1e-5, atol=1e-6)
 
 
 def test_shared_noise_makes_the_log_ratio_low_variance(tiny):

@@ -6,7 +6,7 @@ canvas holding y (``objective.loss.compute_loss`` with the AR co-loss off): the 
 block of y's canvas (y, then EOS fill up to whole blocks, as SFT builds it) is corrupted with the
 objective's noise draw (``objective.loss.draw_noise``: t, the corruption, the scored block, the
 self-conditioning coin), the decoder runs its two self-conditioning passes and the per-token cross-entropy
-of the scored block is averaged. ``rl.elbo_draws`` = K independent draws are rows of one micro-batch and
+over the scored block's tokens of y and its stop (first EOS; not the fill after it) is averaged. ``rl.elbo_draws`` = K independent draws are rows of one micro-batch and
 averaged: ``elbo(y) = -mean CE`` (nats per scored token).
 
 The draws of completion c at step s are keyed by the stream index ``(s * N + c) * K + d`` (N completions
@@ -52,12 +52,27 @@ def draw_streams(step: int, completion: int, per_step: int, draws: int) -> list[
 
 
 def elbo_micro_batch(examples: list[Example], streams: list[list[int]], settings: ObjectiveSettings, data, *,
-                     seed: int, vocab_size: int, device_type: str):
+                     seed: int, vocab_size: int, device_type: str, eos_id: int = 1):
     """(canvas batch, noise) on the host: every example repeated once per draw (rows example-major), each row
-    with its own stream. Never packed: a row is one draw of one completion."""
+    with its own stream. Never packed: a row is one draw of one completion. The scored tokens are those of the
+    drawn block that belong to the completion or its first EOS (the stop), not the EOS fill after it: the fill
+    is implied by the stop, and scoring it would reward any move that makes EOS likelier everywhere (shorter
+    completions) whatever the advantage."""
     rows = [ex for ex, s in zip(examples, streams) for _ in s]
-    return noisy_micro_batch(rows, [i for s in streams for i in s], settings, dataclasses.replace(data, packing=False),
-                             seed=seed, vocab_size=vocab_size, device_type=device_type)
+    batch, noise = noisy_micro_batch(rows, [i for s in streams for i in s], settings,
+                                     dataclasses.replace(data, packing=False), seed=seed, vocab_size=vocab_size,
+                                     device_type=device_type)
+    reply = torch.tensor([_reply_length(ex, eos_id) for ex in rows])
+    offset = noise.layout.positions - batch.prompt_lengths[:, None]  # index in the completion's canvas
+    keep = noise.scored(settings.loss_type) & (offset < reply[:, None])
+    noise._scored_index[settings.loss_type] = keep.flatten().nonzero().squeeze(1)  # what compute_loss scores
+    return batch, noise
+
+
+def _reply_length(ex: Example, eos_id: int) -> int:
+    """Tokens of the completion including its first EOS (all of the canvas when it has none)."""
+    reply = ex.input_ids[ex.prompt_length:]
+    return reply.index(eos_id) + 1 if eos_id in reply else len(reply)
 
 
 def elbo(model, batch, noise, settings: ObjectiveSettings, draws: int) -> torch.Tensor:

@@ -55,7 +55,8 @@ def host_batches(rollout: Rollout, step: int, cfg, vocab_size: int, eos_id: int,
                                        canvas_length=cfg.data.canvas_length, seq_length=cfg.data.seq_length,
                                        eos_id=eos_id, sample_id=c) for c in cs]
         batch, noise = elbo_micro_batch(examples, [draw_streams(step, c, n, K) for c in cs], settings, cfg.data,
-                                        seed=cfg.train.seed, vocab_size=vocab_size, device_type=dist.device.type)
+                                        seed=cfg.train.seed, vocab_size=vocab_size, device_type=dist.device.type,
+                                        eos_id=eos_id)
         out.append((cs, batch, noise))
     return out
 
