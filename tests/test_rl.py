@@ -325,3 +325,32 @@ def test_kill_9_during_rollout_or_update_then_resume_is_identical(data, tmp_path
     a = load_file(str(run / "checkpoints" / f"step_{steps:08d}" / "model.safetensors"))
     b = load_file(str(straight / "checkpoints" / f"step_{steps:08d}" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_update_raises_the_elbo_of_above_mean_completions_relative_to_below_mean(data, tmp_path):
+    """The update's direction on its own batch: after one AdamW step on a rollout, the ELBO (same draws) of the
+    positive-advantage completions rises more than that of the negative-advantage ones."""
+    from blockdiff.parallel.distributed import init_distributed
+    from blockdiff.rl.loop import sampler_settings
+    from blockdiff.rl.rollout import PromptSet, sample_rollout
+    from blockdiff.rl.update import accumulate_gradients, fixed_elbos, host_batches
+    from blockdiff.train.setup import build_run, load_tokenizer
+
+    cfg = load_config(demo_config_path(), rl_args(data, tmp_path / "run", 1, "--rl.prompts_per_step", "4",
+                                                  "--rl.group_size", "4", "--rl.elbo_draws", "4",
+                                                  "--train.micro_batch_size", "16", "--train.global_batch_size", "16"))
+    dist = init_distributed()
+    prompts = PromptSet(cfg.data.train_path, load_tokenizer(cfg), canvas_length=32, seq_length=128)
+    run = build_run(cfg, dist, dataset=prompts)
+    settings = elbo_settings(run.settings)
+    rollout = sample_rollout(run.model, run.tokenizer, prompts, 0, prompts_per_step=4, group_size=4, seed=0,
+                             sampler=sampler_settings(cfg, run.model, run.tokenizer),
+                             terms=build_rewards(cfg.rl.rewards), advantage="group_norm", adv_eps=1e-4, dist=dist)
+    adv = rollout.advantages
+    assert (adv > 0).any() and (adv < 0).any()
+    micro = host_batches(rollout, 0, cfg, 1024, 1, settings, dist)
+    before = fixed_elbos(run.model, micro, settings, cfg, dist, reference=False)
+    accumulate_gradients(run.model, run.params, run.optimizer, micro, adv, None, None, settings, cfg, dist, len(adv))
+    run.optimizer.step()
+    change = fixed_elbos(run.model, micro, settings, cfg, dist, reference=False) - before
+    assert change[adv > 0].mean() > change[adv < 0].mean()
