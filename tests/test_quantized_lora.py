@@ -169,7 +169,7 @@ def _cfg(ckpt, data, out, steps, *extra):
 
     return load_config(demo_config_path(), [
         "--model.name_or_path", str(ckpt), "--model.from_config", "null", "--data.canvas_length", "8",
-        "--data.seq_length", "32", "--data.train_path", str(data), "--train.output_dir", str(out),
+        "--data.train_path", str(data), "--train.output_dir", str(out),
         "--train.max_steps", str(steps), "--train.global_batch_size", "2", "--train.micro_batch_size", "2",
         "--logging.progress", "false", "--logging.tensorboard", "false", "--lora.enabled", "true",
         "--lora.rank", "4", "--lora.experts", "true", "--checkpoint.every_steps", "2", *extra])
