@@ -258,3 +258,91 @@ def test_plan_bytes_per_format_equal_the_real_quantized_model(ckpt):
     assert drop == bf16 - plans["int8"].state.quantized
     assert plans["nf4"].state.weights < plans["int8"].state.weights == plans["fp8"].state.weights
     assert plans["none"].dequantized == 0 < plans["nf4"].dequantized
+
+
+# ---------------------------------------------------------------------------------------- NVFP4 checkpoints
+
+E2M1_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def _fake_nvfp4(rows, cols, g):
+    """(stored tensors, the fp32 values they stand for) of one NVFP4 weight, from random codes and scales."""
+    codes = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(rows, cols // 16, generator=g) * 2 + 0.25).to(torch.float8_e4m3fn)
+    scale_2 = torch.tensor(0.01 + torch.rand((), generator=g).item())
+    value = torch.tensor([(-1) ** int(c >= 8) * E2M1_VALUES[int(c) & 7] for c in codes.flatten()]).view(rows, cols)
+    expected = value * scale.float().repeat_interleave(16, -1) * scale_2
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return {"weight": packed, "weight_scale": scale, "weight_scale_2": scale_2, "input_scale": torch.tensor(1.0)}, expected
+
+
+def _nvfp4_checkpoint(src, out):
+    """``src`` rewritten in ModelOpt's NVFP4 layout: experts per expert, attention q/o projections quantized."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    g = torch.Generator().manual_seed(7)
+    tensors, expected = {}, {}
+    for name, t in load_file(str(src / "model.safetensors")).items():
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            base, per = name.rsplit(".", 1)[0], []
+            for e in range(t.shape[0]):
+                parts = []
+                for proj in (("down_proj",) if name.endswith("down_proj") else ("gate_proj", "up_proj")):
+                    rows = t.shape[1] if proj == "down_proj" else t.shape[1] // 2
+                    stored, value = _fake_nvfp4(rows, t.shape[2], g)
+                    tensors.update({f"{base}.{e}.{proj}.{k}": v for k, v in stored.items()})
+                    parts.append(value)
+                per.append(torch.cat(parts))
+            expected[name] = torch.stack(per)
+        elif name.endswith(("self_attn.q_proj.weight", "self_attn.o_proj.weight")):
+            stored, expected[name] = _fake_nvfp4(*t.shape, g)
+            tensors.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in stored.items()})
+        else:
+            tensors[name] = t
+    save_file(tensors, str(out / "model.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "hf_quant_config.json").write_text(json.dumps(
+        {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "NVFP4", "group_size": 16,
+                                                              "exclude_modules": ["lm_head"]}}))
+    return expected
+
+
+def test_nvfp4_checkpoint_loads_dequantized_and_unknown_quantization_is_refused(ckpt, tmp_path):
+    from blockdiff.errors import CheckpointError
+    from blockdiff.model.hf import names as hf_names
+    from blockdiff.model.hf.load import Checkpoint
+
+    expected = _nvfp4_checkpoint(ckpt, tmp_path / "nvfp4")
+    model = load_blockdiff(tmp_path / "nvfp4")
+    state = model.state_dict()
+    assert len(expected) == 2 * 2 + 2 * 2  # per layer: fused experts (2) + q/o (2)
+    for name, value in expected.items():
+        torch.testing.assert_close(state[hf_names.from_hf(name)], value, rtol=0, atol=0, msg=name)
+    plain = load_blockdiff(ckpt).state_dict()
+    assert all(torch.equal(state[k], plain[k]) for k in plain if hf_names.to_hf(k) not in expected)
+    with Checkpoint(tmp_path / "nvfp4") as source:  # expert rows read a range of experts only
+        rows = source.read("model.decoder.layers.1.experts.gate_up_proj", (4, 128, 64), (1, 3))
+        torch.testing.assert_close(rows, expected["model.decoder.layers.1.experts.gate_up_proj"][1:3], rtol=0, atol=0)
+        assert not hasattr(source.hf_config, "quantization_config")  # exports are unquantized checkpoints
+    # a quantized LoRA base built from it: the containers hold the NVFP4 values re-quantized
+    lora = load_blockdiff(tmp_path / "nvfp4")
+    apply_lora(lora, LORA)
+    quantize_frozen_base_(lora, "int8")
+    q = quantized_weights(lora)["layers.0.experts.down_proj"]
+    w = expected["model.decoder.layers.0.experts.down_proj"]
+    assert ((q.dequantize(torch.float32) - w).abs() <= q.scale / 2 + 1e-6).all()
+
+    config = json.loads((tmp_path / "nvfp4" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "nvfp4" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="'gptq'.*not supported.*ModelOpt NVFP4") as e:
+        load_blockdiff(tmp_path / "nvfp4")
+    assert "quantization_config" in str(e.value) and "config.json" in str(e.value)
