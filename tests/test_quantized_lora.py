@@ -167,12 +167,16 @@ def test_adapter_gradients_match_the_dequantized_reference(ckpt, fmt, checkpoint
 def _cfg(ckpt, data, out, steps, *extra):
     from blockdiff.config.schema import demo_config_path, load_config
 
-    return load_config(demo_config_path(), [
+    return load_config(demo_config_path(), _cfg_args(ckpt, data, out, steps, *extra))
+
+
+def _cfg_args(ckpt, data, out, steps, *extra):
+    return [
         "--model.name_or_path", str(ckpt), "--model.from_config", "null", "--data.canvas_length", "8",
         "--data.train_path", str(data), "--train.output_dir", str(out),
         "--train.max_steps", str(steps), "--train.global_batch_size", "2", "--train.micro_batch_size", "2",
-        "--logging.progress", "false", "--logging.tensorboard", "false", "--lora.enabled", "true",
-        "--lora.rank", "4", "--lora.experts", "true", "--checkpoint.every_steps", "2", *extra])
+        "--logging.progress", "false", "--logging.tensorboard", "false", "--train.log_every", "1", "--lora.enabled", "true",
+        "--lora.rank", "4", "--lora.experts", "true", "--checkpoint.every_steps", "2", *extra]
 
 
 @pytest.mark.slow
@@ -346,3 +350,23 @@ def test_nvfp4_checkpoint_loads_dequantized_and_unknown_quantization_is_refused(
     with pytest.raises(CheckpointError, match="'gptq'.*not supported.*ModelOpt NVFP4") as e:
         load_blockdiff(tmp_path / "nvfp4")
     assert "quantization_config" in str(e.value) and "config.json" in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_int8_base_on_two_gloo_processes_with_expert_parallelism_matches_one(ckpt, tmp_path):
+    from test_parallel import _losses, torchrun
+
+    from blockdiff.data.synthetic import write_splits
+    from blockdiff.train.loop import train
+
+    data, _ = write_splits(tmp_path / "data", 16, 4, seed=0)
+    args = ["--lora.base_quantization", "int8", "--checkpoint.export_final", "false"]
+    one = train(_cfg(ckpt, data, tmp_path / "one", 2, *args))
+    two = tmp_path / "two"
+    torchrun(2, "train", tmp_path / "done", *[str(a) for a in _cfg_args(ckpt, data, two, 2, *args)],
+             "--parallel.ep", "2", "--train.micro_batch_size", "1")
+    ref, got = _losses(one), _losses(two)
+    assert ref.keys() == got.keys() and len(ref) == 2
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-4)
