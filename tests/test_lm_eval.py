@@ -1,0 +1,283 @@
+"""lm-evaluation-harness through the ``blockdiff`` model: the same replies and scores as ``blockdiff eval gsm8k``,
+adapters, ``until`` stop strings, the refusal of likelihood tasks, and ``blockdiff eval lm-eval`` end to end.
+
+Tasks are local YAMLs (written to tmp_path) over local JSONL files: gsm8k's own prompt fields, filters and
+``exact_match`` metric, read through ``dataset_path: json``; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+from blockdiff.data import load_tiny_tokenizer
+from blockdiff.data.chat import render_generation_prompt
+from blockdiff.errors import ConfigError
+from blockdiff.infer import evaluate, prompting, sampling
+from helpers import load_blockdiff, make_hf_checkpoint, randomize_lora_b
+
+pytest.importorskip("lm_eval")
+
+from blockdiff.infer import lm_eval_cli  # noqa: E402  (needs lm-eval)
+from blockdiff.infer.lm_eval_model import BlockdiffLM, cut_at_stop_strings  # noqa: E402
+
+FAST = {"max_new_tokens": 8, "max_denoising_steps": 2}  # one 8-token canvas, two denoising steps
+# lm-eval's gsm8k.yaml (v3.0): its metric and its two answer filters
+GSM8K_METRIC = {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True,
+                "ignore_punctuation": False, "regexes_to_ignore": [",", r"\$", r"(?s).*#### ", r"\.$"]}
+GSM8K_FILTERS = [
+    {"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": r"#### (\-?[0-9\.\,]+)"},
+                                        {"function": "take_first"}]},
+    {"name": "flexible-extract", "filter": [{"function": "regex", "group_select": -1,
+                                             "regex_pattern": r"(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                                            {"function": "take_first"}]},
+]
+# (question, gold answer, reply, lm-eval strict-match correct, blockdiff eval correct)
+SCORING_CASES = [
+    ("q0", "3 + 4 = 7\n#### 7", "3 + 4 = 7\n#### 7", True, True),
+    ("q1", "#### 5", "#### 12", False, False),
+    ("q2", "#### 1200", "so #### 1,200", True, True),  # thousands separators ignored by both
+    ("q3", "#### 9", "#### 9.", True, True),  # a trailing period too
+    ("q4", "#### 4", "#### 4 apples", True, True),
+    ("q5", "#### 999", "I think 999", False, True),  # no '####': blockdiff takes the last number
+    ("q6", "#### 3.5", "#### 3.50", False, True),  # blockdiff compares numbers, lm-eval strings
+    ("q7", "#### 18", "#### $18", False, True),  # lm-eval's regex needs a digit right after '#### '
+    ("q8", "#### 6", "first #### 4\nthen #### 6", False, True),  # lm-eval: first '####'; blockdiff: last
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_one_thread():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tok):
+    """A tiny random checkpoint (transformers writes it) with the shipped tokenizer and its chat template."""
+    path, _ = make_hf_checkpoint(tmp_path_factory.mktemp("ckpt"), canvas=8, vocab=len(tok))
+    tok.save_pretrained(path)
+    return path
+
+
+def chat_rows(pairs) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+
+
+def write_jsonl(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def gsm8k_style_task(name: str, data, cache, until=("Question:",), max_gen_toks=8) -> dict:
+    """lm-eval's gsm8k task over a local chat JSONL: the question is the user turn, the target the answer."""
+    return {"task": name, "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(cache)},
+            "output_type": "generate_until", "test_split": "test", "num_fewshot": 0,
+            "doc_to_text": "{{messages[0].content}}", "doc_to_target": "{{messages[1].content}}",
+            "metric_list": [GSM8K_METRIC], "filter_list": GSM8K_FILTERS,
+            "generation_kwargs": {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False,
+                                  "temperature": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    """A task directory: ``local_gsm8k`` over 6 synthetic rows, ``scoring`` over SCORING_CASES and a
+    ``multiple_choice`` task ``local_mc``."""
+    from blockdiff.data import synthetic
+
+    root = tmp_path_factory.mktemp("tasks")
+    rows = synthetic.generate(6, seed=11)
+    write_jsonl(root / "gsm.jsonl", rows)
+    write_jsonl(root / "scoring.jsonl", chat_rows((q, a) for q, a, *_ in SCORING_CASES))
+    specs = {"local_gsm8k": gsm8k_style_task("local_gsm8k", root / "gsm.jsonl", root / "cache"),
+             "scoring": gsm8k_style_task("scoring", root / "scoring.jsonl", root / "cache"),
+             "local_mc": {"task": "local_mc", "dataset_path": "json", "output_type": "multiple_choice",
+                          "dataset_kwargs": {"data_files": {"test": str(root / "gsm.jsonl")},
+                                             "cache_dir": str(root / "cache")},
+                          "test_split": "test", "doc_to_text": "{{messages[0].content}}",
+                          "doc_to_choice": ["yes", "no"], "doc_to_target": 0, "metric_list": [{"metric": "acc"}]}}
+    for name, spec in specs.items():
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return root, rows
+
+
+@pytest.fixture(scope="module")
+def manager(tasks):
+    return lm_eval_cli.task_manager_for(["local_gsm8k", "scoring", "local_mc"], [str(tasks[0])])
+
+
+@pytest.fixture(scope="module")
+def lm(ckpt):
+    return BlockdiffLM(pretrained=str(ckpt), device="cpu", dtype="float32", batch_size=4, **FAST)
+
+
+def samples_by_filter(results, task: str, name: str) -> list[dict]:
+    rows = [s for s in results["samples"][task] if s["filter"] == name]
+    return sorted(rows, key=lambda s: s["doc_id"])
+
+
+def request(context: str, doc_id: int, **gen_kwargs):
+    from lm_eval.api.instance import Instance
+
+    return Instance(request_type="generate_until", doc={}, arguments=(context, gen_kwargs), idx=0,
+                    metadata=("t", doc_id, 1))
+
+
+def test_lm_eval_replies_equal_blockdiff_eval_gsm8k(lm, manager, tasks, tok, tmp_path):
+    """Same rows, same sampler settings: lm-eval's replies are ``evaluate_gsm8k``'s, document by document, and
+    wherever lm-eval's strict-match extracts a number the two scores agree."""
+    _, rows = tasks
+    results = lm_eval_cli.run_lm_eval(lm, ["local_gsm8k"], manager)
+    ours = tmp_path / "ours.jsonl"
+    summary = evaluate.evaluate_gsm8k(lm.model, tok, rows, lm.settings, batch_size=3, out_jsonl=ours)
+    records = [json.loads(x) for x in ours.read_text().splitlines()]
+    strict = samples_by_filter(results, "local_gsm8k", "strict-match")
+    assert [s["doc_id"] for s in strict] == list(range(len(rows)))
+    replies = [s["resps"][0][0] for s in strict]
+    assert replies == [r["output"] for r in records]
+    assert any(replies), "the random model should say something"
+    for s, rec in zip(strict, records):
+        if s["filtered_resps"][0] != "[invalid]" and rec["extracted"] is not None:
+            assert bool(s["exact_match"]) == rec["correct"]
+    if all(s["filtered_resps"][0] != "[invalid]" for s in strict):
+        assert results["results"]["local_gsm8k"]["exact_match,strict-match"] == summary["accuracy"]
+
+
+def test_scores_agree_where_the_extraction_rules_agree(lm, manager, tok, monkeypatch, tmp_path):
+    """Scripted replies (keyed by the row seed, so by document) scored by lm-eval's gsm8k filters and by
+    ``evaluate_gsm8k``: equal except in the cases the guide lists, where only blockdiff's rule accepts."""
+    questions = [q for q, *_ in SCORING_CASES]
+
+    def scripted_generate(model, prompts, settings, device=None, row_seeds=None, **kwargs):
+        docs = [s - settings.seed for s in row_seeds]
+        for doc, prompt in zip(docs, prompts):  # both paths render the question as one chat turn
+            assert prompt == render_generation_prompt(tok, [{"role": "user", "content": questions[doc]}])
+        return [tok.encode(SCORING_CASES[d][2], add_special_tokens=False) for d in docs]
+
+    monkeypatch.setattr(sampling, "generate", scripted_generate)
+    results = lm_eval_cli.run_lm_eval(lm, ["scoring"], manager)
+    rows = chat_rows((q, a) for q, a, *_ in SCORING_CASES)
+    ours = tmp_path / "ours.jsonl"
+    evaluate.evaluate_gsm8k(None, tok, rows, lm.settings, batch_size=4, out_jsonl=ours)
+    records = [json.loads(x) for x in ours.read_text().splitlines()]
+    strict = samples_by_filter(results, "scoring", "strict-match")
+    flexible = samples_by_filter(results, "scoring", "flexible-extract")
+    assert [s["resps"][0][0] for s in strict] == [c[2] for c in SCORING_CASES] == [r["output"] for r in records]
+    assert [bool(s["exact_match"]) for s in strict] == [c[3] for c in SCORING_CASES]
+    assert [r["correct"] for r in records] == [c[4] for c in SCORING_CASES]
+    assert bool(flexible[5]["exact_match"])  # flexible-extract takes the last number, as blockdiff does here
+    agree = [i for i, c in enumerate(SCORING_CASES) if c[3] == c[4]]
+    assert len(agree) == 5
+    assert results["results"]["scoring"]["exact_match,strict-match"] == pytest.approx(
+        sum(c[3] for c in SCORING_CASES) / len(SCORING_CASES))
+
+
+def test_until_string_cuts_the_reply(lm):
+    """A request's ``until`` strings cut the sampled text at the earliest one; the sampler itself is unchanged."""
+    context = "Tom has 3 apples and buys 2 more. How many apples does Tom have?"
+    full = lm.generate_until([request(context, 0, max_gen_toks=8)])[0]
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = lm.generate_until([request(context, 0, max_gen_toks=8, until=["never in a reply", stop])])[0]
+    assert cut == full[: full.find(stop)] and len(cut) < len(full)
+    assert lm.generate_until([request(context, 0, max_gen_toks=8, until=stop)])[0] == cut  # a bare string
+    assert cut_at_stop_strings("a Question: b\n\nc", ["\n\n", "Question:", ""]) == "a "
+    assert cut_at_stop_strings("abc", None) == "abc"
+
+
+def test_adapter_generations_equal_the_adapted_model(ckpt, tok, tmp_path):
+    """``adapter=DIR`` samples what the project's own path samples with the adapter applied in memory."""
+    from blockdiff.lora import apply_lora, merge_lora_, save_peft_adapter
+
+    model = load_blockdiff(ckpt)
+    apply_lora(model, {"rank": 4, "alpha": 8.0, "dropout": 0.0, "self_conditioning": False, "experts": False,
+                       "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
+    randomize_lora_b(model, seed=3, std=0.5)
+    adapter = save_peft_adapter(model, tmp_path / "adapter", str(ckpt))
+    merge_lora_(model)
+
+    contexts = [f"Ann has {n} pens and gives away 1. How many pens are left?" for n in range(2, 6)]
+    adapted_lm = BlockdiffLM(pretrained=str(ckpt), adapter=str(adapter), device="cpu", dtype="float32",
+                             batch_size=3, **FAST)
+    theirs = adapted_lm.generate_until([request(c, i) for i, c in enumerate(contexts)])
+    ours = prompting.generate_text(model, tok, [[{"role": "user", "content": c}] for c in contexts],
+                                   adapted_lm.settings, row_seeds=[adapted_lm.settings.seed + i for i in range(4)])
+    assert theirs == ours
+    base_lm = BlockdiffLM(pretrained=str(ckpt), device="cpu", dtype="float32", **FAST)
+    assert base_lm.generate_until([request(c, i) for i, c in enumerate(contexts)]) != theirs  # the adapter matters
+
+
+def test_likelihood_tasks_are_refused(lm, manager, tasks, ckpt, capsys):
+    from blockdiff.cli.main import main
+
+    with pytest.raises(ConfigError, match="not supported by a diffusion model: the per-sequence likelihood"):
+        lm.loglikelihood([request("x", 0)])
+    with pytest.raises(ConfigError, match="loglikelihood_rolling is not supported by a diffusion model"):
+        lm.loglikelihood_rolling([])
+    with pytest.raises(ConfigError, match="task 'local_mc' needs multiple_choice, which is not supported"):
+        lm_eval_cli.check_generation_tasks(manager, ["local_gsm8k", "local_mc"])
+    rc = main(["eval", "lm-eval", "--model", str(ckpt), "--tasks", "local_mc", "--include-path", str(tasks[0])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "use generation tasks" in err[0]
+
+
+def test_cli_end_to_end_writes_results_json(ckpt, tasks, tmp_path, capsys):
+    from blockdiff.cli.main import main
+
+    out = tmp_path / "results"
+    argv = ["eval", "lm-eval", "--model", str(ckpt), "--tasks", "local_gsm8k", "--include-path", str(tasks[0]),
+            "--limit", "3", "--batch-size", "2", "--max-new-tokens", "8", "--steps", "2", "--device", "cpu",
+            "--dtype", "float32", "--output", str(out), "--model-args", "entropy_bound=0.2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "local_gsm8k" in printed and "strict-match" in printed and "exact_match" in printed
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["results"]["local_gsm8k"]
+    assert 0.0 <= metrics["exact_match,strict-match"] <= 1.0 and "exact_match,flexible-extract" in metrics
+    assert results["config"]["sampler"]["entropy_bound"] == 0.2 and results["config"]["sampler"]["max_new_tokens"] == 8
+    samples = [json.loads(x) for x in (out / "samples_local_gsm8k.jsonl").read_text().splitlines()]
+    assert sorted({s["doc_id"] for s in samples}) == [0, 1, 2] and len(samples) == 6  # 3 documents x 2 filters
+
+    # bad input: one line naming the field, exit 2, the results already written untouched
+    before = (out / "results.json").read_bytes()
+    for extra, where in ((["--tasks", "no_such_task"], "--tasks"), (["--model-args", "bogus=1"], "bogus"),
+                         (["--include-path", str(tmp_path / "missing")], "--include-path")):
+        assert main(argv + extra) == 2
+        assert where in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_eval_keeps_its_gsm8k_forms(ckpt, tasks, tmp_path, capsys):
+    """``blockdiff eval gsm8k ...`` and the bare ``blockdiff eval --model ... --data ...`` are the same command."""
+    data = tasks[0] / "gsm.jsonl"
+    outs = []
+    for head in (["gsm8k"], []):
+        out = tmp_path / f"preds{len(head)}.jsonl"
+        assert evaluate.cli_eval([*head, "--model", str(ckpt), "--data", str(data), "--limit", "2", "--max-new-tokens",
+                                  "8", "--steps", "2", "--device", "cpu", "--output", str(out)]) == 0
+        outs.append(out.read_text())
+    assert outs[0] == outs[1] and "gsm8k accuracy:" in capsys.readouterr().out
+
+
+def test_missing_lm_eval_names_the_extra(ckpt, monkeypatch, capsys):
+    from blockdiff.cli.main import main
+
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # import of lm_eval halts
+    monkeypatch.delitem(sys.modules, "blockdiff.infer.lm_eval_model")
+    assert main(["eval", "lm-eval", "--model", str(ckpt), "--tasks", "gsm8k"]) == 2
+    assert "pip install 'blockdiff[lm_eval]'" in capsys.readouterr().err
