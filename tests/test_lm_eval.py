@@ -1,14 +1,15 @@
 """lm-evaluation-harness through the ``blockdiff`` model: the same replies and scores as ``blockdiff eval gsm8k``,
 adapters, ``until`` stop strings, the refusal of likelihood tasks, and ``blockdiff eval lm-eval`` end to end.
 
-Tasks are local YAMLs (written to tmp_path) over local JSONL files: gsm8k's own prompt fields, filters and
-``exact_match`` metric, read through ``dataset_path: json``; nothing is downloaded.
+Tasks are the repository's example YAML (examples/lm_eval/demo_gsm8k.yaml: lm-eval's gsm8k prompt fields, filters and
+``exact_match`` metric) pointed at local JSONL files in tmp_path (``dataset_path: json``); nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,16 +27,8 @@ from blockdiff.infer import lm_eval_cli  # noqa: E402  (needs lm-eval)
 from blockdiff.infer.lm_eval_model import BlockdiffLM, cut_at_stop_strings  # noqa: E402
 
 FAST = {"max_new_tokens": 8, "max_denoising_steps": 2}  # one 8-token canvas, two denoising steps
-# lm-eval's gsm8k.yaml (v3.0): its metric and its two answer filters
-GSM8K_METRIC = {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True,
-                "ignore_punctuation": False, "regexes_to_ignore": [",", r"\$", r"(?s).*#### ", r"\.$"]}
-GSM8K_FILTERS = [
-    {"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": r"#### (\-?[0-9\.\,]+)"},
-                                        {"function": "take_first"}]},
-    {"name": "flexible-extract", "filter": [{"function": "regex", "group_select": -1,
-                                             "regex_pattern": r"(-?[$0-9.,]{2,})|(-?[0-9]+)"},
-                                            {"function": "take_first"}]},
-]
+# the repository's example task: lm-eval's gsm8k prompt fields, filters and metric over a local chat JSONL
+EXAMPLE_TASK = Path(__file__).resolve().parents[1] / "examples" / "lm_eval" / "demo_gsm8k.yaml"
 # (question, gold answer, reply, lm-eval strict-match correct, blockdiff eval correct)
 SCORING_CASES = [
     ("q0", "3 + 4 = 7\n#### 7", "3 + 4 = 7\n#### 7", True, True),
@@ -82,15 +75,13 @@ def write_jsonl(path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def gsm8k_style_task(name: str, data, cache, until=("Question:",), max_gen_toks=8) -> dict:
-    """lm-eval's gsm8k task over a local chat JSONL: the question is the user turn, the target the answer."""
-    return {"task": name, "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(cache)},
-            "output_type": "generate_until", "test_split": "test", "num_fewshot": 0,
-            "doc_to_text": "{{messages[0].content}}", "doc_to_target": "{{messages[1].content}}",
-            "metric_list": [GSM8K_METRIC], "filter_list": GSM8K_FILTERS,
-            "generation_kwargs": {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False,
-                                  "temperature": 0.0}}
+def gsm8k_style_task(name: str, data, cache, max_gen_toks=8) -> dict:
+    """The example task (``examples/lm_eval/demo_gsm8k.yaml``) renamed and pointed at ``data``."""
+    spec = yaml.safe_load(EXAMPLE_TASK.read_text(encoding="utf-8"))
+    spec["task"] = name
+    spec["dataset_kwargs"] = {"data_files": {"test": str(data)}, "cache_dir": str(cache)}
+    spec["generation_kwargs"]["max_gen_toks"] = max_gen_toks
+    return spec
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +245,8 @@ def test_cli_end_to_end_writes_results_json(ckpt, tasks, tmp_path, capsys):
 
     # bad input: one line naming the field, exit 2, the results already written untouched
     before = (out / "results.json").read_bytes()
-    for extra, where in ((["--tasks", "no_such_task"], "--tasks"), (["--model-args", "bogus=1"], "bogus"),
+    # (an unknown task name is not tried here: telling it from lm-eval's built-in tasks indexes them all, ~30 s)
+    for extra, where in ((["--model-args", "bogus=1"], "bogus"), (["--limit", "0"], "--limit"),
                          (["--include-path", str(tmp_path / "missing")], "--include-path")):
         assert main(argv + extra) == 2
         assert where in capsys.readouterr().err

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="directory of extra task YAMLs (repeatable); its tasks load without lm-eval's built-in index")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
     p.add_argument("--apply-chat-template", action="store_true",
-                   help="lm-eval builds the chat (few-shot examples as turns); default: the task's prompt is one user turn")
+                   help="lm-eval builds the chat (few-shot examples as turns); default: the prompt is one user turn")
     p.add_argument("--model-args", default="",
                    help="extra model_args k=v,... (SamplerSettings fields, e.g. entropy_bound=0.05)")
     return p
@@ -80,7 +80,7 @@ def _sampler_overrides(args) -> dict:
     overrides = {"max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.steps, "seed": args.seed,
                  "t_max": args.t_max, "t_min": args.t_min}
     extra = simple_parse_args_string(args.model_args)
-    for key in ("pretrained", "adapter", "dtype", "device", "batch_size"):
+    for key in ("pretrained", "adapter", "dtype", "device", "batch_size", "enable_thinking"):
         if key in extra:
             raise ConfigError(f"'{key}' has its own flag", field="--model-args")
     return {k: v for k, v in overrides.items() if v is not None} | extra
