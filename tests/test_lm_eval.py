@@ -29,17 +29,20 @@ from blockdiff.infer.lm_eval_model import BlockdiffLM, cut_at_stop_strings  # no
 FAST = {"max_new_tokens": 8, "max_denoising_steps": 2}  # one 8-token canvas, two denoising steps
 # the repository's example task: lm-eval's gsm8k prompt fields, filters and metric over a local chat JSONL
 EXAMPLE_TASK = Path(__file__).resolve().parents[1] / "examples" / "lm_eval" / "demo_gsm8k.yaml"
-# (question, gold answer, reply, lm-eval strict-match correct, blockdiff eval correct)
+# (question, gold answer, reply, correct by lm-eval's strict-match, by its flexible-extract, by blockdiff eval)
 SCORING_CASES = [
-    ("q0", "3 + 4 = 7\n#### 7", "3 + 4 = 7\n#### 7", True, True),
-    ("q1", "#### 5", "#### 12", False, False),
-    ("q2", "#### 1200", "so #### 1,200", True, True),  # thousands separators ignored by both
-    ("q3", "#### 9", "#### 9.", True, True),  # a trailing period too
-    ("q4", "#### 4", "#### 4 apples", True, True),
-    ("q5", "#### 999", "I think 999", False, True),  # no '####': blockdiff takes the last number
-    ("q6", "#### 3.5", "#### 3.50", False, True),  # blockdiff compares numbers, lm-eval strings
-    ("q7", "#### 18", "#### $18", False, True),  # lm-eval's regex needs a digit right after '#### '
-    ("q8", "#### 6", "first #### 4\nthen #### 6", False, True),  # lm-eval: first '####'; blockdiff: last
+    ("q0", "3 + 4 = 7\n#### 7", "3 + 4 = 7\n#### 7", True, True, True),
+    ("q1", "#### 5", "#### 12", False, False, False),
+    ("q2", "#### 1200", "so #### 1,200", True, True, True),  # thousands separators ignored by all
+    ("q3", "#### 9", "#### 9.", True, True, True),  # a trailing period too
+    ("q4", "#### 4", "#### 4 apples", True, True, True),
+    ("q5", "#### 999", "I think 999", False, True, True),  # no '####': the last number
+    ("q6", "#### 3.5", "#### 3.50", False, False, True),  # blockdiff compares numbers, lm-eval strings
+    ("q7", "#### 18", "#### $18", False, True, True),  # strict-match's regex needs a digit right after '#### '
+    ("q8", "#### 6", "first #### 4\nthen #### 6", False, True, True),  # strict: first '####'; blockdiff: last
+    ("q9", "#### 12", "15 - 1 = 12\n####", False, True, True),  # nothing after '####': the last number
+    ("q10", "#### 3", "1 5 - 6 =#### 3####", True, True, False),  # blockdiff: nothing after the last '####' -> -6
+    ("q11", "#### 6", "2 * 3 = 6\n#### 6 1", True, False, True),  # flexible-extract: the last number anywhere
 ]
 
 
@@ -169,10 +172,8 @@ def test_scores_agree_where_the_extraction_rules_agree(lm, manager, tok, monkeyp
     flexible = samples_by_filter(results, "scoring", "flexible-extract")
     assert [s["resps"][0][0] for s in strict] == [c[2] for c in SCORING_CASES] == [r["output"] for r in records]
     assert [bool(s["exact_match"]) for s in strict] == [c[3] for c in SCORING_CASES]
-    assert [r["correct"] for r in records] == [c[4] for c in SCORING_CASES]
-    assert bool(flexible[5]["exact_match"])  # flexible-extract takes the last number, as blockdiff does here
-    agree = [i for i, c in enumerate(SCORING_CASES) if c[3] == c[4]]
-    assert len(agree) == 5
+    assert [bool(s["exact_match"]) for s in flexible] == [c[4] for c in SCORING_CASES]
+    assert [r["correct"] for r in records] == [c[5] for c in SCORING_CASES]
     assert results["results"]["scoring"]["exact_match,strict-match"] == pytest.approx(
         sum(c[3] for c in SCORING_CASES) / len(SCORING_CASES))
 
