@@ -151,9 +151,11 @@ def test_lm_eval_replies_equal_blockdiff_eval_gsm8k(lm, manager, tasks, tok, tmp
         assert results["results"]["local_gsm8k"]["exact_match,strict-match"] == summary["accuracy"]
 
 
-def test_scores_agree_where_the_extraction_rules_agree(lm, manager, tok, monkeypatch, tmp_path):
+@pytest.mark.parametrize("apply_chat_template", [False, True])
+def test_scores_agree_where_the_extraction_rules_agree(lm, manager, tok, monkeypatch, tmp_path, apply_chat_template):
     """Scripted replies (keyed by the row seed, so by document) scored by lm-eval's gsm8k filters and by
-    ``evaluate_gsm8k``: equal except in the cases the guide lists, where only blockdiff's rule accepts."""
+    ``evaluate_gsm8k``: equal except in the cases the guide lists. The prompts are the training chat prompt
+    whether lm-eval builds the conversation (``apply_chat_template``) or the model does."""
     questions = [q for q, *_ in SCORING_CASES]
 
     def scripted_generate(model, prompts, settings, device=None, row_seeds=None, **kwargs):
@@ -163,7 +165,7 @@ def test_scores_agree_where_the_extraction_rules_agree(lm, manager, tok, monkeyp
         return [tok.encode(SCORING_CASES[d][2], add_special_tokens=False) for d in docs]
 
     monkeypatch.setattr(sampling, "generate", scripted_generate)
-    results = lm_eval_cli.run_lm_eval(lm, ["scoring"], manager)
+    results = lm_eval_cli.run_lm_eval(lm, ["scoring"], manager, apply_chat_template=apply_chat_template)
     rows = chat_rows((q, a) for q, a, *_ in SCORING_CASES)
     ours = tmp_path / "ours.jsonl"
     evaluate.evaluate_gsm8k(None, tok, rows, lm.settings, batch_size=4, out_jsonl=ours)
@@ -176,6 +178,15 @@ def test_scores_agree_where_the_extraction_rules_agree(lm, manager, tok, monkeyp
     assert [r["correct"] for r in records] == [c[5] for c in SCORING_CASES]
     assert results["results"]["scoring"]["exact_match,strict-match"] == pytest.approx(
         sum(c[3] for c in SCORING_CASES) / len(SCORING_CASES))
+
+
+def test_apply_chat_template_renders_the_training_prompt(lm, tok):
+    turn = [{"role": "user", "content": "Tom has 3 apples."}]
+    text = lm.apply_chat_template(turn)
+    assert lm.prompt_ids(text) == lm.prompt_ids("Tom has 3 apples.") == render_generation_prompt(tok, turn)
+    prefilled = lm.apply_chat_template(turn + [{"role": "assistant", "content": "3 + 1"}], add_generation_prompt=False)
+    assert prefilled == text + "3 + 1"  # lm-eval's gen_prefix: the reply continues the prefix
+    assert lm.prompt_ids(prefilled) == render_generation_prompt(tok, turn) + tok.encode("3 + 1", add_special_tokens=False)
 
 
 def test_until_string_cuts_the_reply(lm):
