@@ -120,7 +120,7 @@ def evaluate_gsm8k(model, tokenizer, rows, settings: SamplerSettings | None = No
         outputs = (generate or sampling.generate)(model, prompts, settings, device=device, row_seeds=seeds)
         for (_, question, gold), ids in zip(chunk, outputs):
             new_tokens += len(ids)
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            text = prompting.decode_reply(tokenizer, ids)
             extracted = extract_answer(text)
             records.append({"prompt": question, "output": text, "extracted": extracted, "gold": gold,
                             "correct": extracted is not None and extracted == gold})
@@ -160,7 +160,7 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
            "float16": "float16", "fp16": "float16"}
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (transformers format)")
     p.add_argument("--adapter", help="LoRA adapter directory")
     p.add_argument("--max-new-tokens", type=int)
@@ -236,7 +236,7 @@ def _tqdm(total: int, desc: str):
 def cli_generate(argv=None) -> int:
     """``blockdiff generate --model DIR (--prompt TEXT | --input FILE.jsonl) [...]``."""
     p = argparse.ArgumentParser(prog="blockdiff generate", description="Sample replies with block diffusion.")
-    _add_model_args(p)
+    add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one user message")
     src.add_argument("--input", help="JSONL of conversations / prompts")
@@ -268,10 +268,17 @@ def cli_generate(argv=None) -> int:
 
 
 def cli_eval(argv=None) -> int:
-    """``blockdiff eval gsm8k --model DIR --data FILE.jsonl [--limit N] [--batch-size N] [--output FILE]``."""
-    p = argparse.ArgumentParser(prog="blockdiff eval", description="Evaluate answer accuracy.")
-    p.add_argument("task", choices=["gsm8k"])
-    _add_model_args(p)
+    """``blockdiff eval [gsm8k] --model DIR --data FILE.jsonl [--limit N] [--batch-size N] [--output FILE]``;
+    ``blockdiff eval lm-eval ...`` runs lm-evaluation-harness tasks (``blockdiff.infer.lm_eval_cli``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:
+        from blockdiff.infer.lm_eval_cli import cli_lm_eval  # lm-eval is an optional extra
+
+        return cli_lm_eval(argv[1:])
+    p = argparse.ArgumentParser(prog="blockdiff eval", description="Evaluate answer accuracy "
+                                "(`blockdiff eval lm-eval -h`: lm-evaluation-harness tasks).")
+    p.add_argument("task", nargs="?", default="gsm8k", choices=["gsm8k"], help="default: gsm8k")
+    add_model_args(p)
     p.add_argument("--data", required=True, help="chat JSONL whose last assistant turn ends in '#### N'")
     p.add_argument("--limit", type=int)
     p.add_argument("--output", help="per-example JSONL")
