@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from blockdiff.infer import prompting, sampling
 from blockdiff.errors import DataError
+from blockdiff.model.hf.load import resolve_checkpoint_dir
 from blockdiff.infer.sampling import SamplerSettings
 
 # A number: optional sign, thousands groups or plain digits, optional decimals (or ".5").
@@ -200,7 +202,10 @@ def _apply_adapter(model, adapter_dir):
 
 
 def settings_for_checkpoint(model_dir, tokenizer=None, **overrides) -> SamplerSettings:
-    """Checkpoint's generation_config.json + overrides; EOS from the tokenizer if the file names none."""
+    """Checkpoint's generation_config.json + overrides; EOS from the tokenizer if the file names none.
+    ``model_dir``: a local directory or a hub id (its snapshot, as the weights are read)."""
+    if isinstance(model_dir, (str, os.PathLike)) and not Path(model_dir).exists():
+        model_dir = resolve_checkpoint_dir(model_dir)
     raw = sampling._read_generation_config(model_dir)
     if raw.get("eos_token_id") is None and tokenizer is not None and overrides.get("eos_token_ids") is None:
         overrides["eos_token_ids"] = prompting.eos_ids_for_tokenizer(tokenizer)
