@@ -1,6 +1,7 @@
 """Answer extraction, Wilson CI, evaluate_gsm8k's JSONL/metrics, and the generate/eval CLIs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +210,22 @@ def test_cli_temperature_flags(ckpt, tmp_path, monkeypatch, capsys):
     assert (seen[1].t_max, seen[1].t_min) == (SamplerSettings().t_max, SamplerSettings().t_min)
     with pytest.raises(BlockdiffError, match="t_min"):  # validated like every sampler setting
         evaluate.cli_eval(base + ["--t-max", "0.1", "--t-min", "0.2"])
+
+
+def test_settings_for_checkpoint_reads_a_hub_snapshot(ckpt, tok, monkeypatch, tmp_path):
+    """A hub id (served offline from the HF cache): its generation_config.json is read like a local one's."""
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hub-cache"
+    repo, commit = cache / "models--org--tiny-dgemma", "0" * 40
+    shutil.copytree(ckpt, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    gen = json.loads((Path(ckpt) / "generation_config.json").read_text()) if (Path(ckpt) / "generation_config.json").exists() else {}
+    (repo / "snapshots" / commit / "generation_config.json").write_text(json.dumps({**gen, "max_denoising_steps": 7}))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.settings_for_checkpoint("org/tiny-dgemma", tok).max_denoising_steps == 7

@@ -104,10 +104,12 @@ def _base_reader(model, stack: contextlib.ExitStack):
     """Tensors that are not in a LoRA checkpoint (the frozen base), by state-dict name."""
     from blockdiff.model.hf import names as hf_names
 
+    from blockdiff.model.hf.load import Checkpoint
+
     if model.hf_source is None:  # from_config: the rebuilt model holds them
         return own_state(model)[0]
-    files = TensorFiles(Path(model.hf_source["dir"]), stack)
-    return lambda name: files.read(hf_names.to_hf(name.replace(".base.weight", ".weight")))
+    source = stack.enter_context(Checkpoint(model.hf_source["dir"]))  # NVFP4 sources read dequantized
+    return lambda name: source.read(hf_names.to_hf(name.replace(".base.weight", ".weight")), None)
 
 
 def export_run(run_dir, out=None, step: int | None = None, merge: bool = False, dtype=None,

@@ -20,6 +20,7 @@ commands:
   export RUN_DIR [--out DIR] [--step N] [--dtype float32]   a transformers-loadable model from a run's checkpoint
   generate --model DIR (--prompt T | --input F.jsonl) [...]   sample with the entropy-bound sampler
   eval gsm8k --model DIR --data F.jsonl [...] GSM8K exact-match accuracy
+  eval lm-eval --model DIR --tasks T,... [...]   lm-evaluation-harness tasks (pip install 'blockdiff[lm_eval]')
   data preview -c FILE [--rows N] [--json]    the first rows of data.train_path as the trainer sees them
   config show [-c FILE] [--json]              every config field: type, default (or FILE's value), description
   plan -c FILE [--gpus N] [--gpu-memory GIB] [--json]   per-GPU memory of a run, before launch

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from blockdiff.infer import prompting, sampling
 from blockdiff.errors import DataError
+from blockdiff.model.hf.load import resolve_checkpoint_dir
 from blockdiff.infer.sampling import SamplerSettings
 
 # A number: optional sign, thousands groups or plain digits, optional decimals (or ".5").
@@ -120,7 +122,7 @@ def evaluate_gsm8k(model, tokenizer, rows, settings: SamplerSettings | None = No
         outputs = (generate or sampling.generate)(model, prompts, settings, device=device, row_seeds=seeds)
         for (_, question, gold), ids in zip(chunk, outputs):
             new_tokens += len(ids)
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            text = prompting.decode_reply(tokenizer, ids)
             extracted = extract_answer(text)
             records.append({"prompt": question, "output": text, "extracted": extracted, "gold": gold,
                             "correct": extracted is not None and extracted == gold})
@@ -160,7 +162,7 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
            "float16": "float16", "fp16": "float16"}
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (transformers format)")
     p.add_argument("--adapter", help="LoRA adapter directory")
     p.add_argument("--max-new-tokens", type=int)
@@ -200,7 +202,10 @@ def _apply_adapter(model, adapter_dir):
 
 
 def settings_for_checkpoint(model_dir, tokenizer=None, **overrides) -> SamplerSettings:
-    """Checkpoint's generation_config.json + overrides; EOS from the tokenizer if the file names none."""
+    """Checkpoint's generation_config.json + overrides; EOS from the tokenizer if the file names none.
+    ``model_dir``: a local directory or a hub id (its snapshot, as the weights are read)."""
+    if isinstance(model_dir, (str, os.PathLike)) and not Path(model_dir).exists():
+        model_dir = resolve_checkpoint_dir(model_dir)
     raw = sampling._read_generation_config(model_dir)
     if raw.get("eos_token_id") is None and tokenizer is not None and overrides.get("eos_token_ids") is None:
         overrides["eos_token_ids"] = prompting.eos_ids_for_tokenizer(tokenizer)
@@ -236,7 +241,7 @@ def _tqdm(total: int, desc: str):
 def cli_generate(argv=None) -> int:
     """``blockdiff generate --model DIR (--prompt TEXT | --input FILE.jsonl) [...]``."""
     p = argparse.ArgumentParser(prog="blockdiff generate", description="Sample replies with block diffusion.")
-    _add_model_args(p)
+    add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one user message")
     src.add_argument("--input", help="JSONL of conversations / prompts")
@@ -268,10 +273,17 @@ def cli_generate(argv=None) -> int:
 
 
 def cli_eval(argv=None) -> int:
-    """``blockdiff eval gsm8k --model DIR --data FILE.jsonl [--limit N] [--batch-size N] [--output FILE]``."""
-    p = argparse.ArgumentParser(prog="blockdiff eval", description="Evaluate answer accuracy.")
-    p.add_argument("task", choices=["gsm8k"])
-    _add_model_args(p)
+    """``blockdiff eval [gsm8k] --model DIR --data FILE.jsonl [--limit N] [--batch-size N] [--output FILE]``;
+    ``blockdiff eval lm-eval ...`` runs lm-evaluation-harness tasks (``blockdiff.infer.lm_eval_cli``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:
+        from blockdiff.infer.lm_eval_cli import cli_lm_eval  # lm-eval is an optional extra
+
+        return cli_lm_eval(argv[1:])
+    p = argparse.ArgumentParser(prog="blockdiff eval", description="Evaluate answer accuracy "
+                                "(`blockdiff eval lm-eval -h`: lm-evaluation-harness tasks).")
+    p.add_argument("task", nargs="?", default="gsm8k", choices=["gsm8k"], help="default: gsm8k")
+    add_model_args(p)
     p.add_argument("--data", required=True, help="chat JSONL whose last assistant turn ends in '#### N'")
     p.add_argument("--limit", type=int)
     p.add_argument("--output", help="per-example JSONL")

@@ -43,6 +43,11 @@ def settings_for_tokenizer(settings: SamplerSettings, tokenizer) -> SamplerSetti
     return dataclasses.replace(settings, eos_token_ids=eos)
 
 
+def decode_reply(tokenizer, ids: list[int]) -> str:
+    """A sampled reply's text: special tokens dropped, surrounding whitespace stripped."""
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
 def generate_text(model, tokenizer, conversations: list[list[dict]], settings: SamplerSettings | None = None,
                   device=None, progress=None, row_seeds: list[int] | None = None,
                   enable_thinking: bool = False) -> list[str]:
@@ -52,4 +57,4 @@ def generate_text(model, tokenizer, conversations: list[list[dict]], settings: S
     settings = settings_for_tokenizer(settings or SamplerSettings(), tokenizer)
     prompts = [render_generation_prompt(tokenizer, conv, enable_thinking=enable_thinking) for conv in conversations]
     outputs = sampling.generate(model, prompts, settings, device=device, progress=progress, row_seeds=row_seeds)
-    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+    return [decode_reply(tokenizer, o) for o in outputs]
