@@ -170,7 +170,7 @@ def test_blockdiff_sampler_no_worse_than_transformers_generate(demo, readme, cap
                       pad_token_id=tokenizer.pad_token_id)
 
     rows = read_chat_jsonl(demo.test_jsonl)
-    examples = [evaluate._question_and_gold(r) for r in rows]
+    examples = [evaluate.question_and_gold(r) for r in rows]
     hf_correct = []
     batch = 50
     with torch.random.fork_rng():  # transformers samples from the global generator: leave it as it was

@@ -87,7 +87,7 @@ def _as_messages(row: dict) -> list[dict]:
     raise DataError("expected a row with 'messages' or 'question'", field="messages")
 
 
-def _question_and_gold(row: dict) -> tuple[list[dict], str, str | None]:
+def question_and_gold(row: dict) -> tuple[list[dict], str, str | None]:
     msgs = _as_messages(row)
     gold = extract_answer(msgs[-1]["content"]) if msgs[-1]["role"] == "assistant" else None
     context = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
@@ -115,7 +115,7 @@ def evaluate_gsm8k(model, tokenizer, rows, settings: SamplerSettings | None = No
     records, new_tokens = [], 0
     start = time.perf_counter()
     for lo in range(0, len(rows), batch_size):
-        chunk = [_question_and_gold(r) for r in rows[lo:lo + batch_size]]
+        chunk = [question_and_gold(r) for r in rows[lo:lo + batch_size]]
         prompts = [render_generation_prompt(tokenizer, context, enable_thinking=enable_thinking)
                    for context, _, _ in chunk]
         seeds = [settings.seed + lo + i for i in range(len(chunk))]

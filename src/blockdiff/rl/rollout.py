@@ -20,7 +20,7 @@ import torch
 
 from blockdiff.data.chat import render_generation_prompt
 from blockdiff.errors import DataError
-from blockdiff.infer.evaluate import _question_and_gold
+from blockdiff.infer.evaluate import question_and_gold
 from blockdiff.infer.sampling import SamplerSettings
 from blockdiff.rl.advantages import group_advantages, weigh_negatives
 from blockdiff.rl.rewards import ACCURACY, BUILTIN, RewardTerm, score
@@ -50,7 +50,7 @@ class PromptSet:
         for line, row in load_dataset_rows(path, split=split, with_lines=True):
             self.n_rows += 1
             try:
-                context, question, gold = _question_and_gold(row)
+                context, question, gold = question_and_gold(row)
                 ids = render_generation_prompt(tokenizer, context)
             except DataError as e:
                 raise e.with_location(file=str(path), line=line) from None

@@ -109,7 +109,7 @@ def train(cfg: Config) -> Path:
         periodic_eval.maybe_run(step + 1, metrics)
         every = cfg.checkpoint.every_steps
         if (every and (step + 1) % every == 0) or stop.received:
-            _checkpoint(run_dir, step + 1, model, optimizer, cfg, dist, nan_skipped)
+            save_run_checkpoint(run_dir, step + 1, model, optimizer, cfg, dist, nan_skipped)
         if stop.received:
             log.warning("%s received: checkpoint at step %d written, exiting", stop.received, step + 1)
             profiler.close()
@@ -121,7 +121,7 @@ def train(cfg: Config) -> Path:
         progress.close()
     already_saved = cfg.checkpoint.every_steps and last_step_done % cfg.checkpoint.every_steps == 0
     if cfg.checkpoint.save_final and not already_saved:
-        _checkpoint(run_dir, last_step_done, model, optimizer, cfg, dist, nan_skipped)
+        save_run_checkpoint(run_dir, last_step_done, model, optimizer, cfg, dist, nan_skipped)
     metrics.close()
     if cfg.checkpoint.export_final:  # every rank gathers one tensor at a time, rank 0 writes
         export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
@@ -134,7 +134,7 @@ def train(cfg: Config) -> Path:
     return run_dir
 
 
-def _checkpoint(run_dir, step, model, optimizer, cfg, dist, nan_skipped) -> None:
+def save_run_checkpoint(run_dir, step, model, optimizer, cfg, dist, nan_skipped) -> None:
     if is_sharded(model):  # torch.distributed.checkpoint: every rank writes its own shards, no gathering
         save_sharded_checkpoint(run_dir, step, model, optimizer, {"nan_skipped": nan_skipped, "world_size":
                                 dist.world_size, "ep": cfg.parallel.ep}, keep_last=cfg.checkpoint.keep_last)
