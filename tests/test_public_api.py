@@ -17,7 +17,7 @@ EXPECTED = {
     "load_config": "blockdiff.config.schema",
     "config_from_dict": "blockdiff.config.schema",
     "export_run": "blockdiff.checkpoint.export",
-    "SamplerSettings": "blockdiff.infer.sampling",
+    "SamplerSettings": "blockdiff.infer.settings",
     "generate": "blockdiff.infer.sampling",
     "generate_text": "blockdiff.infer.prompting",
     "load_for_inference": "blockdiff.infer.evaluate",

@@ -7,12 +7,13 @@ import pytest
 import torch
 from transformers.models.diffusion_gemma import generation_diffusion_gemma as ref
 
-from blockdiff.infer import prompting, sampling
+from blockdiff.infer import prompting, sampling, vocab
 from blockdiff.errors import ConfigError
 from blockdiff.model.config import ModelConfig
 from blockdiff.model.diffusion_gemma import DiffusionGemma
-from blockdiff.infer.sampling import (SamplerSettings, entropy_bound_accept, generate, should_stop, temperature_at,
-                                token_entropy)
+from blockdiff.infer.sampling import generate
+from blockdiff.infer.settings import SamplerSettings
+from blockdiff.infer.vocab import entropy_bound_accept, should_stop, temperature_at, token_entropy
 from helpers import load_blockdiff, make_hf_checkpoint, tiny_hf_config
 
 C = 8
@@ -128,7 +129,7 @@ def test_stopping_matches_reference(S):
     B, L, V = 3, C, 16
     g = torch.Generator().manual_seed(S)
     crit = ref.StableAndConfidentStoppingCriteria(stability_threshold=S, confidence_threshold=0.05)
-    history = sampling.new_stability_history(S, B, L, "cpu")
+    history = vocab.new_stability_history(S, B, L, "cpu")
     base = torch.randint(0, V, (B, L), generator=g)
     for step in range(6):
         argmax = base.clone()
@@ -145,11 +146,11 @@ def test_stopping_matches_reference(S):
 def test_sample_categorical_is_a_categorical_sampler():
     logits = torch.tensor([[[0.0, 1.0, -math.inf, 2.0]]]).expand(1, 20000, 4).contiguous()
     u = torch.rand(1, 20000, generator=torch.Generator().manual_seed(0))
-    draws = sampling.sample_categorical(logits, u)
+    draws = vocab.sample_categorical(logits, u)
     freq = torch.bincount(draws.flatten(), minlength=4).float() / draws.numel()
     torch.testing.assert_close(freq, torch.softmax(logits[0, 0], -1), atol=0.015, rtol=0)
     assert freq[2] == 0
-    edge = sampling.sample_categorical(logits[:, :2], torch.tensor([[0.0, 1.0 - 1e-9]]))
+    edge = vocab.sample_categorical(logits[:, :2], torch.tensor([[0.0, 1.0 - 1e-9]]))
     assert edge.tolist() == [[0, 3]]
 
 
@@ -164,9 +165,9 @@ def test_sample_categorical_equals_the_full_inverse_cdf(V, chunk):
     u = torch.rand(2, 64, generator=g)
     cdf = torch.cumsum(torch.softmax(logits.double(), -1), -1)
     want = torch.searchsorted(cdf, (u.double() * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
-    assert torch.equal(sampling.sample_categorical(logits, u, chunk=chunk), want.clamp(max=V - 1))
+    assert torch.equal(vocab.sample_categorical(logits, u, chunk=chunk), want.clamp(max=V - 1))
     top = torch.tensor([[[0.0, 1.0, 2.0, 3.0] + [-math.inf] * 4]])  # last chunk all impossible
-    assert sampling.sample_categorical(top, torch.tensor([[1.0 - 1e-9]]), chunk=4).item() == 3
+    assert vocab.sample_categorical(top, torch.tensor([[1.0 - 1e-9]]), chunk=4).item() == 3
 
 
 # ---- generate -------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def test_generate_eos_cut_and_row_dropping(tiny_model):
     with_eos = generate(tiny_model, PROMPTS, gen_settings(eos_token_ids=(eos,)))
     for row_free, row_eos in zip(free, with_eos):
         # later blocks are unchanged by other rows stopping (per-row, per-block random streams)
-        assert row_eos == sampling.cut_at_eos(row_free, (eos,))
+        assert row_eos == vocab.cut_at_eos(row_free, (eos,))
     assert len(with_eos[1]) <= 10
     # max_new_tokens not a multiple of the canvas: truncated
     assert [len(o) for o in generate(tiny_model, PROMPTS[:1], gen_settings(max_new_tokens=13))] == [13]

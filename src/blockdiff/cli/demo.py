@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
 
     from blockdiff.infer.evaluate import evaluate_gsm8k
     from blockdiff.model.diffusion_gemma import DiffusionGemma
-    from blockdiff.infer.sampling import SamplerSettings
+    from blockdiff.infer.settings import SamplerSettings
 
     export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
     model = DiffusionGemma.from_pretrained(str(export_dir)).eval()

@@ -75,7 +75,7 @@ def _plot(argv):
 
 
 def _generate(argv):
-    from blockdiff.infer.sampling import cli_generate
+    from blockdiff.infer.evaluate import cli_generate
 
     cli_generate(argv)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from blockdiff.infer import prompting, sampling
 from blockdiff.errors import DataError
-from blockdiff.infer.sampling import SamplerSettings
+from blockdiff.infer.settings import SamplerSettings, read_generation_config
 
 # A number: optional sign, thousands groups or plain digits, optional decimals (or ".5").
 _NUMBER = re.compile(r"[-\u2212]?\$?\s?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
@@ -201,7 +201,7 @@ def _apply_adapter(model, adapter_dir):
 
 def settings_for_checkpoint(model_dir, tokenizer=None, **overrides) -> SamplerSettings:
     """Checkpoint's generation_config.json + overrides; EOS from the tokenizer if the file names none."""
-    raw = sampling._read_generation_config(model_dir)
+    raw = read_generation_config(model_dir)
     if raw.get("eos_token_id") is None and tokenizer is not None and overrides.get("eos_token_ids") is None:
         overrides["eos_token_ids"] = prompting.eos_ids_for_tokenizer(tokenizer)
     return SamplerSettings.from_generation_config(raw, **overrides)

@@ -13,7 +13,7 @@ import logging
 
 from blockdiff.infer import sampling
 from blockdiff.data.gemma4 import END_OF_TURN, TOOL_RESPONSE
-from blockdiff.infer.sampling import SamplerSettings
+from blockdiff.infer.settings import SamplerSettings
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ from blockdiff.infer.lockstep import Lockstep
 from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, noisy_micro_batch
 from blockdiff.parallel.parallelize import is_sharded, reshard_all
 from blockdiff.train.precision import compute_context
-from blockdiff.infer.sampling import SamplerSettings, generate
+from blockdiff.infer.sampling import generate
+from blockdiff.infer.settings import SamplerSettings
 
 log = logging.getLogger("blockdiff")
 
