@@ -238,7 +238,7 @@ def test_dense_work_is_queued_between_count_exchange_and_row_exchange():
 
 def test_permutation_is_a_gather_both_ways():
     """The dispatcher's regrouping by local expert: values as plain indexing, gradient the inverse gather."""
-    from blockdiff.parallel.parallelize import _Permute
+    from blockdiff.parallel.experts import _Permute
 
     order = torch.randperm(9, generator=torch.Generator().manual_seed(0))
     inverse = torch.argsort(order)
