@@ -22,7 +22,7 @@ from safetensors import safe_open
 from blockdiff.config.schema import apply_world_size, demo_config_path, load_config
 from blockdiff.parallel.distributed import DistInfo
 from blockdiff.errors import CheckpointError
-from blockdiff.model.hf import io as hf_io, save as hf_save
+from blockdiff.model.hf import io as hf_io, load as hf_load, save as hf_save
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -80,7 +80,7 @@ def files_of(d: Path) -> dict[str, bytes]:
 
 def tensors_of(d: Path) -> dict[str, tuple[str, bytes]]:
     out = {}
-    for name, file in hf_io.weight_map(d).items():
+    for name, file in hf_load.weight_map(d).items():
         with safe_open(str(d / file), "pt") as f:
             t = f.get_tensor(name)
         out[name] = (str(t.dtype), t.view(torch.uint8).numpy().tobytes())
@@ -108,7 +108,7 @@ def test_two_process_export_equals_one_process_byte_for_byte(exports, case):
     assert sorted(a) == sorted(b)
     assert [n for n in a if a[n] != b[n]] == []
     shards = [n for n in a if n.startswith("model-")]
-    assert len(shards) >= 4 and hf_io.INDEX in a  # the checkpoint spans several shards
+    assert len(shards) >= 4 and hf_load.INDEX in a  # the checkpoint spans several shards
     assert {t[0] for t in tensors_of(one / case).values()} == {"torch.bfloat16"}
     if case != "full":
         assert "adapter/adapter_config.json" in a and "adapter/adapter_model.safetensors" in a
@@ -143,7 +143,7 @@ def test_export_is_the_source_with_its_files_and_dtype_fields(exports, source):
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16" and cfg["text_config"]["dtype"] == "bfloat16"
-    index = json.loads((out / hf_io.INDEX).read_text())
+    index = json.loads((out / hf_load.INDEX).read_text())
     assert index["metadata"]["total_size"] == sum(len(raw) for _, raw in got.values())
     hf = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(source)
     assert index["metadata"]["total_parameters"] == hf.num_parameters()
@@ -155,9 +155,9 @@ def test_export_is_the_source_with_its_files_and_dtype_fields(exports, source):
 
 def assert_rounded_from(low: Path, high: Path) -> None:
     """Every tensor of the export ``low`` is the one of ``high`` in ``low``'s dtype (same names)."""
-    assert set(hf_io.weight_map(low)) == set(hf_io.weight_map(high))
-    for name, file in hf_io.weight_map(low).items():
-        with safe_open(str(low / file), "pt") as f, safe_open(str(high / hf_io.weight_map(high)[name]), "pt") as g:
+    assert set(hf_load.weight_map(low)) == set(hf_load.weight_map(high))
+    for name, file in hf_load.weight_map(low).items():
+        with safe_open(str(low / file), "pt") as f, safe_open(str(high / hf_load.weight_map(high)[name]), "pt") as g:
             a = f.get_tensor(name)
             assert torch.equal(a, g.get_tensor(name).to(a.dtype)), name
 
@@ -245,7 +245,7 @@ def test_cli_export_of_a_sharded_checkpoint_streams_the_same_bytes(exports, sour
     assert json.loads((run / "checkpoints" / "step_00000003" / "meta.json").read_text())["format"].endswith("dcp-v1")
     out = export_run(run, tmp_path / "out", merge=case != "full", max_shard_size=dist_worker.EXPORT_SHARD)
     assert tensors_of(out) == tensors_of(one / case)
-    assert json.loads((out / hf_io.INDEX).read_text()) == json.loads((one / case / hf_io.INDEX).read_text())
+    assert json.loads((out / hf_load.INDEX).read_text()) == json.loads((one / case / hf_load.INDEX).read_text())
     if case != "full":
         adapter_only = export_run(run, tmp_path / "adapter")  # no --merge: the PEFT adapter, no base read
         assert files_of(adapter_only) == files_of(one / case / "adapter")

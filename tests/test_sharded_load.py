@@ -183,18 +183,18 @@ def test_bad_checkpoint_is_refused_before_training(ckpt, tmp_path):
     from blockdiff.parallel.distributed import DistInfo
     from blockdiff.errors import CheckpointError
     from blockdiff.train.loading import build_training_model
-    from blockdiff.model.hf import io as hf_io
+    from blockdiff.model.hf import load as hf_load
 
     bad = Path(shutil.copytree(ckpt, tmp_path / "bad"))
-    index = json.loads((bad / hf_io.INDEX).read_text())
+    index = json.loads((bad / hf_load.INDEX).read_text())
     name, other = "model.decoder.layers.1.mlp.up_proj.weight", "model.decoder.norm.weight"
     index["weight_map"][name] = index["weight_map"][other] if index["weight_map"][name] != \
         index["weight_map"][other] else sorted(set(index["weight_map"].values()))[0]
-    (bad / hf_io.INDEX).write_text(json.dumps(index))
+    (bad / hf_load.INDEX).write_text(json.dumps(index))
     one = DistInfo(0, 1, 0, torch.device("cpu"))
     with pytest.raises(CheckpointError, match=rf"model-\d+-of-\d+\.safetensors.*missing tensor {name} \(the index "):
         build_training_model(_cfg(bad, []), one)
     del index["weight_map"][name]
-    (bad / hf_io.INDEX).write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=rf"{hf_io.INDEX}.*missing tensor {name} \(expected in"):
+    (bad / hf_load.INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"{hf_load.INDEX}.*missing tensor {name} \(expected in"):
         build_training_model(_cfg(bad, []), one)

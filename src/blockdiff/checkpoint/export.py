@@ -87,13 +87,13 @@ def _skeleton(cfg):
         from blockdiff.train.loop import build_model
 
         return build_model(cfg, torch.device("cpu"))
-    from blockdiff.model.hf import io as hf_io
+    from blockdiff.model.hf import load as hf_load
     from blockdiff.model.config import ModelConfig
     from blockdiff.model.diffusion_gemma import DiffusionGemma
 
-    src = hf_io.resolve_checkpoint_dir(cfg.model.name_or_path)
-    hf_config = hf_io.read_hf_config(src)
-    config = hf_io._reduce_depth(ModelConfig.from_hf(hf_config), cfg.model.num_layers)
+    src = hf_load.resolve_checkpoint_dir(cfg.model.name_or_path)
+    hf_config = hf_load.read_hf_config(src)
+    config = hf_load.reduce_depth(ModelConfig.from_hf(hf_config), cfg.model.num_layers)
     with torch.device("meta"):
         model = DiffusionGemma(config, attn_backend=cfg.model.attn_backend)
     model.hf_config, model.hf_source = hf_config, {"dir": str(src), "carried": {}}

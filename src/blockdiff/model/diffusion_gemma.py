@@ -26,6 +26,7 @@ from torch import nn
 
 from blockdiff.model.attention import Attention, Masks, MaskInfo
 from blockdiff.model.config import ModelConfig
+from blockdiff.model.hf import save as hf_save
 from blockdiff.model.layers import GatedMLP, RMSNorm, Rotary
 from blockdiff.model.moe import Experts, Router
 
@@ -208,10 +209,10 @@ class DiffusionGemma(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype = torch.float32, **kwargs) -> "DiffusionGemma":
         """Load the text model of a transformers DiffusionGemma checkpoint (a local directory or a hub id)
-        in ``dtype``. Keyword arguments of ``hf_io.load_pretrained``: ``device``, ``attn_backend``
+        in ``dtype``. Keyword arguments of ``hf.io.load_pretrained``: ``device``, ``attn_backend``
         (auto / sdpa / flex), ``num_layers`` (the first N layers only), ``revision``. Raises
         CheckpointError naming the file and tensor when the checkpoint does not fit the config."""
-        from blockdiff.model.hf.io import load_pretrained
+        from blockdiff.model.hf.io import load_pretrained  # here: hf.io builds this class (import cycle)
 
         return load_pretrained(path_or_hub_id, dtype=dtype, **kwargs)
 
@@ -222,9 +223,7 @@ class DiffusionGemma(nn.Module):
         own vision init). Written to a temporary directory and swapped into place. Keyword arguments of
         ``hf_save.save_pretrained``: ``max_shard_size`` (bytes), ``dtype`` (default: the source checkpoint's),
         ``source_dir``."""
-        from blockdiff.model.hf.save import save_pretrained
-
-        save_pretrained(self, out_dir, **kwargs)
+        hf_save.save_pretrained(self, out_dir, **kwargs)
 
     # ---- helpers ------------------------------------------------------------------------------
 

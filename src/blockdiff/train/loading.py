@@ -52,40 +52,40 @@ log = logging.getLogger("blockdiff")
 def model_config(cfg: Config) -> ModelConfig:
     """The text-model config of a run, from ``model.from_config`` or the checkpoint's config.json alone
     (a local dir, or only config.json fetched for a hub id), at ``model.num_layers`` depth."""
-    from blockdiff.model.hf import io as hf_io
+    from blockdiff.model.hf import load as hf_load
 
     if cfg.model.from_config is not None:  # as build_model builds it
         try:
-            return ModelConfig.from_hf(hf_io._as_hf_config(_from_config_kwargs(cfg)))
+            return ModelConfig.from_hf(hf_load.as_hf_config(_from_config_kwargs(cfg)))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"cannot build the model config: {e}", field="model.from_config") from None
     name = cfg.model.name_or_path
     path = Path(os.path.expanduser(name))
     if path.is_dir():
-        if not (path / hf_io.CONFIG).is_file():
-            raise ConfigError(f"{path} holds no {hf_io.CONFIG} (the run's architecture is read from it)",
+        if not (path / hf_load.CONFIG).is_file():
+            raise ConfigError(f"{path} holds no {hf_load.CONFIG} (the run's architecture is read from it)",
                               field="model.name_or_path")
         ckpt_dir = path
     else:
         ckpt_dir = _hub_config_dir(name)
     try:
-        mc = ModelConfig.from_hf(hf_io.read_hf_config(ckpt_dir))
+        mc = ModelConfig.from_hf(hf_load.read_hf_config(ckpt_dir))
     except ValueError as e:
-        raise ConfigError(str(e), file=ckpt_dir / hf_io.CONFIG) from None
-    return hf_io._reduce_depth(mc, cfg.model.num_layers)
+        raise ConfigError(str(e), file=ckpt_dir / hf_load.CONFIG) from None
+    return hf_load.reduce_depth(mc, cfg.model.num_layers)
 
 
 def _hub_config_dir(name: str) -> Path:
     """The directory holding only config.json of a hub model (downloaded, or from the HF cache)."""
-    from blockdiff.model.hf.io import _HUB_ID, CONFIG, _offline
+    from blockdiff.model.hf.load import CONFIG, HUB_ID, hub_offline
 
-    if not _HUB_ID.match(name):
+    if not HUB_ID.match(name):
         raise ConfigError(f"{name}: no such model directory (and not a hub id like 'org/name')",
                           field="model.name_or_path")
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(name, CONFIG, local_files_only=_offline())).parent
+        return Path(hf_hub_download(name, CONFIG, local_files_only=hub_offline())).parent
     except Exception as e:  # offline, unknown repo, gated: one line, whatever the hub library raised
         raise ConfigError(f"cannot fetch {CONFIG} of {name} ({type(e).__name__}); pass a local directory that "
                           f"holds it", field="model.name_or_path") from None
@@ -203,7 +203,7 @@ def fill_local_shards(model, ckpt, device: torch.device, adapter_rng=None) -> Lo
     """Fill every local shard of ``model`` (allocated, uninitialised): checkpoint tensors row by row from
     ``ckpt``, LoRA adapters with their single-process init (drawn from ``adapter_rng``), rotary tables."""
     from blockdiff.lora import adapter_param_names, base_param_name, initial_adapter_values
-    from blockdiff.model.hf.load import _rebuild_rotary
+    from blockdiff.model.hf.io import rebuild_rotary
 
     targets = model.state_dict(keep_vars=True)  # persistent tensors: the checkpoint's and the adapters'
     adapters = adapter_param_names(model)
@@ -223,7 +223,7 @@ def fill_local_shards(model, ckpt, device: torch.device, adapter_rng=None) -> Lo
             rows = local_rows(model, name, targets[name])
             _local(targets[name]).copy_(value if rows is None else value[rows[0]:rows[1]])
             del value  # before the generator draws the next one
-    _rebuild_rotary(model, device)
+    rebuild_rotary(model, device)
     stats.bytes_read = ckpt.bytes_read
     storages = {}
     for t in [*model.parameters(), *model.buffers()]:
