@@ -17,6 +17,7 @@ from blockdiff.config.loader import (Where, apply_overrides, build, option, pars
                                      section_types)
 from blockdiff.config.loader import range_check as _rng  # the short name keeps each checks() on one line
 from blockdiff.errors import ConfigError
+from blockdiff.model.config import AttnBackend
 
 DEFAULT_MODEL = "google/diffusiongemma-26B-A4B-it"
 
@@ -32,7 +33,7 @@ class ModelSection:
     name_or_path: str = option(DEFAULT_MODEL, "hub id or local dir of the model to fine-tune")
     from_config: dict | None = option(None, "DiffusionGemmaConfig kwargs: random-init model instead of loading")
     dtype: Literal["bfloat16", "float32"] = option("bfloat16", "compute dtype; master weights stay fp32")
-    attn_backend: Literal["auto", "sdpa", "flex"] = option(
+    attn_backend: AttnBackend = option(
         "auto", "attention kernel; auto: flex on CUDA, sdpa elsewhere")
     num_layers: int | None = option(None, "keep only the first N layers (reduced-depth runs at real layer shapes)")
 
@@ -316,13 +317,24 @@ def apply_world_size(cfg: Config, world_size: int) -> int:
     elif p.dp != world_size:
         raise where.error("parallel.dp", f"dp={p.dp} but the world size is {world_size}: data parallelism spans "
                                          f"all ranks (set dp to -1 or {world_size})")
-    if world_size % p.ep:
-        ok = [k for k in range(1, world_size + 1) if world_size % k == 0]
-        raise where.error("parallel.ep", f"ep={p.ep} does not divide the world size {world_size} "
-                                         f"(experts are split across ep ranks; valid ep: {ok})")
+    check_expert_parallel(p.ep, world_size=world_size, where=where)
     per_step = t.micro_batch_size * world_size
     if t.global_batch_size % per_step:
         raise where.error("train.global_batch_size",
                           f"global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size "
                           f"({t.micro_batch_size}) x world size ({world_size}) = {per_step}")
     return t.global_batch_size // per_step
+
+
+def check_expert_parallel(ep: int, world_size: int | None = None, num_experts: int | None = None,
+                          where: Where | None = None) -> None:
+    """The expert-parallel layout rule: ``ep`` divides the model's experts and the world size (each given
+    value is checked). The error points at ``parallel.ep`` (its YAML line when ``where`` is given)."""
+    if num_experts is not None and num_experts % ep:
+        msg = f"ep={ep} does not divide the model's {num_experts} experts"
+    elif world_size is not None and world_size % ep:
+        ok = [k for k in range(1, world_size + 1) if world_size % k == 0]
+        msg = f"ep={ep} does not divide the world size {world_size} (experts are split across ep ranks; valid ep: {ok})"
+    else:
+        return
+    raise where.error("parallel.ep", msg) if where is not None else ConfigError(msg, field="parallel.ep")

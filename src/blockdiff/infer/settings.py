@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from blockdiff.errors import ConfigError
+from blockdiff.model.config import check_attn_backend
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -50,11 +51,11 @@ class SamplerSettings:
             (self.stability_threshold >= 0, "stability_threshold", "must be >= 0"),
             (self.confidence_threshold > 0, "confidence_threshold", "must be > 0"),
             (self.canvas_length is None or self.canvas_length >= 1, "canvas_length", "must be >= 1"),
-            (self.attn_backend in ("auto", "sdpa", "flex"), "attn_backend", "must be auto, sdpa or flex"),
         ]
         for ok, field, msg in checks:
             if not ok:
                 raise ConfigError(f"{msg} (got {getattr(self, field)!r})", field=field)
+        check_attn_backend(self.attn_backend)
 
     @classmethod
     def from_generation_config(cls, source: Any = None, **overrides) -> "SamplerSettings":

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockdiff.model.attention import Attention, Masks, MaskInfo
-from blockdiff.model.config import ModelConfig
+from blockdiff.model.config import ModelConfig, check_attn_backend
 from blockdiff.model.hf import save as hf_save
 from blockdiff.model.layers import GatedMLP, RMSNorm, Rotary
 from blockdiff.model.moe import Experts, Router
@@ -174,8 +174,7 @@ class DiffusionGemma(nn.Module):
 
     def __init__(self, config: ModelConfig, attn_backend: str = "auto"):
         super().__init__()
-        if attn_backend not in ("auto", "sdpa", "flex"):
-            raise ValueError(f"attn_backend must be auto, sdpa or flex, got {attn_backend!r}")
+        check_attn_backend(attn_backend)
         self.config = config
         self.attn_backend = attn_backend
         # padding_idx as in transformers: the pad row gets no gradient from lookups (it still does through

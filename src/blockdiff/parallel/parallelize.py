@@ -29,7 +29,7 @@ import torch
 import torch.distributed as tdist
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from blockdiff.errors import ConfigError
+from blockdiff.config.schema import check_expert_parallel
 from blockdiff.parallel.distributed import DistInfo
 from blockdiff.parallel.experts import exchange_stash_contexts, shard_experts
 
@@ -137,11 +137,7 @@ def parallelize(model, cfg, dist: DistInfo):
     A model on the ``meta`` device stays there (FSDP2 shards meta tensors too): ``blockdiff.train.loading``
     then allocates each rank's local shards (``to_empty``) and fills them from the checkpoint."""
     p = cfg.parallel
-    E = model.config.num_experts
-    if E % p.ep:
-        raise ConfigError(f"ep={p.ep} does not divide the model's {E} experts", field="parallel.ep")
-    if dist.world_size % p.ep:
-        raise ConfigError(f"ep={p.ep} does not divide the world size {dist.world_size}", field="parallel.ep")
+    check_expert_parallel(p.ep, world_size=dist.world_size, num_experts=model.config.num_experts)
     if not _on_meta(model):
         model = model.to(dist.device)
     if p.activation_checkpointing:
