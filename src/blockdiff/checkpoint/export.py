@@ -18,11 +18,18 @@ from pathlib import Path
 
 import torch
 
+from blockdiff.checkpoint.live_export import export_model
 from blockdiff.checkpoint.training import DCP_FORMAT, latest_checkpoint
 from blockdiff.config.schema import load_config
 from blockdiff.errors import CheckpointError
+from blockdiff.lora import apply_lora, peft_adapter_payload, write_peft_adapter
+from blockdiff.model.config import ModelConfig
+from blockdiff.model.diffusion_gemma import DiffusionGemma
+from blockdiff.model.hf import load as hf_load, names as hf_names
 from blockdiff.model.hf.save import (DEFAULT_MAX_SHARD_SIZE, TensorFiles, check_overwritable, is_export, own_state,
-                            parse_export_dtype)
+                                     parse_export_dtype)
+from blockdiff.train.loading import build_model
+from blockdiff.train.loop import load_tokenizer
 
 
 class _CheckpointTensors:
@@ -84,13 +91,7 @@ def _skeleton(cfg):
     """The run's model without its weights: on meta for a checkpoint source (with ``hf_source`` set, so the
     export carries the source's files), rebuilt on the CPU for a ``from_config`` run."""
     if cfg.model.from_config is not None:
-        from blockdiff.train.loop import build_model
-
         return build_model(cfg, torch.device("cpu"))
-    from blockdiff.model.hf import load as hf_load
-    from blockdiff.model.config import ModelConfig
-    from blockdiff.model.diffusion_gemma import DiffusionGemma
-
     src = hf_load.resolve_checkpoint_dir(cfg.model.name_or_path)
     hf_config = hf_load.read_hf_config(src)
     config = hf_load.reduce_depth(ModelConfig.from_hf(hf_config), cfg.model.num_layers)
@@ -102,8 +103,6 @@ def _skeleton(cfg):
 
 def _base_reader(model, stack: contextlib.ExitStack):
     """Tensors that are not in a LoRA checkpoint (the frozen base), by state-dict name."""
-    from blockdiff.model.hf import names as hf_names
-
     if model.hf_source is None:  # from_config: the rebuilt model holds them
         return own_state(model)[0]
     files = TensorFiles(Path(model.hf_source["dir"]), stack)
@@ -133,16 +132,11 @@ def export_run(run_dir, out=None, step: int | None = None, merge: bool = False, 
             raise CheckpointError("refusing to overwrite a path that is not a previous export or adapter", file=out)
     else:
         check_overwritable(out)
-    from blockdiff.checkpoint.live_export import export_model
-    from blockdiff.train.loop import load_tokenizer
-
     model = _skeleton(cfg)
     with contextlib.ExitStack() as stack:
         stored = _CheckpointTensors(ckpt, stack)
         base = None
         if cfg.lora.enabled:
-            from blockdiff.lora import apply_lora
-
             apply_lora(model, cfg.lora)
             base = _base_reader(model, stack)
         shape_of = own_state(model)[1]
@@ -157,8 +151,6 @@ def export_run(run_dir, out=None, step: int | None = None, merge: bool = False, 
             return t if dtype is None else t.to(dtype)
 
         if adapter_only:  # the PEFT adapter directory (plus expert adapters PEFT cannot express, if any)
-            from blockdiff.lora import peft_adapter_payload, write_peft_adapter
-
             write_peft_adapter(out, *peft_adapter_payload(model, cfg.model.name_or_path, cfg.lora, fetch=fetch))
             return out
         export_model(model, out, dtype=dtype, max_shard_size=max_shard_size,

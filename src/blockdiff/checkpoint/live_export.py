@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from blockdiff.lora import has_lora, merged_items, peft_adapter_payload, write_peft_adapter
+from blockdiff.model.hf.save import (DEFAULT_MAX_SHARD_SIZE, config_for_export, export_dtype, export_entries,
+                                     model_items, model_source, own_state, text_entries, write_export)
 from blockdiff.parallel.distributed import DistInfo, all_reduce_
-from blockdiff.model.hf.save import (DEFAULT_MAX_SHARD_SIZE, config_for_export, export_dtype, export_entries, model_items,
-                            model_source, own_state, text_entries, write_export)
 from blockdiff.parallel.parallelize import full_tensor, global_view, is_sharded, reshard_all
 
 log = logging.getLogger("blockdiff")
@@ -63,8 +64,6 @@ def export_model(model, out_dir, dist: DistInfo | None = None, *, dtype=None,
     or "auto": the source checkpoint's dtype. ``fetch`` / ``shape_of`` (see ``state_access``) read the
     tensors from elsewhere than the model (``blockdiff export`` reads a run's checkpoint). Returns the
     writer's stats: files, total_size, peak_bytes (the most tensor bytes rank 0 held at once)."""
-    from blockdiff.lora import has_lora, merged_items, peft_adapter_payload, write_peft_adapter
-
     t0 = time.perf_counter()
     writer = dist is None or dist.rank == 0
     if fetch is None:

@@ -8,7 +8,16 @@ import json
 import time
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from blockdiff.config.schema import demo_config_path, load_config
+from blockdiff.data.jsonl import read_chat_jsonl
+from blockdiff.data.synthetic import trivial_baseline_accuracy, write_splits
+from blockdiff.infer.evaluate import evaluate_gsm8k
+from blockdiff.infer.settings import SamplerSettings
+from blockdiff.model.diffusion_gemma import DiffusionGemma
+from blockdiff.train.loop import train
+from blockdiff.train.metrics import plot_run, read_metrics
 
 
 def main(argv=None) -> dict:
@@ -21,11 +30,6 @@ def main(argv=None) -> dict:
     p.add_argument("--level", default="easy", choices=["easy", "standard"],
                    help="synthetic problem difficulty (easy: operands small enough for the tiny model)")
     args, overrides = p.parse_known_args(argv)
-
-    from blockdiff.data.jsonl import read_chat_jsonl
-    from blockdiff.data.synthetic import trivial_baseline_accuracy, write_splits
-    from blockdiff.train.metrics import plot_run, read_metrics
-    from blockdiff.train.loop import train
 
     out = Path(args.out)
     train_path, test_path = write_splits(out / "data", args.n_train, args.n_test, seed=args.seed,
@@ -41,11 +45,6 @@ def main(argv=None) -> dict:
     train_s = time.perf_counter() - t0
     plots = plot_run(run_dir)
 
-    from transformers import AutoTokenizer
-
-    from blockdiff.infer.evaluate import evaluate_gsm8k
-    from blockdiff.model.diffusion_gemma import DiffusionGemma
-    from blockdiff.infer.settings import SamplerSettings
 
     export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
     model = DiffusionGemma.from_pretrained(str(export_dir)).eval()

@@ -12,6 +12,9 @@ import sys
 
 from blockdiff.errors import BlockdiffError
 
+# Each subcommand imports its module when it runs (torch, transformers): `blockdiff --help` and
+# `blockdiff config show` stay fast.
+
 USAGE = """usage: blockdiff <command> [args]
 
 commands:

@@ -15,9 +15,16 @@ import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from blockdiff.infer import prompting, sampling
+import torch
+from tqdm import tqdm
+
+from blockdiff.data.chat import render_generation_prompt
+from blockdiff.data.jsonl import load_dataset_rows
 from blockdiff.errors import DataError
+from blockdiff.infer import prompting, sampling
 from blockdiff.infer.settings import SamplerSettings, read_generation_config
+from blockdiff.lora import load_adapter
+from blockdiff.model.diffusion_gemma import DiffusionGemma
 
 # A number: optional sign, thousands groups or plain digits, optional decimals (or ".5").
 _NUMBER = re.compile(r"[-\u2212]?\$?\s?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
@@ -106,8 +113,6 @@ def evaluate_gsm8k(model, tokenizer, rows, settings: SamplerSettings | None = No
     ``generate`` (default ``sampling.generate``, same signature) samples each batch, e.g. with the rows split
     over the ranks of a sharded model (``periodic_eval.generate_across_ranks``).
     """
-    from blockdiff.data.chat import render_generation_prompt
-
     settings = prompting.settings_for_tokenizer(settings or SamplerSettings(), tokenizer)
     rows = list(rows)
     records, new_tokens = [], 0
@@ -179,10 +184,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def load_for_inference(model_dir, dtype: str | None = None, device: str | None = None, adapter=None):
     """(model in eval mode, the checkpoint's tokenizer with its own chat template, device). A blockdiff export
     carries the template training used (``chat_template.jinja``)."""
-    import torch
     from transformers import AutoTokenizer
 
-    from blockdiff.model.diffusion_gemma import DiffusionGemma
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = _DTYPES[dtype] if dtype else ("bfloat16" if str(device).startswith("cuda") else "float32")
@@ -194,9 +197,7 @@ def load_for_inference(model_dir, dtype: str | None = None, device: str | None =
 
 
 def _apply_adapter(model, adapter_dir):
-    from blockdiff.lora import load_adapter  # PEFT-format adapter, checked against the base, merged for speed
-
-    return load_adapter(model, adapter_dir)
+    return load_adapter(model, adapter_dir)  # PEFT-format adapter, checked against the base, merged for speed
 
 
 def settings_for_checkpoint(model_dir, tokenizer=None, **overrides) -> SamplerSettings:
@@ -228,8 +229,6 @@ def _read_prompt_file(path) -> list[list[dict]]:
 
 
 def _tqdm(total: int, desc: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=None)
 
 
@@ -277,7 +276,6 @@ def cli_eval(argv=None) -> int:
     p.add_argument("--output", help="per-example JSONL")
     args = p.parse_args(argv)
 
-    from blockdiff.data.jsonl import load_dataset_rows
 
     rows = list(load_dataset_rows(args.data, split="test"))
     if args.limit is not None:

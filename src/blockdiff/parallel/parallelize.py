@@ -199,7 +199,7 @@ def global_view(model, name: str, t):
     over ``edp`` with shape [E/ep, ...]; viewed on the 2-D (ep, edp) mesh with (Shard(0), Shard(0)) they
     are the [E, ...] tensor (same storage, no copy)."""
     st = parallel_state(model)
-    if st is None or st.ep == 1 or name not in st.expert_names or not _is_dtensor(t):
+    if st is None or st.ep == 1 or name not in st.expert_names or not is_dtensor(t):
         return t
     from torch.distributed.tensor import DTensor, Shard
 
@@ -215,7 +215,7 @@ def full_tensor(model, name: str, t) -> torch.Tensor:
     ``edp`` by FSDP's DTensor, then across the EP group (EP rank r holds the r-th block of experts).
     Not ``global_view(...).full_tensor()``: torch 2.11's redistribute tries to flatten the (ep, edp) mesh
     and raises "Mesh dim indices should be in ascending order" on GPUs."""
-    if not _is_dtensor(t):
+    if not is_dtensor(t):
         return t
     full = t.full_tensor()
     st = parallel_state(model)
@@ -226,7 +226,7 @@ def full_tensor(model, name: str, t) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
@@ -244,8 +244,8 @@ def clip_grad_norm_(params, max_norm: float, apply: bool = True) -> torch.Tensor
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    sharded = [g.to_local() for g in grads if _is_dtensor(g)]
-    plain = [g for g in grads if not _is_dtensor(g)]
+    sharded = [g.to_local() for g in grads if is_dtensor(g)]
+    plain = [g for g in grads if not is_dtensor(g)]
     dev = (sharded or plain)[0].device
     sq = torch.zeros((), dtype=torch.float32, device=dev)
     if sharded:
@@ -290,5 +290,5 @@ def param_groups_by_mesh(params) -> list[dict]:
     a fused optimizer kernel takes the DTensors of one mesh only."""
     groups: dict = {}
     for p in params:
-        groups.setdefault(p.device_mesh if _is_dtensor(p) else None, []).append(p)
+        groups.setdefault(p.device_mesh if is_dtensor(p) else None, []).append(p)
     return [{"params": ps} for ps in groups.values()]

@@ -20,12 +20,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from blockdiff.config.schema import Config
+from blockdiff.config.schema import Config, apply_world_size
 from blockdiff.errors import ConfigError
-from blockdiff.plan.memory_model import (FP32, GIB, StepShape, activation_terms, ce_chunk_bytes, fsdp_buffer_terms,
-                           overhead_bytes)
-from blockdiff.train.loading import model_config
+from blockdiff.lora import apply_lora
 from blockdiff.model.config import ModelConfig
+from blockdiff.model.diffusion_gemma import DiffusionGemma
+from blockdiff.objective.loss import ObjectiveSettings, freeze_router
+from blockdiff.parallel.distributed import DistInfo
+from blockdiff.parallel.parallelize import fsdp_modules, parallelize, param_groups_by_mesh
+from blockdiff.plan.memory_model import (FP32, GIB, StepShape, activation_terms, ce_chunk_bytes, fsdp_buffer_terms,
+                                         overhead_bytes)
+from blockdiff.train.loading import model_config
 
 log = logging.getLogger("blockdiff")
 
@@ -54,16 +59,9 @@ def base_dtype(cfg: Config, device_type: str) -> torch.dtype | None:
 def meta_model(cfg: Config, mc: ModelConfig, rank: int, world_size: int, device_type: str):
     """The model of rank ``rank`` as training builds it (LoRA, frozen router, parallelize), on meta.
     World size > 1: call inside ``fake_process_group``."""
-    from blockdiff.parallel.distributed import DistInfo
-    from blockdiff.model.diffusion_gemma import DiffusionGemma
-    from blockdiff.objective.loss import freeze_router
-    from blockdiff.parallel.parallelize import parallelize
-
     with torch.device("meta"):
         model = DiffusionGemma(mc, attn_backend=cfg.model.attn_backend)
     if cfg.lora.enabled:
-        from blockdiff.lora import apply_lora
-
         apply_lora(model, cfg.lora, base_dtype=base_dtype(cfg, device_type))
     if cfg.objective.freeze_router:
         freeze_router(model)
@@ -115,8 +113,6 @@ class RankState:
 
 
 def rank_state(model, rank: int) -> RankState:
-    from blockdiff.parallel.parallelize import fsdp_modules, param_groups_by_mesh
-
     named = dict(model.named_parameters())  # unique tensors: the tied embedding once
     trainable = {n: p for n, p in named.items() if p.requires_grad}
     names = {id(p): n for n, p in named.items()}
@@ -247,9 +243,6 @@ def _compute_bytes(cfg: Config, device_type: str) -> int:
 
 def make_plan(cfg: Config, gpus: int, gpu_memory_gib: float, device_type: str = "cuda") -> Plan:
     """The memory plan of ``cfg`` on ``gpus`` GPUs of ``gpu_memory_gib`` GiB each."""
-    from blockdiff.config.schema import apply_world_size
-    from blockdiff.objective.loss import ObjectiveSettings
-
     run = copy.deepcopy(cfg)
     apply_world_size(run, gpus)  # the layout checks training makes (ep divides the world, batch sizes)
     mc, ranks = simulate(run, gpus, device_type)
@@ -298,6 +291,4 @@ def make_plan(cfg: Config, gpus: int, gpu_memory_gib: float, device_type: str = 
 
 def _total_params(mc: ModelConfig) -> int:
     with torch.device("meta"):
-        from blockdiff.model.diffusion_gemma import DiffusionGemma
-
         return sum(p.numel() for p in DiffusionGemma(mc).parameters())

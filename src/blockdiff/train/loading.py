@@ -41,9 +41,15 @@ from pathlib import Path
 import torch
 
 from blockdiff.config.schema import Config
-from blockdiff.parallel.distributed import DistInfo
 from blockdiff.errors import ConfigError
+from blockdiff.lora import adapter_param_names, apply_lora, base_param_name, initial_adapter_values
 from blockdiff.model.config import ModelConfig
+from blockdiff.model.diffusion_gemma import DiffusionGemma
+from blockdiff.model.hf import io as hf_io, load as hf_load
+from blockdiff.model.hf.io import rebuild_rotary
+from blockdiff.model.hf.load import CONFIG, Checkpoint, HUB_ID, attach_source, hub_offline
+from blockdiff.objective.loss import freeze_router
+from blockdiff.parallel.distributed import DistInfo
 from blockdiff.parallel.parallelize import parallel_state, parallelize
 
 log = logging.getLogger("blockdiff")
@@ -52,8 +58,6 @@ log = logging.getLogger("blockdiff")
 def model_config(cfg: Config) -> ModelConfig:
     """The text-model config of a run, from ``model.from_config`` or the checkpoint's config.json alone
     (a local dir, or only config.json fetched for a hub id), at ``model.num_layers`` depth."""
-    from blockdiff.model.hf import load as hf_load
-
     if cfg.model.from_config is not None:  # as build_model builds it
         try:
             return ModelConfig.from_hf(hf_load.as_hf_config(_from_config_kwargs(cfg)))
@@ -77,8 +81,6 @@ def model_config(cfg: Config) -> ModelConfig:
 
 def _hub_config_dir(name: str) -> Path:
     """The directory holding only config.json of a hub model (downloaded, or from the HF cache)."""
-    from blockdiff.model.hf.load import CONFIG, HUB_ID, hub_offline
-
     if not HUB_ID.match(name):
         raise ConfigError(f"{name}: no such model directory (and not a hub id like 'org/name')",
                           field="model.name_or_path")
@@ -100,8 +102,6 @@ def _from_config_kwargs(cfg: Config) -> dict:
 
 def build_model(cfg: Config, device: torch.device):
     """The plain (unsharded, adapter-free) fp32 model of the run on ``device`` (export, tests, tools)."""
-    from blockdiff.model.hf import io as hf_io
-
     if cfg.model.from_config is not None:
         return hf_io.from_config(_from_config_kwargs(cfg), dtype=torch.float32, device=device,
                                  attn_backend=cfg.model.attn_backend, seed=cfg.train.seed)
@@ -112,14 +112,10 @@ def build_model(cfg: Config, device: torch.device):
 def _prepare(model, cfg: Config, device: torch.device) -> None:
     """LoRA (base frozen, adapters trainable) and the frozen router, as the run asks."""
     if cfg.lora.enabled:
-        from blockdiff.lora import apply_lora
-
         # the frozen base is stored in bf16 on GPU (adapters stay fp32 masters)
         bf16_base = device.type == "cuda" and cfg.model.dtype == "bfloat16"
         apply_lora(model, cfg.lora, base_dtype=torch.bfloat16 if bf16_base else None)
     if cfg.objective.freeze_router:
-        from blockdiff.objective.loss import freeze_router
-
         freeze_router(model)
 
 
@@ -129,9 +125,6 @@ def build_training_model(cfg: Config, dist: DistInfo):
         model = build_model(cfg, dist.device)
         _prepare(model, cfg, dist.device)
         return parallelize(model, cfg, dist)
-    from blockdiff.model.diffusion_gemma import DiffusionGemma
-    from blockdiff.model.hf.load import Checkpoint, attach_source
-
     t0 = time.perf_counter()
     with Checkpoint(cfg.model.name_or_path) as ckpt:
         config = ckpt.model_config(cfg.model.num_layers)
@@ -202,9 +195,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def fill_local_shards(model, ckpt, device: torch.device, adapter_rng=None) -> LoadStats:
     """Fill every local shard of ``model`` (allocated, uninitialised): checkpoint tensors row by row from
     ``ckpt``, LoRA adapters with their single-process init (drawn from ``adapter_rng``), rotary tables."""
-    from blockdiff.lora import adapter_param_names, base_param_name, initial_adapter_values
-    from blockdiff.model.hf.io import rebuild_rotary
-
     targets = model.state_dict(keep_vars=True)  # persistent tensors: the checkpoint's and the adapters'
     adapters = adapter_param_names(model)
     plain = {base_param_name(n, model): n for n in targets if n not in adapters}
