@@ -7,6 +7,10 @@ synthetic batch of sequence 1024 with a 256-token response (one canvas block). P
 
     python benchmarks/lora_memory.py --layers 30 --steps 5 --micro-batch 1
     python benchmarks/lora_memory.py --layers 2 --steps 2        # quick smoke test
+    python benchmarks/lora_memory.py --layers 30 --base-quantization nf4   # frozen base quantized (int8/nf4/fp8)
+
+With ``--base-quantization`` the bf16 base is built, then quantized in place (``lora.quantize``) and the
+bf16 copies freed before the peak counter is reset: ``peak_mem_gib`` is the quantized run's own peak.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def main() -> None:
     p.add_argument("--self-conditioning", action="store_true")
     p.add_argument("--no-ac", action="store_true", help="disable activation checkpointing")
     p.add_argument("--sc-prob", type=float, default=0.5)
+    p.add_argument("--base-quantization", default="none", choices=["none", "int8", "nf4", "fp8"])
     args = p.parse_args()
 
     from blockdiff.data.canvas import CanvasBatch
@@ -52,6 +57,12 @@ def main() -> None:
                 "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                 "self_conditioning": args.self_conditioning, "experts": args.experts}
     counts = apply_lora(model, lora_cfg, base_dtype=torch.bfloat16)
+    if args.base_quantization != "none":
+        from blockdiff.lora.quantize import quantize_frozen_base_
+
+        quantize_frozen_base_(model, args.base_quantization)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     model.train()
     build_s = time.perf_counter() - t0
     if not args.no_ac:
@@ -91,6 +102,7 @@ def main() -> None:
     print(json.dumps({
         "device": torch.cuda.get_device_name(), "layers": args.layers, "micro_batch": B, "seq": L, "response": R,
         "canvas": C, "rank": args.rank, "experts": args.experts, "activation_checkpointing": not args.no_ac,
+        "base_quantization": args.base_quantization,
         "trainable_params": counts["trainable"], "total_params": counts["total"],
         "weights_gib": round(weights_gib, 2), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),

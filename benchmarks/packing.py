@@ -31,7 +31,6 @@ import math
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -119,7 +118,7 @@ def time_mode(model, params, opt, batches, args, device, packing: str, mb: int) 
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = recipe_step(model, batch, params, opt, settings, i, working_weights=cuda)
+        loss = recipe_step(model, batch, params, opt, settings, i)
         losses.append(float(loss))  # synchronises
         if cuda:
             torch.cuda.synchronize()
@@ -173,7 +172,6 @@ def main(argv=None) -> list[dict]:
     if not cuda and not (args.tiny or args.efficiency_only):
         raise SystemExit("benchmarks/packing.py needs a CUDA GPU at real shapes; --tiny runs a CPU smoke test")
     if not cuda:
-        warnings.filterwarnings("ignore", message=".*CUDA is not available.*")  # recipe_step's cuda autocast
         # a smoke run: one thread (OpenMP threads on a busy small machine can slow it down 50x)
         torch.set_num_threads(args.cpu_threads)
     canvas = (TINY_SHAPES if args.tiny else REAL_SHAPES)["canvas_length"]

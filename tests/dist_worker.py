@@ -73,49 +73,49 @@ def counting_collectives():
             setattr(torch.distributed, name, fn)
 
 
+def _step_model(cfg, dist, randomize_lora: bool):
+    """The demo config's tokenizer, training set and model as training builds them, before loading: the
+    model built in fp32 on this rank, LoRA applied (with seeded B: the zero init of B would make every A's
+    gradient exactly zero and the comparison prove nothing), router frozen, parallelized."""
+    from blockdiff.data.canvas import SFTDataset
+    from blockdiff.lora import apply_lora
+    from blockdiff.objective.loss import freeze_router
+    from blockdiff.parallel.parallelize import parallelize
+    from blockdiff.train.loading import build_model
+    from blockdiff.train.setup import load_tokenizer
+    from helpers import randomize_lora_b
+
+    torch.manual_seed(cfg.train.seed)
+    tok = load_tokenizer(cfg)
+    model = build_model(cfg, dist.device)
+    ds = SFTDataset.from_config(cfg.data, tok, model.config.eos_token_id)
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora)  # CPU: the frozen base stays fp32, as training keeps it
+        if randomize_lora:
+            randomize_lora_b(model, cfg.train.seed + 1, std=0.05)  # identical on every rank
+    if cfg.objective.freeze_router:
+        freeze_router(model)
+    return parallelize(model, cfg, dist), ds
+
+
 def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
     from blockdiff.config.schema import apply_world_size, demo_config_path, load_config
-    from blockdiff.data.canvas import SFTDataset
+    from blockdiff.objective.loss import ObjectiveSettings
     from blockdiff.parallel.distributed import all_reduce_, init_distributed
-    from blockdiff.objective.loss import ObjectiveSettings, compute_loss, freeze_router
-    from blockdiff.parallel.parallelize import clip_grad_norm_, parallelize
-    from blockdiff.train.loop import build_model, global_token_counts, load_tokenizer
-    from helpers import gather_grads, rank_micro_batches
+    from blockdiff.train.step import host_micro_batches, train_step
+    from helpers import gather_grads
 
     cfg = load_config(demo_config_path(), overrides)
     dist = init_distributed()
     apply_world_size(cfg, dist.world_size)
-    torch.manual_seed(cfg.train.seed)
-    tok = load_tokenizer(cfg)
-    model = build_model(cfg, dist.device)
-    ds = SFTDataset(cfg.data.train_path, tok, canvas_length=cfg.data.canvas_length, seq_length=cfg.data.seq_length,
-                    prompt_policy=cfg.data.prompt_too_long, split=cfg.data.split, eos_id=model.config.eos_token_id,
-                    mask_history=cfg.data.mask_history)
-    if cfg.lora.enabled:
-        from blockdiff.lora import apply_lora
-
-        apply_lora(model, cfg.lora)
-        from helpers import randomize_lora_b
-
-        randomize_lora_b(model, cfg.train.seed + 1, std=0.05)  # identical on every rank
-    if cfg.objective.freeze_router:
-        freeze_router(model)
-    model = parallelize(model, cfg, dist)
+    model, ds = _step_model(cfg, dist, randomize_lora=True)
     settings = ObjectiveSettings.from_config(cfg.objective)
-    micro = rank_micro_batches(0, cfg, ds, dist, model.config.vocab_size, settings)
-    n_diff, n_ar = global_token_counts(micro, settings, dist)
-    sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
-    with counting_collectives() as calls:  # this rank's collectives in the step
-        for batch, noise in micro:
-            out = compute_loss(model, batch, noise, settings, n_diff, n_ar)
-            out["loss"].backward()
-            sums += torch.stack([out["loss"].detach(), out["diffusion_loss"], out["ar_loss"]]).double()
-    all_reduce_(sums, dist)
+    micro = host_micro_batches(0, cfg, ds, dist, model.config.vocab_size, settings)
     params = [p for p in model.parameters() if p.requires_grad]
-    if dist.world_size > 1 and not hasattr(model, "_blockdiff_parallel"):
-        for p in params:
-            all_reduce_(p.grad, dist)
-    norm = clip_grad_norm_(params, float("inf"))
+    with counting_collectives() as calls:  # this rank's collectives in the step
+        # the training step without its update: the gradients stay in p.grad
+        outcome = train_step(model, None, params, micro, settings, dist, dtype_name=cfg.model.dtype,
+                             grad_clip=cfg.optimizer.grad_clip, first=True)
     frozen_with_grad = torch.tensor([float(sum(p.grad is not None for p in model.parameters() if not p.requires_grad))],
                                     device=dist.device)  # NCCL reduces device tensors only
     all_reduce_(frozen_with_grad, dist)
@@ -124,7 +124,7 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor] | None:
     if dist.rank != 0:
         return None
     extra = {"frozen_with_grad": frozen_with_grad} if cfg.lora.enabled else {}
-    return {"sums": sums.cpu(), "grad_norm": norm.detach().reshape(1).double().cpu(), **extra,
+    return {"sums": outcome.sums.cpu(), "grad_norm": outcome.grad_norm.detach().reshape(1).double().cpu(), **extra,
             "exchanges": torch.tensor([calls["all_to_all_single"]]),
             "gathers": torch.tensor([calls["all_gather_into_tensor"] + calls["all_gather_single"]]), "micro_batches": torch.tensor([len(micro)]),
             **{f"grad.{k}": v for k, v in grads.items()}}
@@ -217,49 +217,41 @@ def step_state(overrides: list[str]) -> dict:
     from torch.distributed.tensor import DTensor
 
     from blockdiff.config.schema import apply_world_size, demo_config_path, load_config
-    from blockdiff.data.canvas import SFTDataset
+    from blockdiff.objective.loss import ObjectiveSettings
     from blockdiff.parallel.distributed import init_distributed
-    from blockdiff.objective.loss import ObjectiveSettings, compute_loss, freeze_router
-    from blockdiff.parallel.parallelize import clip_gradients, param_groups_by_mesh, parallelize
-    from blockdiff.train.loop import build_model, global_token_counts, load_tokenizer
-    from helpers import rank_micro_batches
+    from blockdiff.train.master_adamw import build_optimizer
+    from blockdiff.train.step import host_micro_batches, train_step
 
     cfg = load_config(demo_config_path(), overrides)
     dist = init_distributed()
     apply_world_size(cfg, dist.world_size)
-    torch.manual_seed(cfg.train.seed)
-    tok = load_tokenizer(cfg)
-    model = build_model(cfg, dist.device)
-    ds = SFTDataset(cfg.data.train_path, tok, canvas_length=cfg.data.canvas_length, seq_length=cfg.data.seq_length,
-                    eos_id=model.config.eos_token_id)
-    if cfg.lora.enabled:
-        from blockdiff.lora import apply_lora
-
-        apply_lora(model, cfg.lora)  # CPU: the frozen base stays fp32, as training keeps it
-    if cfg.objective.freeze_router:
-        freeze_router(model)
-    model = parallelize(model, cfg, dist)
+    model, ds = _step_model(cfg, dist, randomize_lora=False)
     params = [p for p in model.parameters() if p.requires_grad]
-    o = cfg.optimizer
-    optimizer = torch.optim.AdamW(param_groups_by_mesh(params), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                  weight_decay=o.weight_decay, fused=True)  # as train.train builds it
+    optimizer = build_optimizer(model, params, cfg.optimizer, dist.device, cfg.model.dtype)  # as training does
     settings = ObjectiveSettings.from_config(cfg.objective)
-    micro = rank_micro_batches(0, cfg, ds, dist, model.config.vocab_size, settings)
-    n_diff, n_ar = global_token_counts(micro, settings, dist)
-    for batch, noise in micro:
-        compute_loss(model, batch, noise, settings, n_diff, n_ar)["loss"].backward()
-    clip_gradients(params, optimizer, o.grad_clip)
-    optimizer.step()
+    micro = host_micro_batches(0, cfg, ds, dist, model.config.vocab_size, settings)
+    # the step's update frees the grads (zero_grad): their bytes are read inside it, right before the update
+    grad_bytes = {}
+    real_step = optimizer.step
+
+    def step_recording_grads(*args, **kwargs):
+        grad_bytes["grads"] = _storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
+        grad_bytes["frozen_with_grad"] = sum(p.grad is not None for p in model.parameters() if not p.requires_grad)
+        return real_step(*args, **kwargs)
+
+    optimizer.step = step_recording_grads
+    train_step(model, optimizer, params, micro, settings, dist, dtype_name=cfg.model.dtype,
+               grad_clip=cfg.optimizer.grad_clip, first=True)
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
     named = dict(model.named_parameters())
     return {
         "params": sum(local(p).numel() for p in named.values()),
         "shapes": {n: list(local(p).shape) for n, p in named.items()},
         "weights": _storage_bytes(named.values()),
-        "grads": _storage_bytes(p.grad for p in named.values() if p.grad is not None),
+        "grads": grad_bytes["grads"],
         "optimizer": _storage_bytes(v for s in optimizer.state.values() for v in s.values()
                                     if isinstance(v, torch.Tensor)),
-        "frozen_with_grad": sum(p.grad is not None for p in named.values() if not p.requires_grad),
+        "frozen_with_grad": grad_bytes["frozen_with_grad"],
     }
 
 
@@ -361,24 +353,17 @@ def periodic_evals(overrides: list[str], spec: dict) -> dict | None:
     all-gathers. With ``spec["train"]`` it then trains the config for 2 steps with evaluation every step.
     Returns (rank 0) {"evals", "outputs", "collectives": per case, per rank}."""
     from blockdiff.config.schema import apply_world_size, demo_config_path, load_config
-    from blockdiff.data.canvas import SFTDataset
     from blockdiff.parallel.distributed import init_distributed
-    from blockdiff.objective.loss import freeze_router
-    from blockdiff.parallel.parallelize import parallelize
     from blockdiff.train.periodic_eval import PeriodicEval, generate_across_ranks, split_held_out
     from blockdiff.infer.sampling import SamplerSettings
-    from blockdiff.train.loop import build_model, load_tokenizer, train
+    from blockdiff.train.setup import load_tokenizer
+    from blockdiff.train.loop import train
 
     cfg = load_config(demo_config_path(), overrides)
     dist = init_distributed()
     apply_world_size(cfg, dist.world_size)
-    torch.manual_seed(cfg.train.seed)
+    model, ds = _step_model(cfg, dist, randomize_lora=False)
     tok = load_tokenizer(cfg)
-    model = build_model(cfg, dist.device)
-    ds = SFTDataset(cfg.data.train_path, tok, canvas_length=cfg.data.canvas_length, seq_length=cfg.data.seq_length,
-                    eos_id=model.config.eos_token_id)
-    freeze_router(model)
-    model = parallelize(model, cfg, dist)
     _, held = split_held_out(cfg, ds, tok, model.config.eos_token_id)
     evals = PeriodicEval(cfg, model, tok, dist, held)
 

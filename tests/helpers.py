@@ -20,7 +20,7 @@ import transformers
 from blockdiff.model.config import hf_config_dict
 from blockdiff.model.diffusion_gemma import DiffusionGemma
 from blockdiff.parallel.parallelize import full_tensor
-from blockdiff.train.loop import host_micro_batches, micro_to_device
+from blockdiff.train.step import host_micro_batches, micro_to_device
 
 _HF_CONFIG_DICT_KEYS = set(inspect.signature(hf_config_dict).parameters)
 

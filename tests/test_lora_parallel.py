@@ -55,7 +55,7 @@ def _worker():
 def _trainable_names(experts: bool) -> set[str]:
     from blockdiff.config.schema import demo_config_path, load_config
     from blockdiff.lora import apply_lora
-    from blockdiff.train.loop import build_model
+    from blockdiff.train.loading import build_model
 
     cfg = load_config(demo_config_path(), ["--data.train_path", "x", *TINY, *LORA, "--lora.experts", str(experts)])
     model = build_model(cfg, torch.device("cpu"))
@@ -129,7 +129,7 @@ def test_lora_save_on_2_ranks_resume_on_1(data, tmp_path):
     # the checkpoint's once loaded into one process
     from blockdiff.checkpoint.training import load_checkpoint
     from blockdiff.lora import EXPERT_FILE, apply_lora
-    from blockdiff.train.loop import build_model
+    from blockdiff.train.loading import build_model
 
     cfg = load_config(demo_config_path(), [*base, "--train.output_dir", str(tmp_path / "x")])
     model = build_model(cfg, torch.device("cpu"))
@@ -170,7 +170,7 @@ def test_lora_example_yaml_under_torchrun_exports_the_adapter(data, tmp_path):
     from blockdiff.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, lora_modules, merge_lora_
     from blockdiff.checkpoint.training import load_checkpoint
     from blockdiff.model.hf import io as hf_io
-    from blockdiff.train.loop import build_model
+    from blockdiff.train.loading import build_model
 
     run = tmp_path / "run"
     overrides = ["--model.from_config", json.dumps(_tiny_from_config()), "--model.dtype", "float32",

@@ -308,7 +308,7 @@ def test_impossible_layouts_are_refused(data, tmp_path):
     from blockdiff.parallel.distributed import DistInfo
     from blockdiff.errors import ConfigError
     from blockdiff.parallel.parallelize import parallelize
-    from blockdiff.train.loop import build_model
+    from blockdiff.train.loading import build_model
 
     cfg = load_config(demo_config_path(), ["--data.train_path", data, "--train.output_dir", str(tmp_path),
                                            "--model.num_layers", "1", "--parallel.ep", "3"])

@@ -90,7 +90,8 @@ def test_validation_loss_does_not_depend_on_the_micro_batch_split(data, tmp_path
     from blockdiff.config.schema import demo_config_path, load_config
     from blockdiff.parallel.distributed import DistInfo
     from blockdiff.train.periodic_eval import ValidationLoss, split_held_out
-    from blockdiff.train.loop import build_model, load_tokenizer
+    from blockdiff.train.loading import build_model
+    from blockdiff.train.setup import load_tokenizer
 
     values = []
     for mb in ("1", "4"):

@@ -443,7 +443,7 @@ class _NanGrad(torch.autograd.Function):
 
 def inject(monkeypatch, at_step: int, where: str):
     """Make the loss (or only the gradient) non-finite at 1-based ``at_step`` (one micro-batch per step)."""
-    import blockdiff.train.loop as tr
+    import blockdiff.train.step as tr
 
     real, calls = tr.compute_loss, []
 
@@ -462,7 +462,7 @@ def inject(monkeypatch, at_step: int, where: str):
 
 
 def expected_ids(step0: int):
-    from blockdiff.train.loop import step_sample_indices
+    from blockdiff.train.step import step_sample_indices
 
     return step_sample_indices(step0, 2, 40, 42)  # no row is skipped: sample id == dataset index
 
@@ -514,7 +514,7 @@ def test_grad_norm_guard_unit():
 
 
 def test_grad_norm_explosion_warns_during_training(data, tmp_path, monkeypatch, caplog):
-    import blockdiff.train.loop as tr
+    import blockdiff.train.step as tr
 
     real, calls = tr.clip_gradients, []
 
@@ -602,7 +602,7 @@ def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path, monkeypatch
     step = shutil.copytree(finished / "checkpoints" / "step_00000002", tmp_path / "step")
     (step / "model.safetensors").unlink()
     (step / "pytorch_model.bin").write_bytes(pickle.dumps({"x": 1}))
-    model = __import__("blockdiff.train.loop", fromlist=["build_model"]).build_model(
+    model = __import__("blockdiff.train.loading", fromlist=["build_model"]).build_model(
         cfg_for("x", tmp_path / "o", 1), torch.device("cpu"))
     with pytest.raises(CheckpointError, match=r"step/model\.safetensors: corrupted or unreadable tensor file"):
         load_checkpoint(step, model)
@@ -661,7 +661,8 @@ def test_no_network_unless_a_hub_id_is_asked_for(tmp_path, monkeypatch, data):
     # a local model dir and its tokenizer, as a training run loads them (tokenizer: the model dir)
     cfg = cfg_for(data, tmp_path / "run", 1, "--model.name_or_path", str(ckpt), "--data.tokenizer", "null")
     cfg.model.from_config = None
-    from blockdiff.train.loop import build_model, load_tokenizer
+    from blockdiff.train.loading import build_model
+    from blockdiff.train.setup import load_tokenizer
 
     assert build_model(cfg, torch.device("cpu")) is not None and load_tokenizer(cfg) is not None
     # the demo (from_config + the shipped tokenizer) trains without a hub call

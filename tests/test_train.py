@@ -245,7 +245,9 @@ def test_host_micro_batches_counts_and_losses_match_the_device_path(data):
     from blockdiff.data.canvas import SFTDataset
     from blockdiff.parallel.distributed import DistInfo, to_device
     from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored
-    from blockdiff.train.loop import build_model, global_token_counts, host_micro_batches, load_tokenizer
+    from blockdiff.train.loading import build_model
+    from blockdiff.train.step import global_token_counts, host_micro_batches
+    from blockdiff.train.setup import load_tokenizer
 
     cfg = cfg_for(data, "unused", 1)
     tok = load_tokenizer(cfg)

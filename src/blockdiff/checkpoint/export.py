@@ -26,10 +26,11 @@ from blockdiff.lora import apply_lora, peft_adapter_payload, write_peft_adapter
 from blockdiff.model.config import ModelConfig
 from blockdiff.model.diffusion_gemma import DiffusionGemma
 from blockdiff.model.hf import load as hf_load, names as hf_names
+from blockdiff.model.hf.load import Checkpoint
 from blockdiff.model.hf.save import (DEFAULT_MAX_SHARD_SIZE, TensorFiles, check_overwritable, is_export, own_state,
                                      parse_export_dtype)
 from blockdiff.train.loading import build_model
-from blockdiff.train.loop import load_tokenizer
+from blockdiff.train.setup import load_tokenizer
 
 
 class _CheckpointTensors:
@@ -105,8 +106,8 @@ def _base_reader(model, stack: contextlib.ExitStack):
     """Tensors that are not in a LoRA checkpoint (the frozen base), by state-dict name."""
     if model.hf_source is None:  # from_config: the rebuilt model holds them
         return own_state(model)[0]
-    files = TensorFiles(Path(model.hf_source["dir"]), stack)
-    return lambda name: files.read(hf_names.to_hf(name.replace(".base.weight", ".weight")))
+    source = stack.enter_context(Checkpoint(model.hf_source["dir"]))  # NVFP4 sources read dequantized
+    return lambda name: source.read(hf_names.to_hf(name.replace(".base.weight", ".weight")), None)
 
 
 def export_run(run_dir, out=None, step: int | None = None, merge: bool = False, dtype=None,

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-from blockdiff.lora import has_lora, merged_items, peft_adapter_payload, write_peft_adapter
+from blockdiff.errors import CheckpointError
+from blockdiff.lora import apply_lora, has_lora, merged_items, peft_adapter_payload, write_peft_adapter
+from blockdiff.lora.quantize import has_quantized_base
+from blockdiff.model.diffusion_gemma import DiffusionGemma
 from blockdiff.model.hf.save import (DEFAULT_MAX_SHARD_SIZE, config_for_export, export_dtype, export_entries,
                                      model_items, model_source, own_state, text_entries, write_export)
 from blockdiff.parallel.distributed import DistInfo, all_reduce_
@@ -63,9 +66,44 @@ def export_model(model, out_dir, dist: DistInfo | None = None, *, dtype=None,
     Collective when sharded: every rank calls it. ``dtype``: "bfloat16" / "float32" / a torch dtype; None
     or "auto": the source checkpoint's dtype. ``fetch`` / ``shape_of`` (see ``state_access``) read the
     tensors from elsewhere than the model (``blockdiff export`` reads a run's checkpoint). Returns the
-    writer's stats: files, total_size, peak_bytes (the most tensor bytes rank 0 held at once)."""
+    writer's stats: files, total_size, peak_bytes (the most tensor bytes rank 0 held at once). A quantized
+    frozen base (``lora.base_quantization``) is exported from the source checkpoint's weights."""
     t0 = time.perf_counter()
     writer = dist is None or dist.rank == 0
+    with contextlib.ExitStack() as stack:
+        if fetch is None and has_quantized_base(model):
+            model, fetch, shape_of = _unquantized_view(model, stack)
+        return _export(model, out_dir, dist, dtype, max_shard_size, base_model_name_or_path, lora_cfg, fetch,
+                       shape_of, writer, t0)
+
+
+def _unquantized_view(model, stack: contextlib.ExitStack):
+    """(skeleton, fetch, shape_of) of a model whose frozen base is quantized: the same model on ``meta`` with
+    plain tensors (names and shapes), its trained and unquantized tensors read from the live model, the
+    frozen base from the SOURCE checkpoint (its own weights, never the quantized ones)."""
+    from blockdiff.checkpoint.export import _base_reader  # here: checkpoint.export imports this module (cycle)
+
+    if getattr(model, "hf_source", None) is None:
+        raise CheckpointError("the frozen base of this run exists only quantized (built from model.from_config): "
+                              "export it with `blockdiff export RUN_DIR [--merge]`, which rebuilds the base")
+    with torch.device("meta"):
+        skeleton = DiffusionGemma(model.config)
+    apply_lora(skeleton, model.lora_settings)
+    skeleton.hf_config, skeleton.hf_source = model.hf_config, model.hf_source
+    live_fetch, live_shape = state_access(model)
+    live, shapes = set(model.state_dict()), {n: tuple(t.shape) for n, t in skeleton.state_dict().items()}
+    base = _base_reader(skeleton, stack)
+
+    def fetch(name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name in live:
+            return live_fetch(name, dtype)
+        return base(name) if dtype is None else base(name).to(dtype)
+
+    return skeleton, fetch, lambda name: live_shape(name) if name in live else shapes[name]
+
+
+def _export(model, out_dir, dist, dtype, max_shard_size, base_model_name_or_path, lora_cfg, fetch, shape_of, writer,
+            t0) -> dict:
     if fetch is None:
         fetch, shape_of = state_access(model)
     source = model_source(model)

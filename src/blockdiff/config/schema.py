@@ -207,6 +207,9 @@ class LoraSection:
                                 "names of the linear modules to adapt")
     self_conditioning: bool = option(False, "also adapt the self-conditioning block")
     experts: bool = option(False, "also adapt the MoE experts")
+    base_quantization: Literal["none", "int8", "nf4", "fp8"] = option(
+        "none", "frozen base (attention, dense MLP, experts) stored weight-only quantized: int8 / fp8 e4m3 "
+                "per-row scales, nf4 per-64 groups; dequantized to bf16 per layer in the forward")
 
     def checks(self):
         out = [_rng(self, "rank", ge=1), _rng(self, "alpha", gt=0), _rng(self, "dropout", ge=0, lt=1)]

@@ -373,6 +373,14 @@ class SFTDataset(torch.utils.data.Dataset):
             logger.warning("%s: %d rows, %d skipped (prompt too long), %d truncated", file or "dataset",
                            self.n_rows, self.n_skipped_prompt_too_long, self.n_truncated)
 
+    @classmethod
+    def from_config(cls, data, tokenizer, eos_id, path=None) -> "SFTDataset":
+        """The dataset a run reads: ``data`` is the config's data section; ``path`` another file built the same
+        way (the validation set: its own file, so the train split name does not apply)."""
+        return cls(path or data.train_path, tokenizer, canvas_length=data.canvas_length, seq_length=data.seq_length,
+                   prompt_policy=data.prompt_too_long, split="train" if path else data.split, eos_id=eos_id,
+                   mask_history=data.mask_history)
+
     @property
     def n_kept(self) -> int:
         return len(self.examples)

@@ -25,7 +25,7 @@ from blockdiff.data.jsonl import load_dataset_rows
 from blockdiff.data.packing import pack_rows
 from blockdiff.errors import ConfigError
 from blockdiff.train.loading import model_config as run_model_config
-from blockdiff.train.loop import check_consistency, load_tokenizer
+from blockdiff.train.setup import check_consistency, load_tokenizer
 
 OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around supervised text when not colouring
 

@@ -23,6 +23,11 @@ def activation(name: str):
         raise ValueError(f"model config: hidden_activation {name!r} not supported ({sorted(ACTIVATIONS)})") from None
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls on ``x`` run in: CUDA autocast's (bf16 in training), else x's."""
+    return torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32; the weight multiplies directly (no 1 + w). ``with_scale=False``
     is the scale-free variant used for v, the router input and the self-conditioning output."""

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from blockdiff.model.config import ModelConfig
-from blockdiff.model.layers import RMSNorm, activation
+from blockdiff.model.layers import RMSNorm, activation, compute_dtype
+from blockdiff.model.quantized import QuantizedWeight
 
 
 class Router(nn.Module):
@@ -55,11 +56,6 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the expert GEMMs run in: CUDA autocast's (bf16 in training), else x's."""
-    return torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
-
-
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     """inverse[order[i]] = i, by one scatter (no second sort)."""
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
@@ -70,6 +66,31 @@ def expert_counts(sorted_experts: torch.Tensor, num_experts: int) -> torch.Tenso
     max back to size its output, which stalls the CPU every MoE layer and breaks CUDA-graph capture)."""
     bounds = torch.arange(num_experts + 1, device=sorted_experts.device, dtype=sorted_experts.dtype)
     return torch.diff(torch.searchsorted(sorted_experts, bounds))
+
+
+class _DequantGroupedLinear(torch.autograd.Function):
+    """``grouped_linear`` over a ``QuantizedWeight``: the layer's experts are dequantized to the compute dtype
+    just before the grouped GEMM and freed after it, in forward and again in backward (never saved)."""
+
+    @staticmethod
+    def forward(ctx, x, weight: QuantizedWeight, counts, offsets):
+        dtype = compute_dtype(x)
+        ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
+        ctx.save_for_backward(counts, offsets)
+        return grouped_linear(x.to(dtype), weight.dequantize(dtype), counts, offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        counts, offsets = ctx.saved_tensors
+        w = ctx.weight.dequantize(ctx.dtype)  # [E, out, in]: grad [N, out] @ w[e] per expert
+        return grouped_linear(grad.to(ctx.dtype), w.transpose(1, 2), counts, offsets).to(ctx.x_dtype), None, None, None
+
+
+def expert_linear(x: torch.Tensor, weight, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``grouped_linear`` over a plain [E, out, in] tensor or a quantized one."""
+    if isinstance(weight, QuantizedWeight):
+        return _DequantGroupedLinear.apply(x, weight, counts, offsets)
+    return grouped_linear(x, weight, counts, offsets)
 
 
 class Experts(nn.Module):
@@ -89,6 +110,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.act = activation(config.hidden_activation)
         self.dispatcher = None
+        # gate_up_proj / down_proj may be replaced by frozen ``QuantizedWeight`` modules (blockdiff.lora.quantize)
         # LoRA hook (blockdiff.lora.ExpertLora, installed by apply_lora): a submodule whose
         # ``delta(name, rows, counts, offsets)`` is added to the grouped product of "gate_up_proj" /
         # "down_proj". Its tensors are [E, ...] like the experts', so EP shards them the same way.
@@ -97,12 +119,12 @@ class Experts(nn.Module):
     def expert_mlp(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows grouped by expert (counts[e] rows for this module's expert e) -> [N, H]."""
         offsets = torch.cumsum(counts, 0).to(torch.int32)
-        gate_up = grouped_linear(rows, self.gate_up_proj, counts, offsets)
+        gate_up = expert_linear(rows, self.gate_up_proj, counts, offsets)
         if self.adapter is not None:  # LoRA hook
             gate_up = gate_up + self.adapter.delta("gate_up_proj", rows, counts, offsets)
         gate, up = gate_up.chunk(2, dim=-1)
         inner = self.act(gate) * up
-        h = grouped_linear(inner, self.down_proj, counts, offsets)
+        h = expert_linear(inner, self.down_proj, counts, offsets)
         if self.adapter is not None:  # LoRA hook
             h = h + self.adapter.delta("down_proj", inner, counts, offsets)
         return h

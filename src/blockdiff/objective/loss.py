@@ -28,7 +28,7 @@ or after a resume.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +53,9 @@ class ObjectiveSettings:
     chunk_tokens: int = 1024  # tokens per chunk of the vocabulary-wide logits
 
     @classmethod
-    def from_config(cls, cfg) -> "ObjectiveSettings":
-        return cls(eps=cfg.eps, self_conditioning_prob=cfg.self_conditioning_prob, loss_type=cfg.loss_type,
-                   ar_loss_weight=cfg.ar_loss_weight, ar_loss_scope=cfg.ar_loss_scope,
-                   ar_loss_reduction=cfg.ar_loss_reduction)
+    def from_config(cls, section) -> "ObjectiveSettings":
+        """From the config's ``objective`` section: every field of both takes the section's value."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})
 
 
 @dataclass
@@ -127,80 +126,73 @@ def sample_generator(seed: int, stream_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(x)
 
 
+def conversation_draws(seed: int, stream_index: int, num_blocks: int, canvas_length: int, *, vocab_size: int,
+                       eps: float, sc_prob: float):
+    """The draws of one conversation, in their fixed order: t = eps + (1 - eps) U, the scored block (uniform
+    over its ``num_blocks``), the self-conditioning coin, then one uniform and one replacement token per
+    canvas position of its blocks in order. Sized by the conversation itself (never by the batch), so they do
+    not depend on batching, packing or the world size."""
+    g = sample_generator(seed, int(stream_index))
+    t = eps + (1 - eps) * torch.rand((), generator=g)
+    block = torch.randint(int(num_blocks), (), generator=g)
+    coin = torch.rand((), generator=g) < sc_prob
+    n = int(num_blocks) * canvas_length
+    return t, block, coin, torch.rand(n, generator=g), torch.randint(vocab_size, (n,), generator=g)
+
+
 def draw_noise(batch, stream_index: torch.Tensor, *, seed: int, vocab_size: int, eps: float, sc_prob: float) -> Noise:
-    """Corrupt the response of every example of ``batch`` (a CanvasBatch) deterministically.
+    """Corrupt the response of every conversation of ``batch`` (a CanvasBatch) deterministically.
 
-    ``stream_index`` has one entry per conversation (per row unless packed), in ``sample_ids`` order."""
-    if batch.segments is not None:
-        return _draw_noise_segments(batch, stream_index, seed=seed, vocab_size=vocab_size, eps=eps, sc_prob=sc_prob)
+    ``stream_index`` has one entry per conversation (per row unless packed), in ``sample_ids`` order. One row
+    per conversation (the reference layout) places each conversation's draws on its row; multi-turn and
+    packed rows (``batch.segments``) place them block by block where the conversation's segments sit."""
     C = batch.canvas_length
-    R = int(batch.num_blocks.max()) * C
-    layout = canvas_layout(batch.prompt_lengths, batch.num_blocks, R, C)
-    dev = batch.input_ids.device
-    gather_at = layout.positions.clamp(max=batch.input_ids.shape[1] - 1)
-    clean = torch.gather(batch.input_ids, 1, gather_at).masked_fill(~layout.valid, 0)
-    B = clean.shape[0]
-    t = torch.empty(B)
-    block = torch.empty(B, dtype=torch.long)
-    coin = torch.empty(B, dtype=torch.bool)
-    u = torch.ones(B, R)
-    repl = torch.zeros(B, R, dtype=torch.long)
-    for i, (idx, n) in enumerate(zip(stream_index.tolist(), batch.num_blocks.tolist())):
-        # draws sized by the sample itself (never by the batch), so they do not depend on batching
-        g = sample_generator(seed, int(idx))
-        t[i] = eps + (1 - eps) * torch.rand((), generator=g)
-        block[i] = torch.randint(int(n), (), generator=g)
-        coin[i] = torch.rand((), generator=g) < sc_prob
-        u[i, : n * C] = torch.rand(n * C, generator=g)
-        repl[i, : n * C] = torch.randint(vocab_size, (n * C,), generator=g)
-    t, block, coin, u, repl = (x.to(dev) for x in (t, block, coin, u, repl))
-    corrupted = (u < t[:, None]) & layout.valid
-    noisy = torch.where(corrupted, repl, clean)
-    return Noise(t, corrupted, noisy, clean, layout, block, coin)
-
-
-def _draw_noise_segments(batch, stream_index, *, seed, vocab_size, eps, sc_prob) -> Noise:
-    """draw_noise for multi-turn / packed rows: the same per-conversation draw sequence as the
-    reference (t, block, coin, uniforms, replacements), sized by the conversation's total blocks."""
-    C = batch.canvas_length
-    table = batch.segments.cpu()
-    blocks_per_row = table[..., 2].sum(1)
-    R = int(blocks_per_row.max()) * C
-    layout = segment_layout(batch.segments, R, C, packed=batch.packed)  # on the batch's device
-    dev = batch.input_ids.device
-    N = len(stream_index)
-    conv = torch.zeros(table.shape[0], R, dtype=torch.long)
-    conv_block = torch.zeros(table.shape[0], R, dtype=torch.long)
-    n_conv = [0] * N
-    where: list[list[tuple[int, int]]] = [[] for _ in range(N)]  # (row, block id in row) per conversation
-    for b, row in enumerate(table.tolist()):
-        k = 0
-        for _, _, n, d in row:
-            for _ in range(n):
-                conv[b, k * C: (k + 1) * C] = d
-                conv_block[b, k * C: (k + 1) * C] = n_conv[d]
-                where[d].append((b, k))
-                n_conv[d] += 1
-                k += 1
+    conv = conv_block = None
+    if batch.segments is None:
+        R = int(batch.num_blocks.max()) * C
+        layout = canvas_layout(batch.prompt_lengths, batch.num_blocks, R, C)
+        clean = torch.gather(batch.input_ids, 1, layout.positions.clamp(max=batch.input_ids.shape[1] - 1))
+        blocks = batch.num_blocks.tolist()
+        where = [[(b, k) for k in range(n)] for b, n in enumerate(blocks)]  # (row, block of the row) per conv
+        rows = len(blocks)
+    else:
+        table = batch.segments.cpu()
+        R = int(table[..., 2].sum(1).max()) * C
+        layout = segment_layout(batch.segments, R, C, packed=batch.packed)  # on the batch's device
+        clean = torch.gather(batch.input_ids, 1, layout.gather_columns())
+        rows = table.shape[0]
+        conv = torch.zeros(rows, R, dtype=torch.long)
+        conv_block = torch.zeros(rows, R, dtype=torch.long)
+        where = [[] for _ in range(len(stream_index))]
+        for b, row in enumerate(table.tolist()):
+            k = 0
+            for _, _, n, d in row:
+                for _ in range(n):
+                    conv[b, k * C: (k + 1) * C] = d
+                    conv_block[b, k * C: (k + 1) * C] = len(where[d])
+                    where[d].append((b, k))
+                    k += 1
+        blocks = [len(w) for w in where]
+    N = len(blocks)
     t = torch.empty(N)
     block = torch.empty(N, dtype=torch.long)
     coin = torch.empty(N, dtype=torch.bool)
-    u = torch.ones(table.shape[0], R)
-    repl = torch.zeros(table.shape[0], R, dtype=torch.long)
+    u = torch.ones(rows, R)
+    repl = torch.zeros(rows, R, dtype=torch.long)
     for d, idx in enumerate(stream_index.tolist()):
-        n = n_conv[d]
-        g = sample_generator(seed, int(idx))
-        t[d] = eps + (1 - eps) * torch.rand((), generator=g)
-        block[d] = torch.randint(int(n), (), generator=g)
-        coin[d] = torch.rand((), generator=g) < sc_prob
-        ud = torch.rand(n * C, generator=g)
-        rd = torch.randint(vocab_size, (n * C,), generator=g)
+        t[d], block[d], coin[d], ud, rd = conversation_draws(seed, idx, blocks[d], C, vocab_size=vocab_size, eps=eps,
+                                                             sc_prob=sc_prob)
         for j, (b, k) in enumerate(where[d]):
             u[b, k * C: (k + 1) * C] = ud[j * C: (j + 1) * C]
             repl[b, k * C: (k + 1) * C] = rd[j * C: (j + 1) * C]
-    t, block, coin, u, repl, conv, conv_block = (x.to(dev) for x in (t, block, coin, u, repl, conv, conv_block))
-    clean = torch.gather(batch.input_ids, 1, layout.gather_columns()).masked_fill(~layout.valid, 0)
-    corrupted = (u < t[conv]) & layout.valid
+    dev = batch.input_ids.device
+    t, block, coin, u, repl = (x.to(dev) for x in (t, block, coin, u, repl))
+    clean = clean.masked_fill(~layout.valid, 0)
+    if conv is None:
+        corrupted = (u < t[:, None]) & layout.valid
+    else:
+        conv, conv_block = conv.to(dev), conv_block.to(dev)
+        corrupted = (u < t[conv]) & layout.valid
     noisy = torch.where(corrupted, repl, clean)
     return Noise(t, corrupted, noisy, clean, layout, block, coin, conv, conv_block)
 

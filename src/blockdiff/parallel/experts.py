@@ -166,5 +166,10 @@ def shard_experts(model, group, ep_rank: int, ep: int) -> tuple[set[str], int]:
                     setattr(mod, name, new)
                     full = ".".join(x for x in (f"layers.{li}.experts", mod_name, name) if x)
                     expert_names.add(full)
+            # a quantized base's expert tensors (frozen buffers, not FSDP-sharded): the same slice
+            for name, old in list(mod.named_buffers(recurse=False)):
+                if old.ndim >= 1 and old.shape[0] == E:
+                    mod._buffers[name] = old[sl].clone()
+                    expert_names.add(f"layers.{li}.experts.{mod_name}")
         ex.dispatcher = ExpertDispatcher(group, ep, E)
     return expert_names, sl.start

@@ -16,21 +16,22 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from blockdiff.config.schema import Config, apply_world_size
 from blockdiff.errors import ConfigError
-from blockdiff.lora import apply_lora
 from blockdiff.model.config import ModelConfig
 from blockdiff.model.diffusion_gemma import DiffusionGemma
-from blockdiff.objective.loss import ObjectiveSettings, freeze_router
+from blockdiff.model.quantized import CHUNK_ELEMENTS, QuantizedWeight
+from blockdiff.objective.loss import ObjectiveSettings
 from blockdiff.parallel.distributed import DistInfo
 from blockdiff.parallel.parallelize import fsdp_modules, parallelize, param_groups_by_mesh
 from blockdiff.plan.memory_model import (FP32, GIB, StepShape, activation_terms, ce_chunk_bytes, fsdp_buffer_terms,
                                          overhead_bytes)
-from blockdiff.train.loading import model_config
+from blockdiff.train.loading import _prepare, model_config
 
 log = logging.getLogger("blockdiff")
 
@@ -51,20 +52,12 @@ def fake_process_group(rank: int, world_size: int):
         tdist.destroy_process_group()
 
 
-def base_dtype(cfg: Config, device_type: str) -> torch.dtype | None:
-    """The frozen base's storage dtype of a LoRA run (train.py: bf16 on GPU under bf16 compute)."""
-    return torch.bfloat16 if device_type == "cuda" and cfg.model.dtype == "bfloat16" else None
-
-
 def meta_model(cfg: Config, mc: ModelConfig, rank: int, world_size: int, device_type: str):
     """The model of rank ``rank`` as training builds it (LoRA, frozen router, parallelize), on meta.
     World size > 1: call inside ``fake_process_group``."""
     with torch.device("meta"):
         model = DiffusionGemma(mc, attn_backend=cfg.model.attn_backend)
-    if cfg.lora.enabled:
-        apply_lora(model, cfg.lora, base_dtype=base_dtype(cfg, device_type))
-    if cfg.objective.freeze_router:
-        freeze_router(model)
+    _prepare(model, cfg, torch.device(device_type))  # LoRA (+ quantized base) and the frozen router, as training
     run = copy.copy(cfg)
     run.parallel = dataclasses.replace(cfg.parallel, compile=False)  # compiling changes no tensor
     # the mesh lives on the CPU: the fake process group needs no device, and no parameter moves off meta
@@ -110,6 +103,8 @@ class RankState:
     units: list[Unit]
     param_groups: list[dict]  # the trainer's AdamW groups: {"mesh": dims or None, "params": names}
     largest_tensor: int  # elements of the largest full (global) parameter
+    quantized: int = 0  # bytes of the quantized frozen base (lora.base_quantization; included in weights)
+    largest_quantized: int = 0  # elements of the largest local quantized tensor (dequantized one at a time)
 
 
 def rank_state(model, rank: int) -> RankState:
@@ -132,9 +127,15 @@ def rank_state(model, rank: int) -> RankState:
                       for g in param_groups_by_mesh(list(trainable.values()))],
         largest_tensor=max(p.numel() for p in named.values()),
     )
-    for p in named.values():
-        key = str(p.dtype).removeprefix("torch.")
-        state.weights_by_dtype[key] = state.weights_by_dtype.get(key, 0) + _allocated(p)
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    for q in quantized:  # replicated buffers (an EP rank's experts only): counted as allocated
+        state.params += math.prod(q.shape)
+        state.quantized += q.nbytes
+        state.largest_quantized = max(state.largest_quantized, math.prod(q.shape))
+    state.weights += state.quantized
+    for t in [*named.values(), *(b for q in quantized for b in q.buffers())]:
+        key = str(t.dtype).removeprefix("torch.")
+        state.weights_by_dtype[key] = state.weights_by_dtype.get(key, 0) + _allocated(t)
     modules = {id(m): n for n, m in model.named_modules()}
     for unit in fsdp_modules(model):
         nested = {id(p) for sub in fsdp_modules(unit) if sub is not unit for p in sub.parameters()}
@@ -203,6 +204,7 @@ class Plan:
     overhead: int
     peak_load: int
     peak_step: int
+    dequantized: int = 0  # one quantized tensor dequantized to the compute dtype, plus a chunk's fp32 temporaries
 
     exact = ("params_per_gpu", "weights_gib", "grads_gib", "optimizer_gib", "gathered_unit_gib")
 
@@ -229,6 +231,7 @@ class Plan:
             "fsdp_buffers_gib": g(sum(self.fsdp_buffers.values())),
             "activations_gib": g(act), "activations_ac_gib": g(ac_on), "activations_no_ac_gib": g(ac_off),
             "ce_chunk_gib": g(self.ce_chunk), "overhead_gib": g(self.overhead),
+            "base_quantization_gib": g(self.state.quantized), "dequantized_gib": g(self.dequantized),
             "peak_load_gib": g(self.peak_load), "peak_step_gib": g(self.peak_step),
             "peak_gib": g(max(self.peak_load, self.peak_step)), "fits": self.fits, "headroom_gib": g(self.headroom),
             "exact": list(self.exact),
@@ -274,8 +277,11 @@ def make_plan(cfg: Config, gpus: int, gpu_memory_gib: float, device_type: str = 
     # forward (grads freed by the previous step's zero_grad): saved activations, the root unit, the CE chunk;
     # backward: everything saved plus the layer in backward, all FSDP buffers and the gradients
     in_backward = sum(v for k, v in acts.items() if k.startswith("layer in backward"))
-    forward = sum(acts.values()) - in_backward + buffers["root unit gathered (embedding / LM head)"] + ce
-    backward = sum(acts.values()) + sum(buffers.values()) + state.grads
+    # a quantized base: one tensor at a time is dequantized (forward, recomputation and backward alike)
+    dequantized = c * state.largest_quantized + 4 * FP32 * min(state.largest_quantized, CHUNK_ELEMENTS) \
+        if state.quantized else 0
+    forward = sum(acts.values()) - in_backward + buffers["root unit gathered (embedding / LM head)"] + ce + dequantized
+    backward = sum(acts.values()) + sum(buffers.values()) + state.grads + dequantized
     transient = max(forward, backward)
     overhead = overhead_bytes(transient)
     in_flight = state.largest_tensor * 2  # the checkpoint's bf16 tensor being sliced into the local shard
@@ -285,7 +291,7 @@ def make_plan(cfg: Config, gpus: int, gpu_memory_gib: float, device_type: str = 
         total_params=_total_params(mc), state=state, ranks=ranks, gathered_unit=(big[0], c * big[1][0]),
         activations=acts, activations_other=other, fsdp_buffers=buffers, ce_chunk=ce, load_in_flight=in_flight,
         overhead=overhead, peak_load=state.weights + in_flight + overhead_bytes(0),
-        peak_step=state.weights + state.optimizer + transient + overhead,
+        peak_step=state.weights + state.optimizer + transient + overhead, dequantized=dequantized,
     )
 
 

@@ -3,7 +3,8 @@
 The step (both implementations do the same work): encoder over all clean tokens with the AR loss,
 decoder pass 1 without grad, decoder pass 2 with self-conditioning, backward, fp32-master AdamW step
 (torch's fused AdamW as in training; the ``+master_adamw`` variants: MasterAdamW, which also writes the bf16
-working weights) with bf16 autocast, frozen router, grad clip. The model is random-init at the real layer shapes with a configurable depth. tokens/s counts
+working weights) with bf16 compute, frozen router, grad clip. blockdiff's step is the trainer's own
+``train.step.train_step``. The model is random-init at the real layer shapes with a configurable depth. tokens/s counts
 B * (prompt + response) clean sequence tokens per step (the facts file's convention). MFU = model FLOP/s
 (``blockdiff.train.flops``) / the card's dense bf16 peak, which is measured in the same run with an 8192^3
 matmul and also reported against the 989 TFLOP/s datasheet.
@@ -12,7 +13,7 @@ matmul and also reported against the 989 TFLOP/s datasheet.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -25,9 +26,11 @@ from blockdiff.data.canvas import CanvasBatch
 from blockdiff.train.flops import StepShape, step_flops
 from blockdiff.train.master_adamw import MasterAdamW
 from blockdiff.model.config import REAL_SHAPES, ModelConfig, hf_config_dict
-from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
-from blockdiff.parallel.parallelize import clip_gradients
-from blockdiff.train.precision import compute_context
+from blockdiff.model.hf.io import from_config
+from blockdiff.objective.loss import ObjectiveSettings, draw_noise, freeze_router
+from blockdiff.parallel.distributed import DistInfo
+from blockdiff.parallel.parallelize import apply_activation_checkpointing, apply_compile
+from blockdiff.train.step import train_step
 
 DATASHEET_BF16 = 989e12
 
@@ -54,18 +57,14 @@ def measured_peak(device) -> float:
 
 # blockdiff variants: "blockdiff" is the training default (torch's fused AdamW over fp32 grads, the weights cast
 # to bf16 once per step: precision.working_weights); "+master_adamw": persistent bf16 working weights written by
-# MasterAdamW (optimizer.master_update, master_adamw.py); "blockdiff:autocast" casts fp32 weights per use;
-# ":compile" adds torch.compile per layer
+# MasterAdamW (optimizer.master_update, master_adamw.py); ":compile" adds torch.compile per layer
 BLOCKDIFF_VARIANTS = {"blockdiff": {}, "blockdiff+master_adamw": {"master_adamw": True},
-                      "blockdiff:autocast": {"working_weights": False},
                       "blockdiff:compile": {"compile": True},
                       "blockdiff:compile+master_adamw": {"compile": True, "master_adamw": True}}
+ONE_PROCESS = DistInfo(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def blockdiff_step_fn(hf_cfg, batch, args, device, working_weights=True, compile=False, master_adamw=False):
-    from blockdiff.model.hf.io import from_config
-    from blockdiff.parallel.parallelize import apply_activation_checkpointing, apply_compile
-
+def blockdiff_step_fn(hf_cfg, batch, args, device, compile=False, master_adamw=False):
     model = from_config(hf_cfg, dtype=torch.float32, device=device, attn_backend=args.attn)
     freeze_router(model)
     if args.activation_checkpointing:
@@ -73,7 +72,7 @@ def blockdiff_step_fn(hf_cfg, batch, args, device, working_weights=True, compile
     if compile:
         apply_compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    if master_adamw and working_weights:
+    if master_adamw:
         opt = MasterAdamW(model, params, lr=1e-5, betas=(0.95, 0.99), weight_decay=1e-4)
     else:
         opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.95, 0.99), weight_decay=1e-4, fused=True)
@@ -82,30 +81,20 @@ def blockdiff_step_fn(hf_cfg, batch, args, device, working_weights=True, compile
 
     def step():
         state["i"] += 1
-        return recipe_step(model, batch, params, opt, settings, state["i"] - 1, working_weights)
+        return recipe_step(model, batch, params, opt, settings, state["i"] - 1)
 
     return model, step
 
 
-def recipe_step(model, batch, params, opt, settings: ObjectiveSettings, step: int,
-                working_weights: bool = True) -> torch.Tensor:
-    """One full recipe step on one GPU (bf16 working weights or plain autocast, clip 1.0, AdamW); noise
-    keyed by ``step``. The same per-micro-batch work as ``train.train`` (a fused AdamW or MasterAdamW gets
-    the clip factor as ``grad_scale``; MasterAdamW supplies its persistent working weights)."""
+def recipe_step(model, batch, params, opt, settings: ObjectiveSettings, step: int) -> torch.Tensor:
+    """One full recipe step on one device: the trainer's ``train_step`` (bf16 compute on a GPU, clip 1.0,
+    AdamW) over one micro-batch whose noise is keyed by ``step``. Returns the loss (on the device)."""
     B = len(batch.sample_ids)  # one noise stream per conversation (a packed row holds several)
     noise = draw_noise(batch, torch.arange(B) + step * B, seed=0, vocab_size=model.config.vocab_size,
                        eps=settings.eps, sc_prob=settings.self_conditioning_prob)
-    nd, na = count_scored(batch, noise, settings)
-    ctx = (compute_context(model, batch.input_ids.device, "bfloat16", opt) if working_weights
-           else contextlib.nullcontext())
-    with ctx:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = compute_loss(model, batch, noise, settings, nd, na)
-        out["loss"].backward()
-    clip_gradients(params, opt, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return out["loss"].detach()
+    dist = dataclasses.replace(ONE_PROCESS, device=batch.input_ids.device)
+    outcome = train_step(model, opt, params, [(batch, noise)], settings, dist, dtype_name="bfloat16", grad_clip=1.0)
+    return outcome.sums[0]
 
 
 def transformers_step_fn(hf_cfg, batch, args, device):

@@ -43,6 +43,7 @@ import torch
 from blockdiff.config.schema import Config
 from blockdiff.errors import ConfigError
 from blockdiff.lora import adapter_param_names, apply_lora, base_param_name, initial_adapter_values
+from blockdiff.lora.quantize import fill_quantized, quantized_weights
 from blockdiff.model.config import ModelConfig
 from blockdiff.model.diffusion_gemma import DiffusionGemma
 from blockdiff.model.hf import io as hf_io, load as hf_load
@@ -115,6 +116,10 @@ def _prepare(model, cfg: Config, device: torch.device) -> None:
         # the frozen base is stored in bf16 on GPU (adapters stay fp32 masters)
         bf16_base = device.type == "cuda" and cfg.model.dtype == "bfloat16"
         apply_lora(model, cfg.lora, base_dtype=torch.bfloat16 if bf16_base else None)
+        if cfg.lora.base_quantization != "none":  # on meta: empty containers, filled by fill_local_shards
+            from blockdiff.lora.quantize import quantize_frozen_base_
+
+            quantize_frozen_base_(model, cfg.lora.base_quantization)
     if cfg.objective.freeze_router:
         freeze_router(model)
 
@@ -198,9 +203,21 @@ def fill_local_shards(model, ckpt, device: torch.device, adapter_rng=None) -> Lo
     targets = model.state_dict(keep_vars=True)  # persistent tensors: the checkpoint's and the adapters'
     adapters = adapter_param_names(model)
     plain = {base_param_name(n, model): n for n in targets if n not in adapters}
-    stored = ckpt.text_tensors(plain, model.config.num_layers)
+    quantized = quantized_weights(model)  # frozen base quantized as it is read (not in the state dict)
+    stored = ckpt.text_tensors([*plain, *quantized], model.config.num_layers)
     stats = LoadStats(checkpoint_bytes=ckpt.stored_bytes(stored.values()))
+    st = parallel_state(model)
+    if quantized:  # replicated over data-parallel ranks; expert tensors hold this EP rank's experts
+        def read_rows(name, rows):
+            q = quantized[name]
+            return ckpt.read(stored[name], (q.shape[0] * (st.ep if expert(name) else 1), *q.shape[1:]), rows)
+
+        expert = lambda name: st is not None and name in st.expert_names  # noqa: E731
+        stats.tensors += fill_quantized(model, read_rows, device,
+                                        first_row=lambda name: st.expert_offset if expert(name) else 0)
     for ours, hf_name in stored.items():
+        if ours in quantized:
+            continue
         name = plain[ours]
         t = targets[name]
         rows = local_rows(model, name, t)

@@ -50,9 +50,7 @@ def split_held_out(cfg: Config, dataset: SFTDataset, tokenizer, eos_id) -> tuple
     if not cfg.eval.loss_every:
         return dataset, None
     if cfg.data.eval_path:
-        held = SFTDataset(cfg.data.eval_path, tokenizer, canvas_length=cfg.data.canvas_length,
-                          seq_length=cfg.data.seq_length, prompt_policy=cfg.data.prompt_too_long, eos_id=eos_id,
-                          mask_history=cfg.data.mask_history)
+        held = SFTDataset.from_config(cfg.data, tokenizer, eos_id, path=cfg.data.eval_path)
         return dataset, held.examples[:n]
     if n >= len(dataset):
         where = getattr(cfg, "_where", None)

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from blockdiff.errors import CheckpointError
 from blockdiff.model.hf import names as hf_names
 from blockdiff.model.config import ModelConfig
+from blockdiff.model.hf.nvfp4 import NVFP4Layout, source_quantization
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -107,10 +108,14 @@ def read_hf_config(ckpt_dir: Path):
     if found != EXPECTED_MODEL_TYPE:
         raise CheckpointError(f"model_type is {found!r}, expected {EXPECTED_MODEL_TYPE!r}",
                               file=ckpt_dir / CONFIG, field="model_type")
+    quantized = source_quantization(ckpt_dir, raw)  # refuses a quantization it cannot read
     try:
-        return transformers.DiffusionGemmaConfig.from_pretrained(ckpt_dir)
+        config = transformers.DiffusionGemmaConfig.from_pretrained(ckpt_dir)
     except Exception as e:  # transformers raises assorted types for bad fields
         raise CheckpointError(f"cannot parse: {type(e).__name__}: {e}", file=ckpt_dir / CONFIG) from e
+    if quantized and hasattr(config, "quantization_config"):
+        del config.quantization_config  # its tensors are read dequantized: exports are unquantized checkpoints
+    return config
 
 
 def model_config_of(hf_config, ckpt_dir: Path, num_layers: int | None = None) -> ModelConfig:
@@ -190,7 +195,11 @@ class Checkpoint:
     def __init__(self, path_or_hub_id, revision: str | None = None):
         self.dir = resolve_checkpoint_dir(path_or_hub_id, revision)
         self.hf_config = read_hf_config(self.dir)
-        self.weight_map = weight_map(self.dir)
+        self.stored_map = weight_map(self.dir)  # the files' own tensor names
+        # NVFP4: the stored tensors presented under the unquantized model's names, dequantized when read
+        self.nvfp4 = NVFP4Layout(self.stored_map) if source_quantization(self.dir, read_json(self.dir / CONFIG)) \
+            else None
+        self.weight_map = self.stored_map if self.nvfp4 is None else self.nvfp4.names
         self.index_name = INDEX if (self.dir / INDEX).is_file() else SINGLE
         self.bytes_read = 0
         self._stack = contextlib.ExitStack()
@@ -218,6 +227,8 @@ class Checkpoint:
         """Bytes the checkpoint tensors ``names`` take in their files (from the headers; nothing is read)."""
         total = 0
         for name in names:
+            if self.nvfp4 is not None and self.nvfp4.derived(name):
+                continue  # several stored tensors (codes + scales), counted when read
             _, sl, _ = self._slice(name)
             total += math.prod(sl.get_shape()) * _ST_ITEMSIZE.get(sl.get_dtype().upper(), 4)
         return total
@@ -244,12 +255,21 @@ class Checkpoint:
         return {k: hf_names.to_hf(k) for k in expected}
 
     def read(self, name: str, shape, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Checkpoint tensor ``name`` (its stored dtype, on the CPU), checked to have ``shape``; with ``rows``
-        only dim-0 rows [start, stop) of it. The file's pages are memory-mapped: only the rows returned are
-        read from disk."""
+        """Checkpoint tensor ``name`` (its stored dtype, on the CPU; an NVFP4 weight dequantized to fp32),
+        checked to have ``shape`` (None: any); with ``rows`` only dim-0 rows [start, stop) of it. The file's
+        pages are memory-mapped: only the rows returned are read from disk."""
+        if self.nvfp4 is None or not self.nvfp4.derived(name):
+            return self._read_stored(name, shape, rows)
+        out = self.nvfp4.read(name, rows, lambda n, r: self._read_stored(n, None, r))
+        if shape is not None and list(out.shape) != [*([rows[1] - rows[0]] if rows else shape[:1]), *shape[1:]]:
+            raise CheckpointError(f"tensor {name} dequantizes to shape {list(out.shape)} (rows {rows}), model "
+                                  f"expects {list(shape)}", file=self.dir / self.weight_map[name], field=name)
+        return out
+
+    def _read_stored(self, name: str, shape, rows: tuple[int, int] | None) -> torch.Tensor:
         f, sl, path = self._slice(name)
         stored = list(sl.get_shape())
-        if stored != list(shape):
+        if shape is not None and stored != list(shape):
             raise CheckpointError(f"tensor {name} has shape {stored}, model expects {list(shape)}", file=path,
                                   field=name)
         try:
@@ -261,7 +281,7 @@ class Checkpoint:
 
     def _slice(self, name: str):
         """(open file, lazy slice of ``name``, file path), refusing a tensor its file lacks."""
-        file = self.weight_map[name]
+        file = self.stored_map[name]
         path = self.dir / file
         if file not in self._files:
             f = self._stack.enter_context(open_safetensors(path))
