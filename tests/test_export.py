@@ -101,6 +101,7 @@ def inputs(seed=3):
 # ---- sharded == one process, bounded writer ----------------------------------------------------
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", list(dist_worker.EXPORT_CASES))
 def test_two_process_export_equals_one_process_byte_for_byte(exports, case):
     one, two, stats = exports
@@ -119,6 +120,7 @@ def test_two_process_export_equals_one_process_byte_for_byte(exports, case):
     assert held < total / 4
 
 
+@pytest.mark.dist
 def test_a_failure_on_rank_0_is_raised_on_every_rank_and_keeps_the_export(exports, source):
     _, two, _ = exports
     for rank in (0, 1):
@@ -133,6 +135,7 @@ def test_a_failure_on_rank_0_is_raised_on_every_rank_and_keeps_the_export(export
     assert not list(two.glob("*.tmp-*"))
 
 
+@pytest.mark.dist
 def test_export_is_the_source_with_its_files_and_dtype_fields(exports, source):
     one, _, _ = exports
     out = one / "full"
@@ -171,6 +174,7 @@ def hf_and_blockdiff_logits(export: Path, prompt, canvas):
         return hf.eval()(input_ids=prompt, decoder_input_ids=canvas).logits, ours.denoise_logits(prompt, canvas)
 
 
+@pytest.mark.dist
 def test_export_loads_in_transformers_with_blockdiff_logits(exports, source, tmp_path):
     from blockdiff.checkpoint.live_export import export_model
 
@@ -194,6 +198,7 @@ def test_export_loads_in_transformers_with_blockdiff_logits(exports, source, tmp
         assert_rounded_from(one / case, fp32)
 
 
+@pytest.mark.dist
 def test_peft_adapter_of_the_sharded_export_loads_onto_the_source(exports, source):
     import peft
 
@@ -235,6 +240,7 @@ def make_run(tmp_path, source, case) -> Path:
     return run
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", ["full", "lora_experts"])
 def test_cli_export_of_a_sharded_checkpoint_streams_the_same_bytes(exports, source, tmp_path, case):
     from blockdiff.cli.main import main
@@ -261,6 +267,7 @@ def test_cli_export_of_a_sharded_checkpoint_streams_the_same_bytes(exports, sour
 # ---- bad input -------------------------------------------------------------------------------------
 
 
+@pytest.mark.dist
 def test_bad_dtype_and_out_paths_are_refused_and_leave_exports_intact(exports, source, tmp_path, capsys):
     from blockdiff.cli.main import main
     from blockdiff.checkpoint.export import export_run
@@ -287,6 +294,7 @@ def test_bad_dtype_and_out_paths_are_refused_and_leave_exports_intact(exports, s
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
+@pytest.mark.dist
 def test_failed_write_leaves_the_previous_export_intact(exports, source, tmp_path, monkeypatch):
     one, _, _ = exports
     out = tmp_path / "export"

@@ -88,6 +88,7 @@ def assert_same_lora_step(ref: dict, got: dict, experts: bool) -> None:
             assert diff <= 1e-5 * scale + 1e-7, f"{k}: max|diff| {diff:.3g} vs max|g| {scale:.3g}"
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("nproc,ep,experts", [(2, 1, False), (2, 1, True), (4, 2, True)],
                          ids=["fsdp", "fsdp-expert-lora", "fsdp+ep-expert-lora"])
 def test_lora_step_equals_single_process(data, references, tmp_path, nproc, ep, experts):
@@ -101,6 +102,7 @@ def _adapters(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+@pytest.mark.dist
 def test_lora_save_on_2_ranks_resume_on_1(data, tmp_path):
     """Expert LoRA with ep 2: the sharded checkpoint holds adapters + optimizer only (DCP, global layout)
     and a 1-process resume continues the single-process trajectory."""
@@ -162,6 +164,7 @@ def _tiny_from_config() -> dict:
     return fc
 
 
+@pytest.mark.dist
 def test_lora_example_yaml_under_torchrun_exports_the_adapter(data, tmp_path):
     """``torchrun --nproc-per-node=2 examples/dllm_sft/finetune.py -c diffusion_gemma_lora.yaml`` with the
     hub model replaced by a tiny from_config model, ep 2 (activation checkpointing on, as in the YAML):

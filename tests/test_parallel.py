@@ -88,6 +88,7 @@ def assert_same_step(ref: dict, got: dict) -> None:
             assert diff <= 1e-5 * scale + 1e-7, f"{k}: max|diff| {diff:.3g} vs max|g| {scale:.3g}"
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("nproc,ep,extra", [(2, 1, []), (2, 2, []), (4, 2, []),
                                             (4, 2, ["--parallel.reshard_after_forward", "false"])],
                          ids=["fsdp", "ep", "fsdp+ep", "fsdp+ep-no-reshard"])
@@ -124,6 +125,7 @@ def multiturn_data(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("reduction", ["token", "example"])
 def test_packed_multiturn_step_equals_single_process(multiturn_data, tmp_path, reduction):
     sys.path.insert(0, str(ROOT / "tests"))
@@ -162,6 +164,7 @@ def test_activation_checkpointing_gives_the_same_gradients(data, reference, tmp_
     assert_same_step(reference, got)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-exchanges", "recompute-exchanges"])
 def test_activation_checkpointing_with_expert_parallel(data, reference, tmp_path, recompute):
     """AC + ep 2: the same step as one process either way; by default the recomputed layers replay the
@@ -253,6 +256,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.dist
 def test_save_on_4_ranks_resume_on_2(data, tmp_path):
     from blockdiff.config.schema import demo_config_path, load_config
     from blockdiff.train.loop import train
@@ -282,6 +286,7 @@ def test_save_on_4_ranks_resume_on_2(data, tmp_path):
         torch.testing.assert_close(sd[k], v, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.dist
 def test_two_nodes_on_loopback(data, tmp_path):
     port = _free_port()
     out = tmp_path / "nodes"
@@ -317,6 +322,7 @@ def test_impossible_layouts_are_refused(data, tmp_path):
         parallelize(model, cfg, DistInfo(0, 3, 0, torch.device("cpu")))
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("routing", ["model", "balanced"])
 def test_scaling_benchmark_smoke_reports_expert_load(tmp_path, routing):
     """benchmarks/scaling.py throughput (the device benchmark) on 2 CPU processes with its expert-load record."""

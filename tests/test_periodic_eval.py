@@ -47,6 +47,7 @@ def case(prompts, seeds, eos):
     return {"prompts": prompts, "seeds": seeds, "settings": {**SAMPLER, "eos_token_ids": list(eos)}}
 
 
+@pytest.mark.dist
 def test_two_processes_with_fsdp_and_ep_evaluate_as_one(data, tmp_path):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 900, (n,), generator=g).tolist() for n in (5, 9, 7, 12, 6, 10, 8, 11)]

@@ -36,6 +36,7 @@ def data(tmp_path_factory):
     return str(write_splits(tmp_path_factory.mktemp("plandata"), 40, 8, seed=0)[0])
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("nproc,extra", [
     (2, ["--parallel.ep", "2"]),
     (4, ["--parallel.ep", "2", "--lora.enabled", "true", "--lora.experts", "true"]),

@@ -92,6 +92,7 @@ def _text_bytes(ckpt: Path, num_layers: int | None) -> int:
     return total
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_load_equals_single_process_within_shard_memory(ckpt, tmp_path, world):
     layouts = [[*_base(ckpt), *lay] for lay in LAYOUTS[world]]
@@ -127,6 +128,7 @@ def test_sharded_load_equals_single_process_within_shard_memory(ckpt, tmp_path, 
             assert (fig["logged"]["bytes_read"], fig["logged"]["resident_bytes"]) == (fig["read"], fig["resident"])
 
 
+@pytest.mark.dist
 def test_resume_on_meta_built_models_across_world_sizes(ckpt, tmp_path):
     from blockdiff.data.synthetic import write_splits
     from blockdiff.train.loop import train
