@@ -83,9 +83,9 @@ def tok():
 
 @pytest.fixture(scope="module")
 def tiny(tok):
-    from test_sampling import build_model
+    from helpers import peaked_tiny_model
 
-    return build_model(vocab=len(tok))
+    return peaked_tiny_model(vocab=len(tok))
 
 
 FAST = SamplerSettings(max_new_tokens=8, max_denoising_steps=2, eos_token_ids=(1, 6))

@@ -27,7 +27,7 @@ from blockdiff.model.hf import io as hf_io, load as hf_load, save as hf_save
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import dist_worker  # noqa: E402
-from test_parallel import torchrun  # noqa: E402
+from helpers import torchrun  # noqa: E402
 
 CARRIED_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
                  "preprocessor_config.json", "generation_config.json"]

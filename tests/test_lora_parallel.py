@@ -27,7 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from test_parallel import TINY, WORKER, _losses, torchrun  # noqa: F401  (shared launcher)
+from helpers import TINY, logged_losses, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 # self-conditioning on for every example (overrides TINY's 0.5): the resumed-run tolerance below was set
@@ -144,7 +144,7 @@ def test_lora_save_on_2_ranks_resume_on_1(data, tmp_path):
         assert v.shape[0] == 8 and torch.equal(v, own[k].detach()), k
 
     train(load_config(demo_config_path(), [*base, "--train.output_dir", str(run), "--train.max_steps", "4"]))
-    ref, got = _losses(ref_dir), _losses(run)
+    ref, got = logged_losses(ref_dir), logged_losses(run)
     assert sorted(got) == [1, 2, 3, 4]
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=1e-4), (s, got[s], ref[s])
@@ -183,7 +183,7 @@ def test_lora_example_yaml_under_torchrun_exports_the_adapter(data, tmp_path):
                  "--train.global_batch_size", "2", "--train.output_dir", str(run), "--checkpoint.every_steps", "2",
                  "--checkpoint.keep_last", "1", "--logging.tensorboard", "false", "--logging.progress", "false"]
     torchrun(2, "script", tmp_path / "ft", str(EXAMPLE), "-c", str(LORA_YAML), *overrides)
-    assert sorted(_losses(run)) == [1, 2]
+    assert sorted(logged_losses(run)) == [1, 2]
     export = run / "export"
     adapter = export / "adapter"
     assert (adapter / ADAPTER_CONFIG).is_file() and (adapter / ADAPTER_WEIGHTS).is_file()

@@ -102,7 +102,7 @@ def test_gsm8k_like_efficiency():
 
 
 def test_collate_packed_layout():
-    from test_multiturn_packing import C, random_example
+    from helpers import C, random_example
 
     from blockdiff.data.canvas import collate_packed
 

@@ -10,9 +10,8 @@ import json
 
 import pytest
 import torch
-from helpers import randomize_lora_b
-from test_multiturn_packing import C, V, random_example
-from test_model_training_forward import tiny_model
+
+from helpers import C, V, random_example, randomize_lora_b, tiny_model
 
 from blockdiff.data.canvas import collate, collate_packed
 from blockdiff.lora import apply_lora

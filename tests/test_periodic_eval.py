@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import dist_worker  # noqa: E402
-from test_parallel import torchrun  # noqa: E402
+from helpers import torchrun  # noqa: E402
 
 TINY = ["--model.num_layers", "2", "--train.global_batch_size", "4", "--train.micro_batch_size", "2",
         "--objective.self_conditioning_prob", "0.5", "--logging.progress", "false", "--logging.tensorboard", "false",

@@ -24,7 +24,7 @@ from blockdiff.train.loading import model_config
 from blockdiff.plan.estimate import make_plan, simulate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_parallel import TINY, torchrun  # noqa: E402
+from helpers import TINY, torchrun  # noqa: E402
 
 PADDED = ["--model.from_config.text_config.vocab_size", "1027"]
 

@@ -9,8 +9,7 @@ import torch
 from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
 from blockdiff.parallel.parallelize import apply_activation_checkpointing
 from blockdiff.train.precision import working_weights
-from test_model_training_forward import V, tiny_model
-from test_objective import batch_of
+from helpers import V, batch_of, tiny_model
 
 
 def _grads(model, dtype=None, seed=0):

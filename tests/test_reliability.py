@@ -25,16 +25,13 @@ import torch
 from safetensors.torch import load_file
 
 from blockdiff.cli.main import main
-from blockdiff.config.schema import demo_config_path, load_config
+from blockdiff.config.schema import demo_config_path
 from blockdiff.data.synthetic import write_splits
 from blockdiff.train.metrics import read_metrics
 from blockdiff.train.loop import train
+from helpers import args_for, cfg_for, final_weights, inject, trajectory
 
 STEPS = 10  # the kill / signal runs
-# a 1-layer demo model, one micro-batch of 2 per step: ~0.2 s a step on one CPU thread
-FAST = ["--model.num_layers", "1", "--train.global_batch_size", "2", "--train.micro_batch_size", "2",
-        "--train.log_every", "1", "--logging.progress", "false", "--logging.tensorboard", "false",
-        "--checkpoint.export_final", "false"]
 SRC = Path(__file__).resolve().parents[1] / "src" / "blockdiff"
 
 
@@ -43,15 +40,6 @@ def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     train_path, _ = write_splits(d, 40, 4, seed=0)
     return str(train_path)
-
-
-def args_for(data, out, steps, *extra):
-    return ["--data.train_path", str(data), "--train.output_dir", str(out), "--train.max_steps", str(steps),
-            *FAST, *extra]
-
-
-def cfg_for(data, out, steps, *extra):
-    return load_config(demo_config_path(), args_for(data, out, steps, *extra))
 
 
 def run_cli(capsys, *args):
@@ -63,15 +51,6 @@ def run_cli(capsys, *args):
     err = re.sub(r"--- Logging error ---.*?\nArguments: [^\n]*\n", "", err, flags=re.S)
     assert "Traceback" not in err, err
     return rc, [ln for ln in err.splitlines() if ln.startswith("blockdiff train: error:")], err
-
-
-def trajectory(run_dir):
-    keys = ("loss", "diffusion_loss", "ar_loss", "grad_norm", "lr", "nan_skipped")
-    return [(r["step"], *(r[k] for k in keys)) for r in read_metrics(run_dir) if "loss" in r]
-
-
-def final_weights(run_dir, step):
-    return load_file(str(Path(run_dir) / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -429,36 +408,6 @@ def test_preemption_signal_checkpoints_and_exits_0(data, straight, tmp_path, sig
 
 
 # ------------------------------------------------------------------------------ 4. numerical faults
-
-
-class _NanGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("nan")
-
-
-def inject(monkeypatch, at_step: int, where: str):
-    """Make the loss (or only the gradient) non-finite at 1-based ``at_step`` (one micro-batch per step)."""
-    import blockdiff.train.step as tr
-
-    real, calls = tr.compute_loss, []
-
-    def compute_loss(*a, **k):
-        out = real(*a, **k)
-        calls.append(1)
-        if len(calls) == at_step:
-            if where == "loss":
-                out["diffusion_loss"] = out["diffusion_loss"] * float("nan")
-                out["loss"] = out["loss"] * float("nan")
-            else:
-                out["loss"] = _NanGrad.apply(out["loss"])
-        return out
-
-    monkeypatch.setattr(tr, "compute_loss", compute_loss)
 
 
 def expected_ids(step0: int):

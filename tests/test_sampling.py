@@ -9,12 +9,10 @@ from transformers.models.diffusion_gemma import generation_diffusion_gemma as re
 
 from blockdiff.infer import prompting, sampling, vocab
 from blockdiff.errors import ConfigError
-from blockdiff.model.config import ModelConfig
-from blockdiff.model.diffusion_gemma import DiffusionGemma
 from blockdiff.infer.sampling import generate
 from blockdiff.infer.settings import SamplerSettings
 from blockdiff.infer.vocab import entropy_bound_accept, should_stop, temperature_at, token_entropy
-from helpers import load_blockdiff, make_hf_checkpoint, tiny_hf_config
+from helpers import load_blockdiff, make_hf_checkpoint, peaked_tiny_model
 
 C = 8
 
@@ -24,21 +22,6 @@ def fixed_logits(B=3, L=C, V=16, seed=0):
     # mixed sharpness: some rows/positions confident, some flat, so the bound cuts mid-canvas
     scale = torch.tensor([0.3, 3.0, 12.0])[torch.randint(0, 3, (B, L), generator=g)]
     return torch.randn(B, L, V, generator=g) * scale[..., None]
-
-
-def build_model(vocab=128, seed=0):
-    """Random tiny model with non-trivial weights (std 0.08, noisy norms) so logits are peaked."""
-    cfg = ModelConfig.from_hf(tiny_hf_config(canvas=C, vocab=vocab))
-    model = DiffusionGemma(cfg, attn_backend="sdpa")
-    g = torch.Generator().manual_seed(seed)
-    model.init_weights(g)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.mul_(4.0)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,7 +37,7 @@ def one_thread():
 def tiny_model():
     # float64: cached vs re-encoded prefixes (and padded vs unpadded batches) differ by fp32 reduction
     # order (~1e-6), which the cold test temperature amplifies enough to flip a rare near-tie sample.
-    return build_model().double()
+    return peaked_tiny_model().double()
 
 
 # ---- settings -------------------------------------------------------------------------------
@@ -232,7 +215,7 @@ def test_generate_text_uses_chat_template(monkeypatch):
     from blockdiff.data.chat import render_generation_prompt
 
     tok = load_tiny_tokenizer()
-    model = build_model(vocab=len(tok))
+    model = peaked_tiny_model(vocab=len(tok))
     conv = [{"role": "user", "content": "Tom has 3 apples."}]
     seen = []
     real = sampling.generate

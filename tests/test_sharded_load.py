@@ -27,8 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_hf_checkpoint
-from test_parallel import _losses, torchrun
+from helpers import logged_losses, make_hf_checkpoint, torchrun
 
 LORA = ["--lora.enabled", "true", "--lora.experts", "true", "--lora.rank", "3", "--lora.self_conditioning", "true"]
 LAYOUTS = {2: [["--parallel.ep", "1"], ["--parallel.ep", "2"], ["--parallel.ep", "2", *LORA]],
@@ -147,7 +146,7 @@ def test_resume_on_meta_built_models_across_world_sizes(ckpt, tmp_path):
     meta = json.loads((out / "checkpoints" / "step_00000003" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["format"].endswith("dcp-v1")
     train(_cfg(ckpt, [*run, "--train.output_dir", str(out), "--train.max_steps", "4"]))
-    want, got = _losses(ref), _losses(out)
+    want, got = logged_losses(ref), logged_losses(out)
     assert sorted(got) == [1, 2, 3, 4]
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-4), (step, got[step], want[step])
