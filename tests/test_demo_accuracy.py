@@ -29,6 +29,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the shared fixture trains the full 600-step demo (minutes on 2 cores)
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 SETTINGS = ("low_temperature", "reference")  # the demo's two reported sampler settings
 README_SE = 3.0  # README reproduction: standard errors of the README value
