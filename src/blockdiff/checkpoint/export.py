@@ -17,6 +17,9 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from blockdiff.checkpoint.live_export import export_model
 from blockdiff.checkpoint.training import DCP_FORMAT, latest_checkpoint
@@ -43,9 +46,6 @@ class _CheckpointTensors:
             raise CheckpointError(f"unreadable checkpoint metadata: {e}", file=str(ckpt / "meta.json")) from None
         self.ckpt, self.dcp = ckpt, meta.get("format") == DCP_FORMAT
         if self.dcp:
-            from torch.distributed.checkpoint import FileSystemReader
-            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
             class _Reader(FileSystemReader):  # the metadata is read once, not once per tensor
                 def read_metadata(self, *args, **kwargs):
                     if not hasattr(self, "_metadata"):
@@ -74,8 +74,6 @@ class _CheckpointTensors:
     def read(self, name: str) -> torch.Tensor:
         if not self.dcp:
             return self.files.read(name)
-        import torch.distributed.checkpoint as dcp
-
         shape, dtype = self.stored[name]
         state = {f"model.{name}": torch.empty(shape, dtype=dtype)}
         with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process, on purpose

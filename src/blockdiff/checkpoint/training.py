@@ -26,8 +26,10 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import distribute_tensor
 
 from blockdiff.errors import CheckpointError
 from blockdiff.fsutil import fsync_path, fsync_tree
@@ -236,8 +238,6 @@ def _barrier() -> None:
 
 def save_sharded_checkpoint(run_dir, step: int, model, optimizer, meta: dict, keep_last: int = 2) -> Path:
     """Collective: every rank calls it. DCP save into a temp dir, then rank 0 publishes it atomically."""
-    import torch.distributed.checkpoint as dcp
-
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / f"step_{step:08d}"
@@ -285,8 +285,6 @@ def save_sharded_checkpoint(run_dir, step: int, model, optimizer, meta: dict, ke
 
 def _load_into(path: Path, meta: dict, model, optimizer) -> None:
     """Load a DCP checkpoint (any world size / ep) or a single-process one into a (sharded) model."""
-    import torch.distributed.checkpoint as dcp
-
     if optimizer is not None:
         _init_optimizer_state(model, optimizer)
     state = _dcp_state(model, optimizer)
@@ -317,8 +315,6 @@ def _load_into(path: Path, meta: dict, model, optimizer) -> None:
                 raise CheckpointError(f"shape {list(src.shape)} but the model expects {list(target.shape)}",
                                       file=str(path), field=key)
             if is_dtensor(target):
-                from torch.distributed.tensor import distribute_tensor
-
                 piece = distribute_tensor(src.to(target.device_mesh.device_type), target.device_mesh,
                                           target.placements, src_data_rank=None)
                 target.to_local().copy_(piece.to_local())

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blockdiff.lora.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DECODER_LAYERS, ENCODER_LAYERS, EXPERT_FILE,
@@ -127,8 +128,6 @@ def peft_adapter_payload(model: nn.Module, base_model_name_or_path: str | None =
 
 
 def write_peft_adapter(out_dir, config: dict, tensors: dict, experts: dict) -> Path:
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if experts:
@@ -202,8 +201,6 @@ def _same_base(a: str | None, b: str | None) -> bool:
 
 
 def read_peft_adapter(adapter_dir) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
     adapter_dir = Path(adapter_dir)
     cfg_file = adapter_dir / ADAPTER_CONFIG
     try:

@@ -27,6 +27,9 @@ import math
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from blockdiff.config.schema import check_expert_parallel
@@ -82,14 +85,7 @@ def is_sharded(model) -> bool:
     return parallel_state(model) is not None
 
 
-def _fsdp():
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-    return FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-
 def fsdp_modules(model):
-    FSDPModule = _fsdp()[0]
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -147,9 +143,6 @@ def parallelize(model, cfg, dist: DistInfo):
     if dist.world_size == 1:
         return model
 
-    FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method = _fsdp()
-    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
     W, ep, dev = dist.world_size, p.ep, dist.device.type
     dp_mesh = init_device_mesh(dev, (W,), mesh_dim_names=("dp",))
     ep_mesh = None
@@ -201,8 +194,6 @@ def global_view(model, name: str, t):
     st = parallel_state(model)
     if st is None or st.ep == 1 or name not in st.expert_names or not is_dtensor(t):
         return t
-    from torch.distributed.tensor import DTensor, Shard
-
     local = t.to_local()
     shape = (t.shape[0] * st.ep, *t.shape[1:])
     stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
@@ -227,8 +218,6 @@ def full_tensor(model, name: str, t) -> torch.Tensor:
 
 
 def is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(t, DTensor)
 
 

@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as tdist
+from torch.distributed.tensor import DTensor
 
 from blockdiff.config.schema import Config, apply_world_size
 from blockdiff.errors import ConfigError
@@ -42,8 +44,7 @@ log = logging.getLogger("blockdiff")
 @contextlib.contextmanager
 def fake_process_group(rank: int, world_size: int):
     """Rank ``rank`` of ``world_size`` under torch's fake process group (collectives do nothing)."""
-    import torch.distributed as tdist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # torch's test utility: only the plan needs it
 
     tdist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
@@ -68,8 +69,6 @@ def meta_model(cfg: Config, mc: ModelConfig, rank: int, world_size: int, device_
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -162,8 +161,6 @@ def simulate(cfg: Config, world_size: int, device_type: str = "cuda",
 
 
 def _simulate(cfg, world_size, device_type, ranks):
-    import torch.distributed as tdist
-
     mc = model_config(cfg)
     if world_size == 1:
         return mc, [rank_state(meta_model(cfg, mc, 0, 1, device_type), 0)]

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import torch
+import torch.distributed as tdist
 
 from blockdiff.config.schema import Config, apply_world_size, config_from_dict, load_config
 from blockdiff.errors import BlockdiffError, ConfigError
@@ -126,8 +127,6 @@ def check_before_training(cfg: Config) -> dict | None:
 
     Several ranks are simulated in a child process: DTensor's caches compare device meshes without their
     rank, so a simulated rank's cached layouts would leak into this process's real meshes."""
-    import torch.distributed as tdist
-
 
     if cfg.train.skip_memory_check:
         return None

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor, Shard
 
 from blockdiff.config.schema import Config
 from blockdiff.errors import ConfigError
@@ -85,7 +86,7 @@ def _hub_config_dir(name: str) -> Path:
     if not HUB_ID.match(name):
         raise ConfigError(f"{name}: no such model directory (and not a hub id like 'org/name')",
                           field="model.name_or_path")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # only a hub id needs it
 
     try:
         return Path(hf_hub_download(name, CONFIG, local_files_only=hub_offline())).parent
@@ -165,8 +166,6 @@ def local_rows(model, name: str, t: torch.Tensor) -> tuple[int, int] | None:
     """Dim-0 rows [start, stop) of the WHOLE tensor (the checkpoint's layout) that ``t`` holds on this rank;
     None when it holds all of it. FSDP2's ``Shard(0)`` gives mesh rank i the i-th ``ceil(n / size)`` rows;
     an EP rank's expert tensors start at its first global expert (``parallelize``)."""
-    from torch.distributed.tensor import DTensor, Shard
-
     st = parallel_state(model)
     if st is None or not isinstance(t, DTensor):
         return None
@@ -191,8 +190,6 @@ def global_shape(model, name: str, t: torch.Tensor) -> tuple[int, ...]:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
     return t.to_local() if isinstance(t, DTensor) else t
 
 

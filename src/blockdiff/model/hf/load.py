@@ -60,7 +60,7 @@ def resolve_checkpoint_dir(path_or_hub_id, revision: str | None = None) -> Path:
     name = os.fspath(path_or_hub_id)
     if not HUB_ID.match(name):
         raise CheckpointError("no such checkpoint directory (and not a hub id like 'org/name')", file=name)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # here, as transformers below: seconds of import, needed only here
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 

@@ -204,7 +204,7 @@ def carried_entries(source: Path, dtype: torch.dtype, stack: contextlib.ExitStac
 
 def fresh_carried_entries(model, dtype: torch.dtype) -> list[ExportEntry]:
     """Vision tower + embed_vision initialised by transformers (for models without a source)."""
-    import transformers
+    import transformers  # here: seconds of import, needed only for a fresh vision init
     from transformers.models.diffusion_gemma import modeling_diffusion_gemma as mdg
 
     hf_config = as_hf_config(model.hf_config)
