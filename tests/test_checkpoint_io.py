@@ -61,6 +61,7 @@ def tensors_of(ckpt_dir):
 # ---- parity ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg,batch,prompt_len", [
     (dict(num_layers=6), 2, 13),
     (dict(num_layers=12, kv_heads=1), 3, 9),
@@ -76,6 +77,7 @@ def test_parity_with_transformers(tmp_path, cfg, batch, prompt_len):
     assert_parity(model, hf, batch, prompt_len)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_loads_like_single_file(tmp_path):
     single, hf = make_hf_checkpoint(tmp_path, seed=3)
     sharded = tmp_path / "sharded"
@@ -99,6 +101,7 @@ def test_dtype_and_meta_free_load(tmp_path):
 # ---- round trips -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_blockdiff_save_loads_in_transformers(tmp_path):
     ckpt, hf = make_hf_checkpoint(tmp_path)
     (ckpt / "tokenizer_config.json").write_text('{"x": 1}')
@@ -157,6 +160,7 @@ def test_export_replaces_previous_export_only(tmp_path):
     assert (other / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_from_config_saves_and_transformers_loads(tmp_path):
     model = hf_io.from_config(tiny_hf_config(num_layers=6), seed=1)
     assert model.hf_source is None
@@ -170,6 +174,7 @@ def test_from_config_saves_and_transformers_loads(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_num_layers_reduction_round_trip(tmp_path):
     ckpt, _ = make_hf_checkpoint(tmp_path, num_layers=12)
     model = load_blockdiff(ckpt, num_layers=6)

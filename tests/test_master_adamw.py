@@ -101,6 +101,7 @@ def _backward(model, ctx, seed):
     return float(out["loss"].detach())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_gradients_match_the_cast_per_step_path(micro_batches):
     """The forward reads the persistent copies (tied embedding included); one micro-batch leaves its bf16
@@ -134,6 +135,7 @@ def _train(model, opt, steps, first=0, micro_batches=1):
         opt.zero_grad()
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_is_bit_exact_and_interchangeable_with_torch_adamw(tmp_path):
     def make(kind="master"):
         model = _model()
@@ -197,6 +199,7 @@ def data(tmp_path_factory):
     return str(train_path)
 
 
+@pytest.mark.slow
 def test_trainer_with_master_adamw_resumes_identically(master_on_cpu, data, tmp_path):
     from blockdiff.train.loop import train
     bf16 = [*BF16, "--train.micro_batch_size", "1"]  # 2 micro-batches per step

@@ -24,6 +24,7 @@ def canvas_logits(model, batch, canvas):
 
 # ---- leakage --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_multiturn_canvas_equals_inference_and_never_leaks():
     model = tiny_model()
     ex = random_example(5, [2, 1, 2], seed=1)
@@ -261,6 +262,7 @@ def test_config_fields(tmp_path):
     assert d.mask_history is True and d.packing is False
 
 
+@pytest.mark.slow
 def test_train_step_packed_equals_unpacked_and_logs_efficiency(tmp_path):
     """End to end: one training step with packing gives the unpacked step's loss (same global batch,
     same noise) and logs packing_efficiency."""

@@ -80,6 +80,7 @@ def noisy_batch_with_pads(sc_prob: float):
     return batch, noise
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sc_prob,reduction", [(0.0, "token"), (1.0, "token"), (0.5, "token"), (0.5, "example")],
                          ids=["sc-off", "sc-on", "sc-mixed", "sc-mixed-example"])
 def test_recipe_gradients_equal_transformers(models, sc_prob, reduction):

@@ -20,6 +20,7 @@ from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scor
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["all_supervised", "reweighted"])
 def test_lora_packed_equals_conversations_unpacked(loss_type):
     model = tiny_model().train()
@@ -63,6 +64,7 @@ def test_lora_packed_equals_conversations_unpacked(loss_type):
     assert all(p.grad is None for p in model.parameters())  # autograd.grad: nothing accumulated
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:PEFT cannot express")  # expert adapters: blockdiff's own file
 def test_lora_packing_multiturn_train_run(tmp_path):
     """blockdiff.train.loop with LoRA + packing + every assistant turn supervised: runs, logs the packing

@@ -122,6 +122,7 @@ def test_packed_multiturn_step_equals_single_process(multiturn_data, tmp_path, r
     assert_same_step(ref, load_file(str(out)))
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_gives_the_same_gradients(data, reference, tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
     import dist_worker

@@ -79,6 +79,7 @@ def test_each_parameter_cast_once_including_the_tied_embedding():
     assert all(model.get_parameter(n) is p for n, p in before.items())
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_recomputes_with_the_working_weights():
     plain, checkpointed = _model(), _model()
     apply_activation_checkpointing(checkpointed)

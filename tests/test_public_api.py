@@ -51,6 +51,7 @@ def test_every_public_name_is_the_real_object():
         blockdiff.nope
 
 
+@pytest.mark.slow
 def test_script_trains_exports_loads_denoises_and_generates(tmp_path):
     from blockdiff.data.synthetic import generate as synthetic_rows
 

@@ -319,6 +319,7 @@ def _nvfp4_checkpoint(src, out):
     return expected
 
 
+@pytest.mark.slow
 def test_nvfp4_checkpoint_loads_dequantized_and_unknown_quantization_is_refused(ckpt, tmp_path):
     from blockdiff.errors import CheckpointError
     from blockdiff.model.hf import names as hf_names

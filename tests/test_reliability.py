@@ -236,6 +236,7 @@ def test_unwritable_output_dir(data, tmp_path, capsys, how):
     assert f"error: {out}: field 'train.output_dir': {want}" in errors[0], errors[0]
 
 
+@pytest.mark.slow
 def test_fuzz_tokenization_and_canvas_building():
     """Random (valid or not) conversations through validate -> chat template -> canvas: either a DataError
     with a field, a counted skip, or an Example with every invariant the trainer relies on."""
@@ -327,6 +328,7 @@ def check_checkpoint_invariants(run_dir, keep_last):
     return meta["step"]
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(data, straight, tmp_path):
     rng = random.Random(8)
     keep = 2
@@ -388,6 +390,7 @@ def test_torn_metrics_line_is_dropped_on_resume(finished, tmp_path, data):
 # --------------------------------------------------------------------------- 3. SIGTERM / SIGUSR1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_preemption_signal_checkpoints_and_exits_0(data, straight, tmp_path, sig):
     run = tmp_path / "run"
@@ -462,6 +465,7 @@ def test_grad_norm_guard_unit():
     assert GradNormGuard().observe(1, 1e9) is None  # no history yet: no judgement
 
 
+@pytest.mark.slow
 def test_grad_norm_explosion_warns_during_training(data, tmp_path, monkeypatch, caplog):
     import blockdiff.train.step as tr
 
@@ -483,6 +487,7 @@ def test_grad_norm_explosion_warns_during_training(data, tmp_path, monkeypatch, 
 # ------------------------------------------------------------------------ 5. disk full / unwritable
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["OSError", "SafetensorError"])
 def test_disk_full_keeps_last_good_checkpoint(data, tmp_path, capsys, monkeypatch, failure):
     import blockdiff.checkpoint.training as ck
@@ -579,6 +584,7 @@ def test_chat_templates_render_in_the_sandbox(tmp_path):
         assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_no_network_unless_a_hub_id_is_asked_for(tmp_path, monkeypatch, data):
     import socket
 

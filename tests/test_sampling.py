@@ -167,6 +167,7 @@ def gen_settings(**kw):
     return SamplerSettings(**base)
 
 
+@pytest.mark.slow
 def test_generate_multiblock_cache_equals_reencode(tiny_model):
     events = []
     s = gen_settings()
@@ -181,6 +182,7 @@ def test_generate_multiblock_cache_equals_reencode(tiny_model):
     assert generate(tiny_model, PROMPTS, gen_settings(seed=6)) != cached
 
 
+@pytest.mark.slow
 def test_generate_batch_equals_alone(tiny_model):
     s = gen_settings(max_new_tokens=16)
     batched = generate(tiny_model, PROMPTS, s)
@@ -197,6 +199,7 @@ def test_generate_batch_equals_alone(tiny_model):
     assert shuffled == [batched[i] for i in order]
 
 
+@pytest.mark.slow
 def test_generate_eos_cut_and_row_dropping(tiny_model):
     s = gen_settings()
     free = generate(tiny_model, PROMPTS, s)
@@ -278,6 +281,7 @@ def test_cuda_only_switches_do_not_change_cpu_sampling(tiny_model):
     assert off == ref
 
 
+@pytest.mark.slow
 def test_compiled_layers_are_installed_for_one_generate_call_only(tiny_model, monkeypatch):
     """CUDA sampling compiles the layers for the duration of generate; here torch.compile is an identity
     wrapper that counts calls, so the wiring (every layer through the compiled function, same tokens,
