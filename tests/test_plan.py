@@ -86,6 +86,7 @@ def released_sft(tmp_path_factory):
                                      ["--model.name_or_path", str(d), *over])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ep", [8, 4])
 def test_released_model_on_8_meta_ranks(released_sft, ep):
     cfg = released_sft("--parallel.ep", str(ep))
@@ -236,6 +237,7 @@ def test_cpu_run_logs_the_plan(tmp_path, caplog):
     assert "memory plan per process: weights" in caplog.text
 
 
+@pytest.mark.slow
 def test_several_ranks_are_planned_in_a_child_process(tmp_path, monkeypatch):
     import torch.distributed as tdist
 
