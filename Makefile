@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-rl install clean
+.PHONY: test test-fast demo demo-rl install clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest tests
+
+# the tests without the slow and torchrun tiers: the loop to run while editing (under a minute on 2 cores)
+test-fast: $(STAMP)
+	$(VPY) -m pytest tests -m "not slow and not dist"
 
 demo: $(STAMP)
 	$(VENV)/bin/blockdiff demo --out runs/demo

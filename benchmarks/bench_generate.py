@@ -21,7 +21,8 @@ def main(argv=None):
     from blockdiff.model.config import REAL_SHAPES, ModelConfig, hf_config_dict
     from blockdiff.model.diffusion_gemma import DiffusionGemma
     from blockdiff.model.hf.names import from_hf
-    from blockdiff.infer.sampling import SamplerSettings, generate
+    from blockdiff.infer.sampling import generate
+    from blockdiff.infer.settings import SamplerSettings
 
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=6)

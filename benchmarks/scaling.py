@@ -160,7 +160,7 @@ def balanced_routing() -> None:
 def record_expert_loads() -> list[int]:
     """Rows each expert-parallel call hands to this rank's experts (recomputations included: they run the
     experts again), appended to the returned list as the run goes."""
-    from blockdiff.parallel.parallelize import ExpertDispatcher
+    from blockdiff.parallel.experts import ExpertDispatcher
 
     loads, dispatch = [], ExpertDispatcher.dispatch
 

@@ -44,6 +44,7 @@ def test_block_mask_equals_create_block_mask(B, Lq, Lk, canvas, docs, sliding):
         assert ours.full_kv_num_blocks.sum() > 0 and ours.kv_num_blocks.sum() > 0
 
 
+@pytest.mark.slow
 def test_compiled_flex_attention_with_our_block_mask_equals_dense_sdpa():
     """End to end on CPU: inductor's flex kernel (which skips blocks the BlockMask leaves out and calls
     mask_mod only on partial blocks) gives SDPA's output under the dense mask. A mask missing one visible

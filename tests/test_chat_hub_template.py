@@ -155,6 +155,7 @@ def supervised_runs(ids, sup):
     return out
 
 
+@pytest.mark.slow
 def test_token_ids_and_supervised_spans_match_the_hub_template(hub, tagged):
     rng = random.Random(20260709)
     encode = lambda s: hub(s, add_special_tokens=False)["input_ids"]  # noqa: E731

@@ -59,6 +59,7 @@ def run_cli(capsys, *args):
     return rc, [ln for ln in err.splitlines() if ln.startswith("blockdiff train: error:")]
 
 
+@pytest.mark.slow
 def test_train_on_the_hub_template_exports_it_and_stops_on_turn_end(setup, capsys, monkeypatch):
     from blockdiff.infer import evaluate, prompting, sampling
 

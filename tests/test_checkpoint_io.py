@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from blockdiff.errors import CheckpointError
-from blockdiff.model.hf import io as hf_io, save as hf_save
+from blockdiff.model.hf import io as hf_io, load as hf_load, save as hf_save
 
 VOCAB = 128
 
@@ -51,7 +51,7 @@ def assert_parity(model, hf, batch, prompt_len, canvas=8, tol=1e-4):
 def tensors_of(ckpt_dir):
     """{name: (dtype string, raw bytes)} of every tensor in a checkpoint."""
     out = {}
-    for name, file in hf_io.weight_map(ckpt_dir).items():
+    for name, file in hf_load.weight_map(ckpt_dir).items():
         with safe_open(str(ckpt_dir / file), "pt") as f:
             t = f.get_tensor(name)
         out[name] = (str(t.dtype), t.contiguous().view(torch.uint8).numpy().tobytes())
@@ -61,6 +61,7 @@ def tensors_of(ckpt_dir):
 # ---- parity ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg,batch,prompt_len", [
     (dict(num_layers=6), 2, 13),
     (dict(num_layers=12, kv_heads=1), 3, 9),
@@ -76,11 +77,12 @@ def test_parity_with_transformers(tmp_path, cfg, batch, prompt_len):
     assert_parity(model, hf, batch, prompt_len)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_loads_like_single_file(tmp_path):
     single, hf = make_hf_checkpoint(tmp_path, seed=3)
     sharded = tmp_path / "sharded"
     hf.save_pretrained(sharded, max_shard_size="20KB")
-    assert (sharded / hf_io.INDEX).is_file() and not (sharded / hf_io.SINGLE).exists()
+    assert (sharded / hf_load.INDEX).is_file() and not (sharded / hf_load.SINGLE).exists()
     a, b = load_blockdiff(single), load_blockdiff(sharded)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
@@ -99,6 +101,7 @@ def test_dtype_and_meta_free_load(tmp_path):
 # ---- round trips -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_blockdiff_save_loads_in_transformers(tmp_path):
     ckpt, hf = make_hf_checkpoint(tmp_path)
     (ckpt / "tokenizer_config.json").write_text('{"x": 1}')
@@ -122,7 +125,7 @@ def test_carried_tensors_byte_identical_and_text_equal(tmp_path):
     assert any(k.startswith("model.encoder.embed_vision.") for k in carried)
     out = tmp_path / "export"
     hf_save.save_pretrained(model, out, max_shard_size=30_000)
-    assert (out / hf_io.INDEX).is_file()
+    assert (out / hf_load.INDEX).is_file()
     src, dst = tensors_of(ckpt), tensors_of(out)
     expected = {k for k in src if not k.startswith("lm_head.")}
     assert set(dst) == expected
@@ -135,10 +138,10 @@ def test_save_in_bf16_writes_every_tensor_and_dtype_field_in_bf16(tmp_path):
     model = load_blockdiff(ckpt)
     out = tmp_path / "bf16"
     hf_save.save_pretrained(model, out, dtype=torch.bfloat16)
-    st = load_file(str(out / hf_io.SINGLE))
+    st = load_file(str(out / hf_load.SINGLE))
     assert {t.dtype for t in st.values()} == {torch.bfloat16}  # carried tensors included
     assert st["model.encoder.embed_vision.embedding_projection.weight"].equal(
-        load_file(str(ckpt / hf_io.SINGLE))["model.encoder.embed_vision.embedding_projection.weight"].bfloat16())
+        load_file(str(ckpt / hf_load.SINGLE))["model.encoder.embed_vision.embedding_projection.weight"].bfloat16())
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
@@ -148,7 +151,7 @@ def test_export_replaces_previous_export_only(tmp_path):
     out = tmp_path / "export"
     model.save_pretrained(out)
     model.save_pretrained(out, max_shard_size=30_000)  # a previous export is replaced
-    assert (out / hf_io.INDEX).is_file() and not (out / hf_io.SINGLE).exists()
+    assert (out / hf_load.INDEX).is_file() and not (out / hf_load.SINGLE).exists()
     other = tmp_path / "not-an-export"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
@@ -157,6 +160,7 @@ def test_export_replaces_previous_export_only(tmp_path):
     assert (other / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_from_config_saves_and_transformers_loads(tmp_path):
     model = hf_io.from_config(tiny_hf_config(num_layers=6), seed=1)
     assert model.hf_source is None
@@ -170,6 +174,7 @@ def test_from_config_saves_and_transformers_loads(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_num_layers_reduction_round_trip(tmp_path):
     ckpt, _ = make_hf_checkpoint(tmp_path, num_layers=12)
     model = load_blockdiff(ckpt, num_layers=6)
@@ -199,7 +204,7 @@ def ckpt_copy(tmp_path):
 
 
 def test_missing_shard(ckpt_copy):
-    wm = hf_io.weight_map(ckpt_copy)
+    wm = hf_load.weight_map(ckpt_copy)
     shard = wm["model.decoder.layers.3.mlp.up_proj.weight"]
     (ckpt_copy / shard).unlink()
     with pytest.raises(CheckpointError, match=rf"{shard}.*missing \(it holds tensor model\.decoder\."):
@@ -208,19 +213,19 @@ def test_missing_shard(ckpt_copy):
 
 def test_missing_tensor(ckpt_copy):
     name = "model.decoder.layers.3.mlp.up_proj.weight"
-    index = json.loads((ckpt_copy / hf_io.INDEX).read_text())
+    index = json.loads((ckpt_copy / hf_load.INDEX).read_text())
     del index["weight_map"][name]
-    (ckpt_copy / hf_io.INDEX).write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=rf"{hf_io.INDEX}.*missing tensor {name} \(expected in"):
+    (ckpt_copy / hf_load.INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"{hf_load.INDEX}.*missing tensor {name} \(expected in"):
         load_blockdiff(ckpt_copy)
 
 
 def test_wrong_shape(tmp_path):
     ckpt, _ = make_hf_checkpoint(tmp_path)
     name = "model.decoder.layers.2.self_attn.q_proj.weight"
-    st = load_file(str(ckpt / hf_io.SINGLE))
+    st = load_file(str(ckpt / hf_load.SINGLE))
     st[name] = torch.zeros(7, 32)
-    save_file(st, str(ckpt / hf_io.SINGLE), metadata={"format": "pt"})
+    save_file(st, str(ckpt / hf_load.SINGLE), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=rf"model\.safetensors.*{name} has shape \[7, 32\], model expects \[32, 32\]"):
         load_blockdiff(ckpt)
 
@@ -236,7 +241,7 @@ def test_unknown_model_type(tmp_path):
 
 def test_truncated_file(tmp_path):
     ckpt, _ = make_hf_checkpoint(tmp_path)
-    path = ckpt / hf_io.SINGLE
+    path = ckpt / hf_load.SINGLE
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 1000])
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*(corrupted|truncated)"):
@@ -245,7 +250,7 @@ def test_truncated_file(tmp_path):
 
 def test_pickle_only_checkpoint_refused(tmp_path):
     ckpt, _ = make_hf_checkpoint(tmp_path)
-    (ckpt / hf_io.SINGLE).unlink()
+    (ckpt / hf_load.SINGLE).unlink()
     (ckpt / "pytorch_model.bin").write_bytes(b"not unpickled")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*only safetensors are read"):
         load_blockdiff(ckpt)
@@ -287,6 +292,6 @@ def test_copy_tokenizer(tmp_path):
     src.mkdir(), dst.mkdir()
     for name in ("tokenizer.json", "special_tokens_map.json", "other.txt"):
         (src / name).write_text(name)
-    assert sorted(hf_io.copy_tokenizer(src, dst)) == ["special_tokens_map.json", "tokenizer.json"]
+    assert sorted(hf_save.copy_tokenizer(src, dst)) == ["special_tokens_map.json", "tokenizer.json"]
     assert not (dst / "other.txt").exists()
     shutil.rmtree(src)

@@ -14,8 +14,8 @@ try:
 except ImportError:  # not installed in the venv: run from the source tree
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from blockdiff.config.schema import (Config, apply_world_size, config_from_dict, demo_config_path, load_config,
-                              parse_overrides)
+from blockdiff.config.loader import parse_overrides
+from blockdiff.config.schema import Config, apply_world_size, config_from_dict, demo_config_path, load_config
 from blockdiff.errors import BlockdiffError, ConfigError
 
 SFT = os.path.join(ROOT, "examples", "dllm_sft", "diffusion_gemma_sft.yaml")

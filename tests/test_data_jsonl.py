@@ -83,6 +83,7 @@ def test_load_dataset_rows_local_sources(tmp_path):
     assert list(load_dataset_rows(tmp_path, split="train")) == [GOOD, GOOD]  # dir with {split}.jsonl
 
 
+@pytest.mark.slow
 def test_load_dataset_rows_saved_datasets_dir(tmp_path):
     datasets = pytest.importorskip("datasets")
     bad = {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}]}
@@ -95,6 +96,7 @@ def test_load_dataset_rows_saved_datasets_dir(tmp_path):
         list(load_dataset_rows(tmp_path / "ds", split="dev"))
 
 
+@pytest.mark.slow
 def test_fuzz_validator_only_raises_data_error(tmp_path):
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies

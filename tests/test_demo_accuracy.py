@@ -29,6 +29,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the shared fixture trains the full 600-step demo (minutes on 2 cores)
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 SETTINGS = ("low_temperature", "reference")  # the demo's two reported sampler settings
 README_SE = 3.0  # README reproduction: standard errors of the README value
@@ -149,7 +151,7 @@ def test_blockdiff_sampler_no_worse_than_transformers_generate(demo, readme, cap
     Asserts blockdiff >= transformers - PAIRED_SE standard errors of the paired difference."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from blockdiff.infer import evaluate, prompting, sampling
+    from blockdiff.infer import evaluate, prompting, vocab
     from blockdiff.data.chat import render_generation_prompt
     from blockdiff.data.jsonl import read_chat_jsonl
 
@@ -186,7 +188,7 @@ def test_blockdiff_sampler_no_worse_than_transformers_generate(demo, readme, cap
             torch.manual_seed(settings.seed + lo)
             out = hf.generate(ids, attention_mask=mask, **gen_kwargs)
             for (_, _, gold), new in zip(chunk, out.sequences[:, width:].tolist()):
-                new = sampling.cut_at_eos(new[: settings.max_new_tokens], settings.eos_token_ids)
+                new = vocab.cut_at_eos(new[: settings.max_new_tokens], settings.eos_token_ids)
                 extracted = evaluate.extract_answer(tokenizer.decode(new, skip_special_tokens=True).strip())
                 hf_correct.append(extracted is not None and extracted == gold)
 

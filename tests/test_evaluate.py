@@ -10,7 +10,7 @@ from blockdiff.infer import evaluate, prompting, sampling
 from blockdiff.data import load_tiny_tokenizer, synthetic
 from blockdiff.errors import BlockdiffError
 from blockdiff.infer.evaluate import extract_answer, normalize_number, wilson_interval
-from blockdiff.infer.sampling import SamplerSettings
+from blockdiff.infer.settings import SamplerSettings
 from helpers import make_hf_checkpoint
 
 EXTRACTION_CASES = [
@@ -84,9 +84,9 @@ def tok():
 
 @pytest.fixture(scope="module")
 def tiny(tok):
-    from test_sampling import build_model
+    from helpers import peaked_tiny_model
 
-    return build_model(vocab=len(tok))
+    return peaked_tiny_model(vocab=len(tok))
 
 
 FAST = SamplerSettings(max_new_tokens=8, max_denoising_steps=2, eos_token_ids=(1, 6))
@@ -152,7 +152,7 @@ def test_settings_for_tokenizer_keeps_the_chat_format_stops_and_drops_ordinary_i
     assert prompting.settings_for_tokenizer(SamplerSettings(), tok).eos_token_ids == (1, 106, 50)
     assert prompting.settings_for_tokenizer(SamplerSettings(eos_token_ids=(7, 1)), tok).eos_token_ids == (1, 106, 50)
     assert prompting.settings_for_tokenizer(SamplerSettings(eos_token_ids=()), tok).eos_token_ids == ()
-    assert sampling.cli_generate is not None  # cli.py imports it from blockdiff.infer.sampling
+    assert evaluate.cli_generate is not None  # cli/main.py imports it from blockdiff.infer.evaluate
 
 
 def test_settings_for_checkpoint_takes_eos_from_tokenizer(ckpt, tok):

@@ -22,12 +22,12 @@ from safetensors import safe_open
 from blockdiff.config.schema import apply_world_size, demo_config_path, load_config
 from blockdiff.parallel.distributed import DistInfo
 from blockdiff.errors import CheckpointError
-from blockdiff.model.hf import io as hf_io, save as hf_save
+from blockdiff.model.hf import io as hf_io, load as hf_load, save as hf_save
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import dist_worker  # noqa: E402
-from test_parallel import torchrun  # noqa: E402
+from helpers import torchrun  # noqa: E402
 
 CARRIED_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
                  "preprocessor_config.json", "generation_config.json"]
@@ -80,7 +80,7 @@ def files_of(d: Path) -> dict[str, bytes]:
 
 def tensors_of(d: Path) -> dict[str, tuple[str, bytes]]:
     out = {}
-    for name, file in hf_io.weight_map(d).items():
+    for name, file in hf_load.weight_map(d).items():
         with safe_open(str(d / file), "pt") as f:
             t = f.get_tensor(name)
         out[name] = (str(t.dtype), t.view(torch.uint8).numpy().tobytes())
@@ -101,6 +101,7 @@ def inputs(seed=3):
 # ---- sharded == one process, bounded writer ----------------------------------------------------
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", list(dist_worker.EXPORT_CASES))
 def test_two_process_export_equals_one_process_byte_for_byte(exports, case):
     one, two, stats = exports
@@ -108,7 +109,7 @@ def test_two_process_export_equals_one_process_byte_for_byte(exports, case):
     assert sorted(a) == sorted(b)
     assert [n for n in a if a[n] != b[n]] == []
     shards = [n for n in a if n.startswith("model-")]
-    assert len(shards) >= 4 and hf_io.INDEX in a  # the checkpoint spans several shards
+    assert len(shards) >= 4 and hf_load.INDEX in a  # the checkpoint spans several shards
     assert {t[0] for t in tensors_of(one / case).values()} == {"torch.bfloat16"}
     if case != "full":
         assert "adapter/adapter_config.json" in a and "adapter/adapter_model.safetensors" in a
@@ -119,6 +120,7 @@ def test_two_process_export_equals_one_process_byte_for_byte(exports, case):
     assert held < total / 4
 
 
+@pytest.mark.dist
 def test_a_failure_on_rank_0_is_raised_on_every_rank_and_keeps_the_export(exports, source):
     _, two, _ = exports
     for rank in (0, 1):
@@ -133,6 +135,7 @@ def test_a_failure_on_rank_0_is_raised_on_every_rank_and_keeps_the_export(export
     assert not list(two.glob("*.tmp-*"))
 
 
+@pytest.mark.dist
 def test_export_is_the_source_with_its_files_and_dtype_fields(exports, source):
     one, _, _ = exports
     out = one / "full"
@@ -143,7 +146,7 @@ def test_export_is_the_source_with_its_files_and_dtype_fields(exports, source):
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16" and cfg["text_config"]["dtype"] == "bfloat16"
-    index = json.loads((out / hf_io.INDEX).read_text())
+    index = json.loads((out / hf_load.INDEX).read_text())
     assert index["metadata"]["total_size"] == sum(len(raw) for _, raw in got.values())
     hf = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(source)
     assert index["metadata"]["total_parameters"] == hf.num_parameters()
@@ -155,9 +158,9 @@ def test_export_is_the_source_with_its_files_and_dtype_fields(exports, source):
 
 def assert_rounded_from(low: Path, high: Path) -> None:
     """Every tensor of the export ``low`` is the one of ``high`` in ``low``'s dtype (same names)."""
-    assert set(hf_io.weight_map(low)) == set(hf_io.weight_map(high))
-    for name, file in hf_io.weight_map(low).items():
-        with safe_open(str(low / file), "pt") as f, safe_open(str(high / hf_io.weight_map(high)[name]), "pt") as g:
+    assert set(hf_load.weight_map(low)) == set(hf_load.weight_map(high))
+    for name, file in hf_load.weight_map(low).items():
+        with safe_open(str(low / file), "pt") as f, safe_open(str(high / hf_load.weight_map(high)[name]), "pt") as g:
             a = f.get_tensor(name)
             assert torch.equal(a, g.get_tensor(name).to(a.dtype)), name
 
@@ -171,6 +174,7 @@ def hf_and_blockdiff_logits(export: Path, prompt, canvas):
         return hf.eval()(input_ids=prompt, decoder_input_ids=canvas).logits, ours.denoise_logits(prompt, canvas)
 
 
+@pytest.mark.dist
 def test_export_loads_in_transformers_with_blockdiff_logits(exports, source, tmp_path):
     from blockdiff.checkpoint.live_export import export_model
 
@@ -194,6 +198,7 @@ def test_export_loads_in_transformers_with_blockdiff_logits(exports, source, tmp
         assert_rounded_from(one / case, fp32)
 
 
+@pytest.mark.dist
 def test_peft_adapter_of_the_sharded_export_loads_onto_the_source(exports, source):
     import peft
 
@@ -235,6 +240,7 @@ def make_run(tmp_path, source, case) -> Path:
     return run
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", ["full", "lora_experts"])
 def test_cli_export_of_a_sharded_checkpoint_streams_the_same_bytes(exports, source, tmp_path, case):
     from blockdiff.cli.main import main
@@ -245,7 +251,7 @@ def test_cli_export_of_a_sharded_checkpoint_streams_the_same_bytes(exports, sour
     assert json.loads((run / "checkpoints" / "step_00000003" / "meta.json").read_text())["format"].endswith("dcp-v1")
     out = export_run(run, tmp_path / "out", merge=case != "full", max_shard_size=dist_worker.EXPORT_SHARD)
     assert tensors_of(out) == tensors_of(one / case)
-    assert json.loads((out / hf_io.INDEX).read_text()) == json.loads((one / case / hf_io.INDEX).read_text())
+    assert json.loads((out / hf_load.INDEX).read_text()) == json.loads((one / case / hf_load.INDEX).read_text())
     if case != "full":
         adapter_only = export_run(run, tmp_path / "adapter")  # no --merge: the PEFT adapter, no base read
         assert files_of(adapter_only) == files_of(one / case / "adapter")
@@ -261,6 +267,7 @@ def test_cli_export_of_a_sharded_checkpoint_streams_the_same_bytes(exports, sour
 # ---- bad input -------------------------------------------------------------------------------------
 
 
+@pytest.mark.dist
 def test_bad_dtype_and_out_paths_are_refused_and_leave_exports_intact(exports, source, tmp_path, capsys):
     from blockdiff.cli.main import main
     from blockdiff.checkpoint.export import export_run
@@ -287,6 +294,7 @@ def test_bad_dtype_and_out_paths_are_refused_and_leave_exports_intact(exports, s
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
+@pytest.mark.dist
 def test_failed_write_leaves_the_previous_export_intact(exports, source, tmp_path, monkeypatch):
     one, _, _ = exports
     out = tmp_path / "export"

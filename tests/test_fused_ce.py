@@ -92,6 +92,7 @@ def test_under_bf16_autocast_computes_in_bf16_and_returns_fp32_grads():
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_compiled_chunks_equal_eager():
     """Inductor (CPU here, CUDA in training) compiles the chunk with a dynamic row count: two chunk sizes,
     one compile, the same numbers as eager."""

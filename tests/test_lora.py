@@ -71,6 +71,7 @@ def test_structure_names_and_dtypes(ckpt):
         assert torch.isfinite(model.denoise_logits(prompt, canvas)).all()
 
 
+@pytest.mark.slow
 def test_only_adapters_train_and_base_is_unchanged(ckpt):
     model = load_blockdiff(ckpt[0]).train()
     apply_lora(model, lcfg(experts=True, self_conditioning=True))
@@ -118,6 +119,7 @@ def test_merge_equals_adapted_logits(ckpt, tmp_path):
     torch.testing.assert_close(again, adapted, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("self_conditioning", [False, True])
 def test_peft_loads_adapter_and_reproduces_logits(ckpt, tmp_path, self_conditioning):
     import peft
@@ -215,6 +217,7 @@ def test_expert_lora_gradients_match_loop_over_experts(ckpt):
     assert all(gr.abs().sum() > 0 for gr in grads)
 
 
+@pytest.mark.slow
 def test_adapter_for_a_different_base_is_refused(ckpt, tmp_path):
     model = load_blockdiff(ckpt[0])
     apply_lora(model, lcfg())
@@ -236,6 +239,7 @@ def _six_layer(tmp_path):
     return m
 
 
+@pytest.mark.slow
 def test_lora_run_end_to_end(tmp_path):
     from blockdiff.data.synthetic import write_splits
     from blockdiff.checkpoint.export import export_run

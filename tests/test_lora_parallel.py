@@ -27,7 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from test_parallel import TINY, WORKER, _losses, torchrun  # noqa: F401  (shared launcher)
+from helpers import TINY, logged_losses, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 # self-conditioning on for every example (overrides TINY's 0.5): the resumed-run tolerance below was set
@@ -88,6 +88,7 @@ def assert_same_lora_step(ref: dict, got: dict, experts: bool) -> None:
             assert diff <= 1e-5 * scale + 1e-7, f"{k}: max|diff| {diff:.3g} vs max|g| {scale:.3g}"
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("nproc,ep,experts", [(2, 1, False), (2, 1, True), (4, 2, True)],
                          ids=["fsdp", "fsdp-expert-lora", "fsdp+ep-expert-lora"])
 def test_lora_step_equals_single_process(data, references, tmp_path, nproc, ep, experts):
@@ -101,6 +102,7 @@ def _adapters(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+@pytest.mark.dist
 def test_lora_save_on_2_ranks_resume_on_1(data, tmp_path):
     """Expert LoRA with ep 2: the sharded checkpoint holds adapters + optimizer only (DCP, global layout)
     and a 1-process resume continues the single-process trajectory."""
@@ -142,7 +144,7 @@ def test_lora_save_on_2_ranks_resume_on_1(data, tmp_path):
         assert v.shape[0] == 8 and torch.equal(v, own[k].detach()), k
 
     train(load_config(demo_config_path(), [*base, "--train.output_dir", str(run), "--train.max_steps", "4"]))
-    ref, got = _losses(ref_dir), _losses(run)
+    ref, got = logged_losses(ref_dir), logged_losses(run)
     assert sorted(got) == [1, 2, 3, 4]
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=1e-4), (s, got[s], ref[s])
@@ -162,6 +164,7 @@ def _tiny_from_config() -> dict:
     return fc
 
 
+@pytest.mark.dist
 def test_lora_example_yaml_under_torchrun_exports_the_adapter(data, tmp_path):
     """``torchrun --nproc-per-node=2 examples/dllm_sft/finetune.py -c diffusion_gemma_lora.yaml`` with the
     hub model replaced by a tiny from_config model, ep 2 (activation checkpointing on, as in the YAML):
@@ -180,7 +183,7 @@ def test_lora_example_yaml_under_torchrun_exports_the_adapter(data, tmp_path):
                  "--train.global_batch_size", "2", "--train.output_dir", str(run), "--checkpoint.every_steps", "2",
                  "--checkpoint.keep_last", "1", "--logging.tensorboard", "false", "--logging.progress", "false"]
     torchrun(2, "script", tmp_path / "ft", str(EXAMPLE), "-c", str(LORA_YAML), *overrides)
-    assert sorted(_losses(run)) == [1, 2]
+    assert sorted(logged_losses(run)) == [1, 2]
     export = run / "export"
     adapter = export / "adapter"
     assert (adapter / ADAPTER_CONFIG).is_file() and (adapter / ADAPTER_WEIGHTS).is_file()

@@ -13,8 +13,7 @@ from blockdiff.train.master_adamw import MasterAdamW
 from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
 from blockdiff.parallel.parallelize import clip_gradients
 from blockdiff.train.precision import compute_context, working_weights
-from test_model_training_forward import V, tiny_model
-from test_objective import batch_of
+from helpers import V, batch_of, cfg_for, final_weights, inject, tiny_model, trajectory
 
 BETAS, EPS, WD = (0.9, 0.95), 1e-6, 0.1
 CPU = torch.device("cpu")
@@ -102,6 +101,7 @@ def _backward(model, ctx, seed):
     return float(out["loss"].detach())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_gradients_match_the_cast_per_step_path(micro_batches):
     """The forward reads the persistent copies (tied embedding included); one micro-batch leaves its bf16
@@ -135,6 +135,7 @@ def _train(model, opt, steps, first=0, micro_batches=1):
         opt.zero_grad()
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_is_bit_exact_and_interchangeable_with_torch_adamw(tmp_path):
     def make(kind="master"):
         model = _model()
@@ -198,10 +199,9 @@ def data(tmp_path_factory):
     return str(train_path)
 
 
+@pytest.mark.slow
 def test_trainer_with_master_adamw_resumes_identically(master_on_cpu, data, tmp_path):
     from blockdiff.train.loop import train
-    from test_reliability import cfg_for, final_weights, trajectory
-
     bf16 = [*BF16, "--train.micro_batch_size", "1"]  # 2 micro-batches per step
     straight = train(cfg_for(data, tmp_path / "straight", 4, "--checkpoint.every_steps", "0", *bf16))
     train(cfg_for(data, tmp_path / "resumed", 2, "--checkpoint.every_steps", "2", *bf16))
@@ -218,8 +218,6 @@ def test_trainer_with_master_adamw_skips_a_nonfinite_step(master_on_cpu, data, t
     from safetensors.torch import load_file
 
     from blockdiff.train.loop import train
-    from test_reliability import cfg_for, final_weights, inject
-
     inject(monkeypatch, 3, "grad")  # one micro-batch per step: the third step's gradient is NaN
     run = tmp_path / "run"
     train(cfg_for(data, run, 3, "--checkpoint.every_steps", "1", "--checkpoint.keep_last", "3",

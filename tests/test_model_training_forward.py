@@ -3,33 +3,9 @@ and never leaks clean tokens of the own or later blocks."""
 
 import pytest
 import torch
-from transformers import DiffusionGemmaConfig
 
-from blockdiff.model.config import ModelConfig, hf_config_dict
-from blockdiff.model.diffusion_gemma import DiffusionGemma, canvas_layout
-
-C = 4  # canvas length
-V = 96
-
-
-def tiny_model(window=6, seed=0):
-    hf = DiffusionGemmaConfig(**hf_config_dict(
-        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
-        sliding_window=window, num_experts=4, top_k_experts=2, moe_intermediate_size=16, canvas_length=C,
-        max_position_embeddings=256,
-    ))
-    model = DiffusionGemma(ModelConfig.from_hf(hf), attn_backend="sdpa")
-    g = torch.Generator().manual_seed(seed)
-    model.init_weights(g)
-    with torch.no_grad():  # non-trivial norms and scalars so every term matters
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-        for layer in model.layers:
-            layer.layer_scalar.fill_(0.8)
-            layer.encoder_layer_scalar.fill_(1.2)
-    return model.eval()
+from blockdiff.model.diffusion_gemma import canvas_layout
+from helpers import C, V, tiny_model
 
 
 def make_batch(prompt_lengths, num_blocks, seed=1):

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockdiff.model.moe import Experts, _RowsToTokens, _TokensToRows, expert_counts
-from test_model_training_forward import tiny_model
+from helpers import tiny_model
 
 
 @settings(max_examples=50, deadline=None)

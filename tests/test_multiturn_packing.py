@@ -6,28 +6,13 @@ import pytest
 import torch
 
 from blockdiff.data import load_tiny_tokenizer
-from blockdiff.data.canvas import (
-    Example, SFTDataset, _runs, build_example, build_multiturn_example, collate, collate_packed)
+from blockdiff.data.canvas import SFTDataset, _runs, build_example, build_multiturn_example, collate, collate_packed
 from blockdiff.data.chat import tokenize_conversation, tokenize_turns
 from blockdiff.model.diffusion_gemma import segment_layout
 from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, draw_noise
-from test_model_training_forward import C, V, tiny_model
+from helpers import C, V, random_example, tiny_model
 
 EOS = 1
-
-
-def random_example(prompt, turns, gap=3, sample_id=0, seed=0):
-    """A synthetic multi-turn Example: prompt tokens, then per turn ``n`` blocks (already EOS-filled
-    in the clean sequence) followed by ``gap`` unsupervised tokens (the next user turn)."""
-    g = torch.Generator().manual_seed(seed)
-    ids, segs = torch.randint(3, V, (prompt,), generator=g).tolist(), []
-    for i, n in enumerate(turns):
-        segs.append((len(ids), n))
-        ids += torch.randint(3, V, (n * C,), generator=g).tolist()
-        if i + 1 < len(turns):
-            ids += torch.randint(3, V, (gap,), generator=g).tolist()
-    return Example(ids, segs[0][0], sum(n for _, n in segs), sample_id, False,
-                   segs if len(segs) > 1 else None)
 
 
 def canvas_logits(model, batch, canvas):
@@ -39,6 +24,7 @@ def canvas_logits(model, batch, canvas):
 
 # ---- leakage --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_multiturn_canvas_equals_inference_and_never_leaks():
     model = tiny_model()
     ex = random_example(5, [2, 1, 2], seed=1)
@@ -276,6 +262,7 @@ def test_config_fields(tmp_path):
     assert d.mask_history is True and d.packing is False
 
 
+@pytest.mark.slow
 def test_train_step_packed_equals_unpacked_and_logs_efficiency(tmp_path):
     """End to end: one training step with packing gives the unpacked step's loss (same global batch,
     same noise) and logs packing_efficiency."""

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blockdiff.data.canvas import CanvasBatch
 from blockdiff.objective.loss import (
     ObjectiveSettings,
     compute_loss,
@@ -18,20 +17,7 @@ from blockdiff.objective.loss import (
     softcapped_ce_sum,
 )
 from blockdiff.objective.soft_embed import soft_embeddings
-from test_model_training_forward import C, V, tiny_model
-
-
-def batch_of(prompt_lengths, num_blocks, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    B = len(prompt_lengths)
-    L = max(p + n * C for p, n in zip(prompt_lengths, num_blocks))
-    ids = torch.randint(3, V, (B, L), generator=g)
-    valid = torch.zeros(B, L, dtype=torch.bool)
-    for b, (p, n) in enumerate(zip(prompt_lengths, num_blocks)):
-        valid[b, : p + n * C] = True
-    ids[~valid] = 0
-    return CanvasBatch(ids, valid, torch.tensor(prompt_lengths), torch.tensor(num_blocks),
-                       torch.arange(B), block_size=C)
+from helpers import C, V, batch_of, tiny_model
 
 
 def test_corruption_statistics():

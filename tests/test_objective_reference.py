@@ -21,9 +21,7 @@ import transformers
 
 from blockdiff.model.hf.names import to_hf
 from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, draw_noise
-from helpers import load_blockdiff, make_hf_checkpoint
-from test_model_training_forward import C, V
-from test_objective import batch_of
+from helpers import C, V, batch_of, load_blockdiff, make_hf_checkpoint
 
 PAD = 0
 PROMPTS, BLOCKS = [5, 7, 3, 6], [2, 1, 3, 2]
@@ -82,6 +80,7 @@ def noisy_batch_with_pads(sc_prob: float):
     return batch, noise
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sc_prob,reduction", [(0.0, "token"), (1.0, "token"), (0.5, "token"), (0.5, "example")],
                          ids=["sc-off", "sc-on", "sc-mixed", "sc-mixed-example"])
 def test_recipe_gradients_equal_transformers(models, sc_prob, reduction):

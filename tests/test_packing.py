@@ -34,6 +34,7 @@ def _check_partition(rows, n):
     assert all(r == sorted(r) for r in rows) and [r[0] for r in rows] == sorted(r[0] for r in rows)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(micro_batches(), PADS)
 def test_every_example_once_within_capacity(mb, pad):
@@ -43,6 +44,7 @@ def test_every_example_once_within_capacity(mb, pad):
     assert all(sum(lengths[i] for i in r) <= capacity for r in rows)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(micro_batches(), PADS)
 def test_never_more_padding_than_unpacked(mb, pad):
@@ -57,6 +59,7 @@ def test_never_more_padding_than_unpacked(mb, pad):
         assert got[0] + canvas * got[1] <= nf[0] + canvas * nf[1]
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(micro_batches(), PADS)
 def test_deterministic(mb, pad):
@@ -102,7 +105,7 @@ def test_gsm8k_like_efficiency():
 
 
 def test_collate_packed_layout():
-    from test_multiturn_packing import C, random_example
+    from helpers import C, random_example
 
     from blockdiff.data.canvas import collate_packed
 
@@ -161,6 +164,7 @@ def test_packed_noise_per_global_sample_on_any_world_size(tmp_path, mb):
         assert {k: v[1:] for k, v in got.items()} == {k: v[1:] for k, v in ref.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("turns", [1, 2])
 def test_benchmark_cpu_smoke(tmp_path, turns):
     """benchmarks/packing.py --tiny: JSON lines for packing off and on, the same real tokens per step

@@ -10,9 +10,8 @@ import json
 
 import pytest
 import torch
-from helpers import randomize_lora_b
-from test_multiturn_packing import C, V, random_example
-from test_model_training_forward import tiny_model
+
+from helpers import C, V, random_example, randomize_lora_b, tiny_model
 
 from blockdiff.data.canvas import collate, collate_packed
 from blockdiff.lora import apply_lora
@@ -21,6 +20,7 @@ from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scor
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["all_supervised", "reweighted"])
 def test_lora_packed_equals_conversations_unpacked(loss_type):
     model = tiny_model().train()
@@ -64,6 +64,7 @@ def test_lora_packed_equals_conversations_unpacked(loss_type):
     assert all(p.grad is None for p in model.parameters())  # autograd.grad: nothing accumulated
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:PEFT cannot express")  # expert adapters: blockdiff's own file
 def test_lora_packing_multiturn_train_run(tmp_path):
     """blockdiff.train.loop with LoRA + packing + every assistant turn supervised: runs, logs the packing

@@ -16,23 +16,14 @@ probability 0.5, so ranks draw different coins: pass 1 must still run on every r
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = str(ROOT / "tests" / "dist_worker.py")
-TIMEOUT = 240
-
-TINY = ["--model.num_layers", "2", "--train.global_batch_size", "4", "--train.micro_batch_size", "1",
-        "--objective.self_conditioning_prob", "0.5", "--logging.progress", "false",
-        "--logging.tensorboard", "false", "--checkpoint.export_final", "false", "--train.log_every", "1"]
+from helpers import ROOT, TIMEOUT, TINY, WORKER, check_ranks_done, free_port, logged_losses, torchrun, torchrun_env
 
 
 @pytest.fixture(scope="module")
@@ -41,30 +32,6 @@ def data(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("pdata")
     return str(write_splits(d, 40, 8, seed=0)[0])
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None), env.pop("RANK", None), env.pop("LOCAL_RANK", None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _check_done(out: Path, world: int, procs_output: str) -> None:
-    missing = [r for r in range(world) if not Path(f"{out}.rank{r}.done").exists()]
-    assert not missing, f"ranks {missing} did not finish cleanly:\n{procs_output[-6000:]}"
-
-
-def torchrun(n: int, mode: str, out: Path, *args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", WORKER, mode,
-           str(out), *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    _check_done(out, n, p.stdout + p.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +55,7 @@ def assert_same_step(ref: dict, got: dict) -> None:
             assert diff <= 1e-5 * scale + 1e-7, f"{k}: max|diff| {diff:.3g} vs max|g| {scale:.3g}"
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("nproc,ep,extra", [(2, 1, []), (2, 2, []), (4, 2, []),
                                             (4, 2, ["--parallel.reshard_after_forward", "false"])],
                          ids=["fsdp", "ep", "fsdp+ep", "fsdp+ep-no-reshard"])
@@ -124,6 +92,7 @@ def multiturn_data(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("reduction", ["token", "example"])
 def test_packed_multiturn_step_equals_single_process(multiturn_data, tmp_path, reduction):
     sys.path.insert(0, str(ROOT / "tests"))
@@ -153,6 +122,7 @@ def test_packed_multiturn_step_equals_single_process(multiturn_data, tmp_path, r
     assert_same_step(ref, load_file(str(out)))
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_gives_the_same_gradients(data, reference, tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
     import dist_worker
@@ -162,6 +132,7 @@ def test_activation_checkpointing_gives_the_same_gradients(data, reference, tmp_
     assert_same_step(reference, got)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-exchanges", "recompute-exchanges"])
 def test_activation_checkpointing_with_expert_parallel(data, reference, tmp_path, recompute):
     """AC + ep 2: the same step as one process either way; by default the recomputed layers replay the
@@ -238,7 +209,7 @@ def test_dense_work_is_queued_between_count_exchange_and_row_exchange():
 
 def test_permutation_is_a_gather_both_ways():
     """The dispatcher's regrouping by local expert: values as plain indexing, gradient the inverse gather."""
-    from blockdiff.parallel.parallelize import _Permute
+    from blockdiff.parallel.experts import _Permute
 
     order = torch.randperm(9, generator=torch.Generator().manual_seed(0))
     inverse = torch.argsort(order)
@@ -248,11 +219,7 @@ def test_permutation_is_a_gather_both_ways():
     assert torch.autograd.gradcheck(lambda a: _Permute.apply(a, order, inverse), (x,))
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
+@pytest.mark.dist
 def test_save_on_4_ranks_resume_on_2(data, tmp_path):
     from blockdiff.config.schema import demo_config_path, load_config
     from blockdiff.train.loop import train
@@ -268,7 +235,7 @@ def test_save_on_4_ranks_resume_on_2(data, tmp_path):
     assert meta["world_size"] == 4 and meta["format"].endswith("dcp-v1")
     torchrun(2, "train", tmp_path / "b", *base, "--train.output_dir", str(run), "--train.max_steps", "4",
              "--parallel.ep", "2", "--checkpoint.export_final", "true")
-    ref, got = _losses(ref_dir), _losses(run)
+    ref, got = logged_losses(ref_dir), logged_losses(run)
     assert sorted(got) == [1, 2, 3, 4]
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=1e-4), (s, got[s], ref[s])
@@ -282,14 +249,15 @@ def test_save_on_4_ranks_resume_on_2(data, tmp_path):
         torch.testing.assert_close(sd[k], v, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.dist
 def test_two_nodes_on_loopback(data, tmp_path):
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "nodes"
     args = [WORKER, "train", str(out), "--data.train_path", data, "--train.output_dir", str(tmp_path / "run"),
             *TINY, "--train.max_steps", "2", "--parallel.ep", "2"]
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={r}",
                                "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                               "--rdzv-id=blockdiff-test", *args], cwd=ROOT, env=_env(),
+                               "--rdzv-id=blockdiff-test", *args], cwd=ROOT, env=torchrun_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     logs = ""
     try:
@@ -299,8 +267,8 @@ def test_two_nodes_on_loopback(data, tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    _check_done(out, 2, logs)
-    assert sorted(_losses(tmp_path / "run")) == [1, 2]
+    check_ranks_done(out, 2, logs)
+    assert sorted(logged_losses(tmp_path / "run")) == [1, 2]
 
 
 def test_impossible_layouts_are_refused(data, tmp_path):
@@ -317,13 +285,14 @@ def test_impossible_layouts_are_refused(data, tmp_path):
         parallelize(model, cfg, DistInfo(0, 3, 0, torch.device("cpu")))
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("routing", ["model", "balanced"])
 def test_scaling_benchmark_smoke_reports_expert_load(tmp_path, routing):
     """benchmarks/scaling.py throughput (the device benchmark) on 2 CPU processes with its expert-load record."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(ROOT / "benchmarks" / "scaling.py"), "throughput", "--tiny", "--ep", "2", "--steps", "3",
            "--warmup", "1", "--expert-load", "--routing", routing, "--workdir", str(tmp_path)]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    p = subprocess.run(cmd, cwd=ROOT, env=torchrun_env(), capture_output=True, text=True, timeout=TIMEOUT)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith('{"world_size"')]
     assert lines, p.stdout[-3000:] + p.stderr[-3000:]
     got = json.loads(lines[0])

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import dist_worker  # noqa: E402
-from test_parallel import torchrun  # noqa: E402
+from helpers import torchrun  # noqa: E402
 
 TINY = ["--model.num_layers", "2", "--train.global_batch_size", "4", "--train.micro_batch_size", "2",
         "--objective.self_conditioning_prob", "0.5", "--logging.progress", "false", "--logging.tensorboard", "false",
@@ -47,6 +47,7 @@ def case(prompts, seeds, eos):
     return {"prompts": prompts, "seeds": seeds, "settings": {**SAMPLER, "eos_token_ids": list(eos)}}
 
 
+@pytest.mark.dist
 def test_two_processes_with_fsdp_and_ep_evaluate_as_one(data, tmp_path):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 900, (n,), generator=g).tolist() for n in (5, 9, 7, 12, 6, 10, 8, 11)]

@@ -24,7 +24,7 @@ from blockdiff.train.loading import model_config
 from blockdiff.plan.estimate import make_plan, simulate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_parallel import TINY, torchrun  # noqa: E402
+from helpers import TINY, torchrun  # noqa: E402
 
 PADDED = ["--model.from_config.text_config.vocab_size", "1027"]
 
@@ -36,6 +36,7 @@ def data(tmp_path_factory):
     return str(write_splits(tmp_path_factory.mktemp("plandata"), 40, 8, seed=0)[0])
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("nproc,extra", [
     (2, ["--parallel.ep", "2"]),
     (4, ["--parallel.ep", "2", "--lora.enabled", "true", "--lora.experts", "true"]),
@@ -85,6 +86,7 @@ def released_sft(tmp_path_factory):
                                      ["--model.name_or_path", str(d), *over])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ep", [8, 4])
 def test_released_model_on_8_meta_ranks(released_sft, ep):
     cfg = released_sft("--parallel.ep", str(ep))
@@ -235,6 +237,7 @@ def test_cpu_run_logs_the_plan(tmp_path, caplog):
     assert "memory plan per process: weights" in caplog.text
 
 
+@pytest.mark.slow
 def test_several_ranks_are_planned_in_a_child_process(tmp_path, monkeypatch):
     import torch.distributed as tdist
 

@@ -9,8 +9,7 @@ import torch
 from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, draw_noise, freeze_router
 from blockdiff.parallel.parallelize import apply_activation_checkpointing
 from blockdiff.train.precision import working_weights
-from test_model_training_forward import V, tiny_model
-from test_objective import batch_of
+from helpers import V, batch_of, tiny_model
 
 
 def _grads(model, dtype=None, seed=0):
@@ -80,6 +79,7 @@ def test_each_parameter_cast_once_including_the_tied_embedding():
     assert all(model.get_parameter(n) is p for n, p in before.items())
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_recomputes_with_the_working_weights():
     plain, checkpointed = _model(), _model()
     apply_activation_checkpointing(checkpointed)

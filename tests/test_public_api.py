@@ -17,7 +17,7 @@ EXPECTED = {
     "load_config": "blockdiff.config.schema",
     "config_from_dict": "blockdiff.config.schema",
     "export_run": "blockdiff.checkpoint.export",
-    "SamplerSettings": "blockdiff.infer.sampling",
+    "SamplerSettings": "blockdiff.infer.settings",
     "generate": "blockdiff.infer.sampling",
     "generate_text": "blockdiff.infer.prompting",
     "load_for_inference": "blockdiff.infer.evaluate",
@@ -51,6 +51,7 @@ def test_every_public_name_is_the_real_object():
         blockdiff.nope
 
 
+@pytest.mark.slow
 def test_script_trains_exports_loads_denoises_and_generates(tmp_path):
     from blockdiff.data.synthetic import generate as synthetic_rows
 

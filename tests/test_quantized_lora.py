@@ -319,6 +319,7 @@ def _nvfp4_checkpoint(src, out):
     return expected
 
 
+@pytest.mark.slow
 def test_nvfp4_checkpoint_loads_dequantized_and_unknown_quantization_is_refused(ckpt, tmp_path):
     from blockdiff.errors import CheckpointError
     from blockdiff.model.hf import names as hf_names
@@ -355,7 +356,7 @@ def test_nvfp4_checkpoint_loads_dequantized_and_unknown_quantization_is_refused(
 @pytest.mark.slow
 @pytest.mark.dist
 def test_int8_base_on_two_gloo_processes_with_expert_parallelism_matches_one(ckpt, tmp_path):
-    from test_parallel import _losses, torchrun
+    from helpers import logged_losses, torchrun
 
     from blockdiff.data.synthetic import write_splits
     from blockdiff.train.loop import train
@@ -366,7 +367,7 @@ def test_int8_base_on_two_gloo_processes_with_expert_parallelism_matches_one(ckp
     two = tmp_path / "two"
     torchrun(2, "train", tmp_path / "done", *[str(a) for a in _cfg_args(ckpt, data, two, 2, *args)],
              "--parallel.ep", "2", "--train.micro_batch_size", "1")
-    ref, got = _losses(one), _losses(two)
+    ref, got = logged_losses(one), logged_losses(two)
     assert ref.keys() == got.keys() and len(ref) == 2
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-4)

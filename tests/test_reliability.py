@@ -25,16 +25,13 @@ import torch
 from safetensors.torch import load_file
 
 from blockdiff.cli.main import main
-from blockdiff.config.schema import demo_config_path, load_config
+from blockdiff.config.schema import demo_config_path
 from blockdiff.data.synthetic import write_splits
 from blockdiff.train.metrics import read_metrics
 from blockdiff.train.loop import train
+from helpers import args_for, cfg_for, final_weights, inject, trajectory
 
 STEPS = 10  # the kill / signal runs
-# a 1-layer demo model, one micro-batch of 2 per step: ~0.2 s a step on one CPU thread
-FAST = ["--model.num_layers", "1", "--train.global_batch_size", "2", "--train.micro_batch_size", "2",
-        "--train.log_every", "1", "--logging.progress", "false", "--logging.tensorboard", "false",
-        "--checkpoint.export_final", "false"]
 SRC = Path(__file__).resolve().parents[1] / "src" / "blockdiff"
 
 
@@ -43,15 +40,6 @@ def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     train_path, _ = write_splits(d, 40, 4, seed=0)
     return str(train_path)
-
-
-def args_for(data, out, steps, *extra):
-    return ["--data.train_path", str(data), "--train.output_dir", str(out), "--train.max_steps", str(steps),
-            *FAST, *extra]
-
-
-def cfg_for(data, out, steps, *extra):
-    return load_config(demo_config_path(), args_for(data, out, steps, *extra))
 
 
 def run_cli(capsys, *args):
@@ -63,15 +51,6 @@ def run_cli(capsys, *args):
     err = re.sub(r"--- Logging error ---.*?\nArguments: [^\n]*\n", "", err, flags=re.S)
     assert "Traceback" not in err, err
     return rc, [ln for ln in err.splitlines() if ln.startswith("blockdiff train: error:")], err
-
-
-def trajectory(run_dir):
-    keys = ("loss", "diffusion_loss", "ar_loss", "grad_norm", "lr", "nan_skipped")
-    return [(r["step"], *(r[k] for k in keys)) for r in read_metrics(run_dir) if "loss" in r]
-
-
-def final_weights(run_dir, step):
-    return load_file(str(Path(run_dir) / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +236,7 @@ def test_unwritable_output_dir(data, tmp_path, capsys, how):
     assert f"error: {out}: field 'train.output_dir': {want}" in errors[0], errors[0]
 
 
+@pytest.mark.slow
 def test_fuzz_tokenization_and_canvas_building():
     """Random (valid or not) conversations through validate -> chat template -> canvas: either a DataError
     with a field, a counted skip, or an Example with every invariant the trainer relies on."""
@@ -348,6 +328,7 @@ def check_checkpoint_invariants(run_dir, keep_last):
     return meta["step"]
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(data, straight, tmp_path):
     rng = random.Random(8)
     keep = 2
@@ -409,6 +390,7 @@ def test_torn_metrics_line_is_dropped_on_resume(finished, tmp_path, data):
 # --------------------------------------------------------------------------- 3. SIGTERM / SIGUSR1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_preemption_signal_checkpoints_and_exits_0(data, straight, tmp_path, sig):
     run = tmp_path / "run"
@@ -429,36 +411,6 @@ def test_preemption_signal_checkpoints_and_exits_0(data, straight, tmp_path, sig
 
 
 # ------------------------------------------------------------------------------ 4. numerical faults
-
-
-class _NanGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("nan")
-
-
-def inject(monkeypatch, at_step: int, where: str):
-    """Make the loss (or only the gradient) non-finite at 1-based ``at_step`` (one micro-batch per step)."""
-    import blockdiff.train.step as tr
-
-    real, calls = tr.compute_loss, []
-
-    def compute_loss(*a, **k):
-        out = real(*a, **k)
-        calls.append(1)
-        if len(calls) == at_step:
-            if where == "loss":
-                out["diffusion_loss"] = out["diffusion_loss"] * float("nan")
-                out["loss"] = out["loss"] * float("nan")
-            else:
-                out["loss"] = _NanGrad.apply(out["loss"])
-        return out
-
-    monkeypatch.setattr(tr, "compute_loss", compute_loss)
 
 
 def expected_ids(step0: int):
@@ -513,6 +465,7 @@ def test_grad_norm_guard_unit():
     assert GradNormGuard().observe(1, 1e9) is None  # no history yet: no judgement
 
 
+@pytest.mark.slow
 def test_grad_norm_explosion_warns_during_training(data, tmp_path, monkeypatch, caplog):
     import blockdiff.train.step as tr
 
@@ -534,6 +487,7 @@ def test_grad_norm_explosion_warns_during_training(data, tmp_path, monkeypatch, 
 # ------------------------------------------------------------------------ 5. disk full / unwritable
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["OSError", "SafetensorError"])
 def test_disk_full_keeps_last_good_checkpoint(data, tmp_path, capsys, monkeypatch, failure):
     import blockdiff.checkpoint.training as ck
@@ -630,6 +584,7 @@ def test_chat_templates_render_in_the_sandbox(tmp_path):
         assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_no_network_unless_a_hub_id_is_asked_for(tmp_path, monkeypatch, data):
     import socket
 

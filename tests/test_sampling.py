@@ -7,13 +7,12 @@ import pytest
 import torch
 from transformers.models.diffusion_gemma import generation_diffusion_gemma as ref
 
-from blockdiff.infer import prompting, sampling
+from blockdiff.infer import prompting, sampling, vocab
 from blockdiff.errors import ConfigError
-from blockdiff.model.config import ModelConfig
-from blockdiff.model.diffusion_gemma import DiffusionGemma
-from blockdiff.infer.sampling import (SamplerSettings, entropy_bound_accept, generate, should_stop, temperature_at,
-                                token_entropy)
-from helpers import load_blockdiff, make_hf_checkpoint, tiny_hf_config
+from blockdiff.infer.sampling import generate
+from blockdiff.infer.settings import SamplerSettings
+from blockdiff.infer.vocab import entropy_bound_accept, should_stop, temperature_at, token_entropy
+from helpers import load_blockdiff, make_hf_checkpoint, peaked_tiny_model
 
 C = 8
 
@@ -23,21 +22,6 @@ def fixed_logits(B=3, L=C, V=16, seed=0):
     # mixed sharpness: some rows/positions confident, some flat, so the bound cuts mid-canvas
     scale = torch.tensor([0.3, 3.0, 12.0])[torch.randint(0, 3, (B, L), generator=g)]
     return torch.randn(B, L, V, generator=g) * scale[..., None]
-
-
-def build_model(vocab=128, seed=0):
-    """Random tiny model with non-trivial weights (std 0.08, noisy norms) so logits are peaked."""
-    cfg = ModelConfig.from_hf(tiny_hf_config(canvas=C, vocab=vocab))
-    model = DiffusionGemma(cfg, attn_backend="sdpa")
-    g = torch.Generator().manual_seed(seed)
-    model.init_weights(g)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.mul_(4.0)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,7 +37,7 @@ def one_thread():
 def tiny_model():
     # float64: cached vs re-encoded prefixes (and padded vs unpadded batches) differ by fp32 reduction
     # order (~1e-6), which the cold test temperature amplifies enough to flip a rare near-tie sample.
-    return build_model().double()
+    return peaked_tiny_model().double()
 
 
 # ---- settings -------------------------------------------------------------------------------
@@ -128,7 +112,7 @@ def test_stopping_matches_reference(S):
     B, L, V = 3, C, 16
     g = torch.Generator().manual_seed(S)
     crit = ref.StableAndConfidentStoppingCriteria(stability_threshold=S, confidence_threshold=0.05)
-    history = sampling.new_stability_history(S, B, L, "cpu")
+    history = vocab.new_stability_history(S, B, L, "cpu")
     base = torch.randint(0, V, (B, L), generator=g)
     for step in range(6):
         argmax = base.clone()
@@ -145,11 +129,11 @@ def test_stopping_matches_reference(S):
 def test_sample_categorical_is_a_categorical_sampler():
     logits = torch.tensor([[[0.0, 1.0, -math.inf, 2.0]]]).expand(1, 20000, 4).contiguous()
     u = torch.rand(1, 20000, generator=torch.Generator().manual_seed(0))
-    draws = sampling.sample_categorical(logits, u)
+    draws = vocab.sample_categorical(logits, u)
     freq = torch.bincount(draws.flatten(), minlength=4).float() / draws.numel()
     torch.testing.assert_close(freq, torch.softmax(logits[0, 0], -1), atol=0.015, rtol=0)
     assert freq[2] == 0
-    edge = sampling.sample_categorical(logits[:, :2], torch.tensor([[0.0, 1.0 - 1e-9]]))
+    edge = vocab.sample_categorical(logits[:, :2], torch.tensor([[0.0, 1.0 - 1e-9]]))
     assert edge.tolist() == [[0, 3]]
 
 
@@ -164,9 +148,9 @@ def test_sample_categorical_equals_the_full_inverse_cdf(V, chunk):
     u = torch.rand(2, 64, generator=g)
     cdf = torch.cumsum(torch.softmax(logits.double(), -1), -1)
     want = torch.searchsorted(cdf, (u.double() * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
-    assert torch.equal(sampling.sample_categorical(logits, u, chunk=chunk), want.clamp(max=V - 1))
+    assert torch.equal(vocab.sample_categorical(logits, u, chunk=chunk), want.clamp(max=V - 1))
     top = torch.tensor([[[0.0, 1.0, 2.0, 3.0] + [-math.inf] * 4]])  # last chunk all impossible
-    assert sampling.sample_categorical(top, torch.tensor([[1.0 - 1e-9]]), chunk=4).item() == 3
+    assert vocab.sample_categorical(top, torch.tensor([[1.0 - 1e-9]]), chunk=4).item() == 3
 
 
 # ---- generate -------------------------------------------------------------------------------
@@ -183,6 +167,7 @@ def gen_settings(**kw):
     return SamplerSettings(**base)
 
 
+@pytest.mark.slow
 def test_generate_multiblock_cache_equals_reencode(tiny_model):
     events = []
     s = gen_settings()
@@ -197,6 +182,7 @@ def test_generate_multiblock_cache_equals_reencode(tiny_model):
     assert generate(tiny_model, PROMPTS, gen_settings(seed=6)) != cached
 
 
+@pytest.mark.slow
 def test_generate_batch_equals_alone(tiny_model):
     s = gen_settings(max_new_tokens=16)
     batched = generate(tiny_model, PROMPTS, s)
@@ -213,6 +199,7 @@ def test_generate_batch_equals_alone(tiny_model):
     assert shuffled == [batched[i] for i in order]
 
 
+@pytest.mark.slow
 def test_generate_eos_cut_and_row_dropping(tiny_model):
     s = gen_settings()
     free = generate(tiny_model, PROMPTS, s)
@@ -220,7 +207,7 @@ def test_generate_eos_cut_and_row_dropping(tiny_model):
     with_eos = generate(tiny_model, PROMPTS, gen_settings(eos_token_ids=(eos,)))
     for row_free, row_eos in zip(free, with_eos):
         # later blocks are unchanged by other rows stopping (per-row, per-block random streams)
-        assert row_eos == sampling.cut_at_eos(row_free, (eos,))
+        assert row_eos == vocab.cut_at_eos(row_free, (eos,))
     assert len(with_eos[1]) <= 10
     # max_new_tokens not a multiple of the canvas: truncated
     assert [len(o) for o in generate(tiny_model, PROMPTS[:1], gen_settings(max_new_tokens=13))] == [13]
@@ -231,7 +218,7 @@ def test_generate_text_uses_chat_template(monkeypatch):
     from blockdiff.data.chat import render_generation_prompt
 
     tok = load_tiny_tokenizer()
-    model = build_model(vocab=len(tok))
+    model = peaked_tiny_model(vocab=len(tok))
     conv = [{"role": "user", "content": "Tom has 3 apples."}]
     seen = []
     real = sampling.generate
@@ -294,6 +281,7 @@ def test_cuda_only_switches_do_not_change_cpu_sampling(tiny_model):
     assert off == ref
 
 
+@pytest.mark.slow
 def test_compiled_layers_are_installed_for_one_generate_call_only(tiny_model, monkeypatch):
     """CUDA sampling compiles the layers for the duration of generate; here torch.compile is an identity
     wrapper that counts calls, so the wiring (every layer through the compiled function, same tokens,

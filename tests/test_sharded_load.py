@@ -27,8 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_hf_checkpoint
-from test_parallel import _losses, torchrun
+from helpers import logged_losses, make_hf_checkpoint, torchrun
 
 LORA = ["--lora.enabled", "true", "--lora.experts", "true", "--lora.rank", "3", "--lora.self_conditioning", "true"]
 LAYOUTS = {2: [["--parallel.ep", "1"], ["--parallel.ep", "2"], ["--parallel.ep", "2", *LORA]],
@@ -92,6 +91,7 @@ def _text_bytes(ckpt: Path, num_layers: int | None) -> int:
     return total
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_load_equals_single_process_within_shard_memory(ckpt, tmp_path, world):
     layouts = [[*_base(ckpt), *lay] for lay in LAYOUTS[world]]
@@ -127,6 +127,7 @@ def test_sharded_load_equals_single_process_within_shard_memory(ckpt, tmp_path, 
             assert (fig["logged"]["bytes_read"], fig["logged"]["resident_bytes"]) == (fig["read"], fig["resident"])
 
 
+@pytest.mark.dist
 def test_resume_on_meta_built_models_across_world_sizes(ckpt, tmp_path):
     from blockdiff.data.synthetic import write_splits
     from blockdiff.train.loop import train
@@ -145,7 +146,7 @@ def test_resume_on_meta_built_models_across_world_sizes(ckpt, tmp_path):
     meta = json.loads((out / "checkpoints" / "step_00000003" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["format"].endswith("dcp-v1")
     train(_cfg(ckpt, [*run, "--train.output_dir", str(out), "--train.max_steps", "4"]))
-    want, got = _losses(ref), _losses(out)
+    want, got = logged_losses(ref), logged_losses(out)
     assert sorted(got) == [1, 2, 3, 4]
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-4), (step, got[step], want[step])
@@ -183,18 +184,18 @@ def test_bad_checkpoint_is_refused_before_training(ckpt, tmp_path):
     from blockdiff.parallel.distributed import DistInfo
     from blockdiff.errors import CheckpointError
     from blockdiff.train.loading import build_training_model
-    from blockdiff.model.hf import io as hf_io
+    from blockdiff.model.hf import load as hf_load
 
     bad = Path(shutil.copytree(ckpt, tmp_path / "bad"))
-    index = json.loads((bad / hf_io.INDEX).read_text())
+    index = json.loads((bad / hf_load.INDEX).read_text())
     name, other = "model.decoder.layers.1.mlp.up_proj.weight", "model.decoder.norm.weight"
     index["weight_map"][name] = index["weight_map"][other] if index["weight_map"][name] != \
         index["weight_map"][other] else sorted(set(index["weight_map"].values()))[0]
-    (bad / hf_io.INDEX).write_text(json.dumps(index))
+    (bad / hf_load.INDEX).write_text(json.dumps(index))
     one = DistInfo(0, 1, 0, torch.device("cpu"))
     with pytest.raises(CheckpointError, match=rf"model-\d+-of-\d+\.safetensors.*missing tensor {name} \(the index "):
         build_training_model(_cfg(bad, []), one)
     del index["weight_map"][name]
-    (bad / hf_io.INDEX).write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=rf"{hf_io.INDEX}.*missing tensor {name} \(expected in"):
+    (bad / hf_load.INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"{hf_load.INDEX}.*missing tensor {name} \(expected in"):
         build_training_model(_cfg(bad, []), one)

@@ -32,6 +32,7 @@ def losses(run_dir):
     return [(r["step"], r["loss"], r["diffusion_loss"], r["ar_loss"]) for r in read_metrics(run_dir) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
     straight = train(cfg_for(data, tmp_path / "straight", 6, "--checkpoint.every_steps", "0"))
     # 3 steps, stop; then the same config with max_steps 6 resumes from the step-3 checkpoint
@@ -47,6 +48,7 @@ def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_accumulation_split_is_equivalent(data, tmp_path):
     one = train(cfg_for(data, tmp_path / "mb4", 3, "--train.micro_batch_size", "4"))
     two = train(cfg_for(data, tmp_path / "mb1", 3, "--train.micro_batch_size", "1"))
@@ -58,6 +60,7 @@ def test_loss_falls_and_accumulation_split_is_equivalent(data, tmp_path):
         assert la == pytest.approx(lb, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_train_plot_export_and_transformers_loads_it(data, tmp_path):
     run = tmp_path / "run"
     args = ["train", "-c", demo_config_path(), "--data.train_path", data, "--train.output_dir", str(run),
@@ -92,6 +95,7 @@ def test_cli_train_plot_export_and_transformers_loads_it(data, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_periodic_eval_is_logged_beside_the_loss(data, tmp_path, monkeypatch):
     from pathlib import Path
 
@@ -136,6 +140,7 @@ def test_inconsistent_canvas_length_is_rejected(data, tmp_path, capsys):
     assert "data.canvas_length" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_command_end_to_end(tmp_path, capsys):
     """`blockdiff demo` itself (few steps): data, train, plot, export, reload, sample, report."""
     out = tmp_path / "demo"
@@ -148,6 +153,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert "held-out exact match" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_profile_window_writes_tables_and_summary(data, tmp_path):
     run = train(cfg_for(data, tmp_path / "p", 4, "--checkpoint.every_steps", "0", "--logging.profile_at", "2",
                         "--logging.profile_steps", "2"))

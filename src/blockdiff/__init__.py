@@ -30,7 +30,7 @@ _EXPORTS = {
     "config_from_dict": ("blockdiff.config.schema", "config_from_dict"),
     "fit": ("blockdiff.train.loop", "train"),
     "export_run": ("blockdiff.checkpoint.export", "export_run"),
-    "SamplerSettings": ("blockdiff.infer.sampling", "SamplerSettings"),
+    "SamplerSettings": ("blockdiff.infer.settings", "SamplerSettings"),
     "generate": ("blockdiff.infer.sampling", "generate"),
     "generate_text": ("blockdiff.infer.prompting", "generate_text"),
     "load_for_inference": ("blockdiff.infer.evaluate", "load_for_inference"),

@@ -17,12 +17,23 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from blockdiff.checkpoint.live_export import export_model
 from blockdiff.checkpoint.training import DCP_FORMAT, latest_checkpoint
 from blockdiff.config.schema import load_config
 from blockdiff.errors import CheckpointError
+from blockdiff.lora import apply_lora, peft_adapter_payload, write_peft_adapter
+from blockdiff.model.config import ModelConfig
+from blockdiff.model.diffusion_gemma import DiffusionGemma
+from blockdiff.model.hf import load as hf_load, names as hf_names
+from blockdiff.model.hf.load import Checkpoint
 from blockdiff.model.hf.save import (DEFAULT_MAX_SHARD_SIZE, TensorFiles, check_overwritable, is_export, own_state,
-                            parse_export_dtype)
+                                     parse_export_dtype)
+from blockdiff.train.loading import build_model
+from blockdiff.train.setup import load_tokenizer
 
 
 class _CheckpointTensors:
@@ -35,9 +46,6 @@ class _CheckpointTensors:
             raise CheckpointError(f"unreadable checkpoint metadata: {e}", file=str(ckpt / "meta.json")) from None
         self.ckpt, self.dcp = ckpt, meta.get("format") == DCP_FORMAT
         if self.dcp:
-            from torch.distributed.checkpoint import FileSystemReader
-            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
             class _Reader(FileSystemReader):  # the metadata is read once, not once per tensor
                 def read_metadata(self, *args, **kwargs):
                     if not hasattr(self, "_metadata"):
@@ -66,8 +74,6 @@ class _CheckpointTensors:
     def read(self, name: str) -> torch.Tensor:
         if not self.dcp:
             return self.files.read(name)
-        import torch.distributed.checkpoint as dcp
-
         shape, dtype = self.stored[name]
         state = {f"model.{name}": torch.empty(shape, dtype=dtype)}
         with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process, on purpose
@@ -84,16 +90,10 @@ def _skeleton(cfg):
     """The run's model without its weights: on meta for a checkpoint source (with ``hf_source`` set, so the
     export carries the source's files), rebuilt on the CPU for a ``from_config`` run."""
     if cfg.model.from_config is not None:
-        from blockdiff.train.loading import build_model
-
         return build_model(cfg, torch.device("cpu"))
-    from blockdiff.model.hf import io as hf_io
-    from blockdiff.model.config import ModelConfig
-    from blockdiff.model.diffusion_gemma import DiffusionGemma
-
-    src = hf_io.resolve_checkpoint_dir(cfg.model.name_or_path)
-    hf_config = hf_io.read_hf_config(src)
-    config = hf_io._reduce_depth(ModelConfig.from_hf(hf_config), cfg.model.num_layers)
+    src = hf_load.resolve_checkpoint_dir(cfg.model.name_or_path)
+    hf_config = hf_load.read_hf_config(src)
+    config = hf_load.reduce_depth(ModelConfig.from_hf(hf_config), cfg.model.num_layers)
     with torch.device("meta"):
         model = DiffusionGemma(config, attn_backend=cfg.model.attn_backend)
     model.hf_config, model.hf_source = hf_config, {"dir": str(src), "carried": {}}
@@ -102,10 +102,6 @@ def _skeleton(cfg):
 
 def _base_reader(model, stack: contextlib.ExitStack):
     """Tensors that are not in a LoRA checkpoint (the frozen base), by state-dict name."""
-    from blockdiff.model.hf import names as hf_names
-
-    from blockdiff.model.hf.load import Checkpoint
-
     if model.hf_source is None:  # from_config: the rebuilt model holds them
         return own_state(model)[0]
     source = stack.enter_context(Checkpoint(model.hf_source["dir"]))  # NVFP4 sources read dequantized
@@ -135,16 +131,11 @@ def export_run(run_dir, out=None, step: int | None = None, merge: bool = False, 
             raise CheckpointError("refusing to overwrite a path that is not a previous export or adapter", file=out)
     else:
         check_overwritable(out)
-    from blockdiff.checkpoint.live_export import export_model
-    from blockdiff.train.setup import load_tokenizer
-
     model = _skeleton(cfg)
     with contextlib.ExitStack() as stack:
         stored = _CheckpointTensors(ckpt, stack)
         base = None
         if cfg.lora.enabled:
-            from blockdiff.lora import apply_lora
-
             apply_lora(model, cfg.lora)
             base = _base_reader(model, stack)
         shape_of = own_state(model)[1]
@@ -159,8 +150,6 @@ def export_run(run_dir, out=None, step: int | None = None, merge: bool = False, 
             return t if dtype is None else t.to(dtype)
 
         if adapter_only:  # the PEFT adapter directory (plus expert adapters PEFT cannot express, if any)
-            from blockdiff.lora import peft_adapter_payload, write_peft_adapter
-
             write_peft_adapter(out, *peft_adapter_payload(model, cfg.model.name_or_path, cfg.lora, fetch=fetch))
             return out
         export_model(model, out, dtype=dtype, max_shard_size=max_shard_size,

@@ -18,10 +18,13 @@ from pathlib import Path
 
 import torch
 
-from blockdiff.parallel.distributed import DistInfo, all_reduce_
-from blockdiff.model.hf.save import (DEFAULT_MAX_SHARD_SIZE, config_for_export, export_dtype, export_entries, model_items,
-                            model_source, own_state, text_entries, write_export)
+from blockdiff.errors import CheckpointError
+from blockdiff.lora import apply_lora, has_lora, merged_items, peft_adapter_payload, write_peft_adapter
 from blockdiff.lora.quantize import has_quantized_base
+from blockdiff.model.diffusion_gemma import DiffusionGemma
+from blockdiff.model.hf.save import (DEFAULT_MAX_SHARD_SIZE, config_for_export, export_dtype, export_entries,
+                                     model_items, model_source, own_state, text_entries, write_export)
+from blockdiff.parallel.distributed import DistInfo, all_reduce_
 from blockdiff.parallel.parallelize import full_tensor, global_view, is_sharded, reshard_all
 
 log = logging.getLogger("blockdiff")
@@ -65,7 +68,6 @@ def export_model(model, out_dir, dist: DistInfo | None = None, *, dtype=None,
     tensors from elsewhere than the model (``blockdiff export`` reads a run's checkpoint). Returns the
     writer's stats: files, total_size, peak_bytes (the most tensor bytes rank 0 held at once). A quantized
     frozen base (``lora.base_quantization``) is exported from the source checkpoint's weights."""
-
     t0 = time.perf_counter()
     writer = dist is None or dist.rank == 0
     with contextlib.ExitStack() as stack:
@@ -79,10 +81,7 @@ def _unquantized_view(model, stack: contextlib.ExitStack):
     """(skeleton, fetch, shape_of) of a model whose frozen base is quantized: the same model on ``meta`` with
     plain tensors (names and shapes), its trained and unquantized tensors read from the live model, the
     frozen base from the SOURCE checkpoint (its own weights, never the quantized ones)."""
-    from blockdiff.checkpoint.export import _base_reader
-    from blockdiff.errors import CheckpointError
-    from blockdiff.lora import apply_lora
-    from blockdiff.model.diffusion_gemma import DiffusionGemma
+    from blockdiff.checkpoint.export import _base_reader  # here: checkpoint.export imports this module (cycle)
 
     if getattr(model, "hf_source", None) is None:
         raise CheckpointError("the frozen base of this run exists only quantized (built from model.from_config): "
@@ -105,8 +104,6 @@ def _unquantized_view(model, stack: contextlib.ExitStack):
 
 def _export(model, out_dir, dist, dtype, max_shard_size, base_model_name_or_path, lora_cfg, fetch, shape_of, writer,
             t0) -> dict:
-    from blockdiff.lora import has_lora, merged_items, peft_adapter_payload, write_peft_adapter
-
     if fetch is None:
         fetch, shape_of = state_access(model)
     source = model_source(model)

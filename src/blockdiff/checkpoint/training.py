@@ -26,11 +26,15 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import distribute_tensor
 
 from blockdiff.errors import CheckpointError
 from blockdiff.fsutil import fsync_path, fsync_tree
+from blockdiff.lora import checkpoint_state, has_lora, trainable_state_dict
+from blockdiff.parallel.parallelize import global_view, is_dtensor, is_sharded, reshard_all
 
 FORMAT = "blockdiff-train-checkpoint-v1"
 DCP_FORMAT = "blockdiff-train-checkpoint-dcp-v1"
@@ -85,9 +89,7 @@ def save_checkpoint(run_dir, step: int, model, optimizer, meta: dict, keep_last:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        from blockdiff.lora import checkpoint_state  # a LoRA model stores its adapters only, never the frozen base
-
-        own, extra = checkpoint_state(model)
+        own, extra = checkpoint_state(model)  # a LoRA model stores its adapters only, never the frozen base
         state = {k: v.detach().to("cpu").contiguous() for k, v in own.items()}
         save_file(state, str(tmp / "model.safetensors"))
         save_file(optimizer_tensors(model, optimizer), str(tmp / "optimizer.safetensors"))
@@ -155,8 +157,6 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
         raise CheckpointError(f"corrupted or unreadable tensor file: {e}", file=model_file) from None
     adapters_only = bool(meta.get("adapters_only"))
     if adapters_only:  # LoRA run: the frozen base comes from the base model, the checkpoint has the adapters
-        from blockdiff.lora import has_lora, trainable_state_dict
-
         if not has_lora(model):
             raise CheckpointError("this checkpoint holds LoRA adapters only: apply_lora to the base model before "
                                   "loading it", file=str(path / "meta.json"), field="adapters_only")
@@ -187,14 +187,10 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
 
 
 def _has_lora(model) -> bool:
-    from blockdiff.lora import has_lora
-
     return has_lora(model)
 
 
 def _sharded(model) -> bool:
-    from blockdiff.parallel.parallelize import is_sharded
-
     return is_sharded(model)
 
 
@@ -217,8 +213,6 @@ def _init_optimizer_state(model, optimizer) -> None:
 
 def _dcp_state(model, optimizer) -> dict:
     """name -> tensor in the global layout (DTensors share storage with params / optimizer state)."""
-    from blockdiff.parallel.parallelize import global_view, reshard_all
-
     if _sharded(model):
         reshard_all(model)
     # a LoRA model stores its adapters only, never the frozen base (as save_checkpoint does)
@@ -244,8 +238,6 @@ def _barrier() -> None:
 
 def save_sharded_checkpoint(run_dir, step: int, model, optimizer, meta: dict, keep_last: int = 2) -> Path:
     """Collective: every rank calls it. DCP save into a temp dir, then rank 0 publishes it atomically."""
-    import torch.distributed.checkpoint as dcp
-
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / f"step_{step:08d}"
@@ -293,8 +285,6 @@ def save_sharded_checkpoint(run_dir, step: int, model, optimizer, meta: dict, ke
 
 def _load_into(path: Path, meta: dict, model, optimizer) -> None:
     """Load a DCP checkpoint (any world size / ep) or a single-process one into a (sharded) model."""
-    import torch.distributed.checkpoint as dcp
-
     if optimizer is not None:
         _init_optimizer_state(model, optimizer)
     state = _dcp_state(model, optimizer)
@@ -306,8 +296,6 @@ def _load_into(path: Path, meta: dict, model, optimizer) -> None:
                                   file=str(path)) from None
         return
     # single-process safetensors checkpoint -> every rank reads the file and copies its own shard
-    from blockdiff.parallel.parallelize import _is_dtensor
-
     files = {"model": path / "model.safetensors", "optim": path / "optimizer.safetensors"}
     loaded = {}
     for kind, f in files.items():
@@ -326,9 +314,7 @@ def _load_into(path: Path, meta: dict, model, optimizer) -> None:
             if tuple(src.shape) != tuple(target.shape):
                 raise CheckpointError(f"shape {list(src.shape)} but the model expects {list(target.shape)}",
                                       file=str(path), field=key)
-            if _is_dtensor(target):
-                from torch.distributed.tensor import distribute_tensor
-
+            if is_dtensor(target):
                 piece = distribute_tensor(src.to(target.device_mesh.device_type), target.device_mesh,
                                           target.placements, src_data_rank=None)
                 target.to_local().copy_(piece.to_local())

@@ -8,7 +8,16 @@ import json
 import time
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from blockdiff.config.schema import demo_config_path, load_config
+from blockdiff.data.jsonl import read_chat_jsonl
+from blockdiff.data.synthetic import trivial_baseline_accuracy, write_splits
+from blockdiff.infer.evaluate import evaluate_gsm8k
+from blockdiff.infer.settings import SamplerSettings
+from blockdiff.model.diffusion_gemma import DiffusionGemma
+from blockdiff.train.loop import train
+from blockdiff.train.metrics import plot_run, read_metrics
 
 
 def main(argv=None) -> dict:
@@ -30,11 +39,6 @@ def main(argv=None) -> dict:
         return run_demo_rl(Path(args.out), args.sft_export, steps + list(overrides), seed=args.seed,
                            n_train=args.n_train, n_test=args.n_test, level=args.level)
 
-    from blockdiff.data.jsonl import read_chat_jsonl
-    from blockdiff.data.synthetic import trivial_baseline_accuracy, write_splits
-    from blockdiff.train.metrics import plot_run, read_metrics
-    from blockdiff.train.loop import train
-
     out = Path(args.out)
     train_path, test_path = write_splits(out / "data", args.n_train, args.n_test, seed=args.seed,
                                         level=args.level)
@@ -49,11 +53,6 @@ def main(argv=None) -> dict:
     train_s = time.perf_counter() - t0
     plots = plot_run(run_dir)
 
-    from transformers import AutoTokenizer
-
-    from blockdiff.infer.evaluate import evaluate_gsm8k
-    from blockdiff.model.diffusion_gemma import DiffusionGemma
-    from blockdiff.infer.sampling import SamplerSettings
 
     export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
     model = DiffusionGemma.from_pretrained(str(export_dir)).eval()

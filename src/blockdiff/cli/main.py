@@ -12,6 +12,9 @@ import sys
 
 from blockdiff.errors import BlockdiffError
 
+# Each subcommand imports its module when it runs (torch, transformers): `blockdiff --help` and
+# `blockdiff config show` stay fast.
+
 USAGE = """usage: blockdiff <command> [args]
 
 commands:
@@ -88,7 +91,7 @@ def _plot(argv):
 
 
 def _generate(argv):
-    from blockdiff.infer.sampling import cli_generate
+    from blockdiff.infer.evaluate import cli_generate
 
     cli_generate(argv)
 

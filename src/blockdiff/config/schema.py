@@ -1,23 +1,23 @@
-"""Typed run configuration: YAML file + ``--section.field value`` overrides -> validated ``Config``.
+"""The run configuration: its sections (fields, defaults, help, range checks) and the entry points.
 
-Every bad value raises one ``ConfigError`` that names the file (or the CLI flag), the YAML line of the
-offending key, the dotted field and what was expected. Type checking is generic (driven by the dataclass
-annotations); each section's ``checks()`` adds the range rules.
+``load_config`` (YAML file + ``--section.field value`` overrides) and ``config_from_dict`` give a validated
+``Config``; the generic typed-YAML machinery (types, located errors, overrides) is ``config/loader.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import re
-import types
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Literal
 
 import yaml
 
+from blockdiff.config.loader import (Where, apply_overrides, build, option, parse_overrides, read_yaml,
+                                     section_types)
+from blockdiff.config.loader import range_check as _rng  # the short name keeps each checks() on one line
 from blockdiff.errors import ConfigError
+from blockdiff.model.config import AttnBackend
 
 DEFAULT_MODEL = "google/diffusiongemma-26B-A4B-it"
 
@@ -27,32 +27,13 @@ def demo_config_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.yaml")
 
 
-def _rng(obj, name, gt=None, ge=None, lt=None, le=None):
-    """(name, message-or-None) for a numeric bound check; None values pass (optional fields)."""
-    v = getattr(obj, name)
-    bounds = [(">", gt, lambda a, b: a > b), (">=", ge, lambda a, b: a >= b),
-              ("<", lt, lambda a, b: a < b), ("<=", le, lambda a, b: a <= b)]
-    bounds = [(sym, b, op) for sym, b, op in bounds if b is not None]
-    if v is None or all(op(v, b) for _, b, op in bounds):
-        return name, None
-    return name, f"expected a value {' and '.join(f'{s} {b}' for s, b, _ in bounds)}, got {v!r}"
-
-
 # ----------------------------------------------------------------------------------------- sections
-def option(default, help: str, **meta):
-    """A config field with its one-line description (``blockdiff config show``); a list default is copied."""
-    meta = {"help": help, **meta}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class ModelSection:
     name_or_path: str = option(DEFAULT_MODEL, "hub id or local dir of the model to fine-tune")
     from_config: dict | None = option(None, "DiffusionGemmaConfig kwargs: random-init model instead of loading")
     dtype: Literal["bfloat16", "float32"] = option("bfloat16", "compute dtype; master weights stay fp32")
-    attn_backend: Literal["auto", "sdpa", "flex"] = option(
+    attn_backend: AttnBackend = option(
         "auto", "attention kernel; auto: flex on CUDA, sdpa elsewhere")
     num_layers: int | None = option(None, "keep only the first N layers (reduced-depth runs at real layer shapes)")
 
@@ -312,7 +293,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Re-run the type and range checks (for a Config built or edited in code); returns a checked copy."""
-        return _build(self.to_dict(), getattr(self, "_where", None) or _Where("<config>"))
+        return build(Config, self.to_dict(), getattr(self, "_where", None) or Where("<config>"), _MOVED)
 
     def to_dict(self) -> dict:
         """Plain dict of plain YAML types (tuples become lists)."""
@@ -333,266 +314,26 @@ class Config:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False, default_flow_style=None)
 
 
-SECTIONS: dict[str, type] = {f.name: get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
-
-
-# ----------------------------------------------------------------------------------------- YAML
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads YAML 1.2 floats such as ``1e-3`` (PyYAML would return a string)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def _key_lines(node, prefix, out, source):
-    """Map dotted keys -> 1-based line of the key; flag duplicate keys."""
-    if not isinstance(node, yaml.MappingNode):
-        return
-    for k, v in node.value:
-        if not isinstance(k, yaml.ScalarNode):
-            continue
-        dotted = f"{prefix}{k.value}"
-        if dotted in out:
-            raise ConfigError(f"duplicate key '{k.value}' (first at line {out[dotted]})",
-                              file=source, line=k.start_mark.line + 1, field=dotted)
-        out[dotted] = k.start_mark.line + 1
-        _key_lines(v, dotted + ".", out, source)
-
-
-def _read_yaml(path) -> tuple[Any, dict[str, int]]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        what = "is a directory, not a YAML file" if os.path.isdir(path) else "not found"
-        raise ConfigError(f"config file {what} (cwd: {os.getcwd()})", file=path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        loader = _Loader(text)
-        try:
-            node = loader.get_single_node()
-            lines: dict[str, int] = {}
-            _key_lines(node, "", lines, path)
-            data = loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        raise ConfigError(f"invalid YAML: {getattr(e, 'problem', None) or e}", file=path,
-                          line=mark.line + 1 if mark else None) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"expected a mapping of sections at the top level, {_got(data)}", file=path, line=1)
-    return data, lines
-
-
-# ----------------------------------------------------------------------------------------- typing
-def _describe(tp) -> str:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
-    if origin is list:
-        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
-    if origin is tuple:
-        return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[1]}s"
-    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
-            dict: "a mapping", Any: "any value"}.get(origin or tp, str(tp))
-
-
-def _got(v) -> str:
-    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", tuple: "list",
-            dict: "mapping", type(None): "null"}.get(type(v), type(v).__name__)
-    return f"got {kind} {v!r}" if v is not None else "got null"
-
-
-class _Mismatch(Exception):
-    pass
-
-
-def _need(ok: bool) -> None:
-    if not ok:
-        raise _Mismatch
-
-
-def _coerce(value, tp):
-    """Return ``value`` checked against ``tp`` (int -> float, list -> tuple); raise _Mismatch otherwise."""
-    origin, args = get_origin(tp), get_args(tp)
-    if tp is Any or (value is None and type(None) in args):
-        return value
-    if origin in (Union, types.UnionType):
-        for a in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, a)
-            except _Mismatch:
-                pass
-        raise _Mismatch
-    if origin is Literal:
-        _need(any(type(value) is type(a) and value == a for a in args))
-        return value
-    if origin is list:
-        _need(isinstance(value, list))
-        return [_coerce(v, args[0]) for v in value]
-    if origin is tuple:
-        _need(isinstance(value, (list, tuple)) and len(value) == len(args))
-        return tuple(_coerce(v, a) for v, a in zip(value, args))
-    if tp is float:
-        _need(isinstance(value, (int, float)) and not isinstance(value, bool))
-        return float(value)
-    _need(isinstance(value, origin or tp) and not (tp is int and isinstance(value, bool)))
-    return value
-
-
-# ----------------------------------------------------------------------------------------- building
-class _Where:
-    """Turns a dotted field into a located ConfigError (file + line, or the CLI flag that set it)."""
-
-    def __init__(self, source, lines=None, overridden=()):
-        self.source, self.lines, self.overridden = source, lines or {}, set(overridden)
-
-    def error(self, dotted: str, msg: str) -> ConfigError:
-        if dotted in self.overridden:
-            return ConfigError(msg, file=f"--{dotted}")
-        section = dotted.split(".")[0]
-        line = self.lines.get(dotted, self.lines.get(section))
-        return ConfigError(msg, file=self.source, line=line, field=dotted)
-
-
-def _suggest(name, known, listing=True) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    if close:
-        return f" (did you mean '{close[0]}'?)"
-    return f" (known: {', '.join(known)})" if listing else ""
-
+SECTIONS: dict[str, type] = section_types(Config)
 
 # fields that live in another section: the error names the right one
 _MOVED = {"train.eval_every": "eval.accuracy_every", "train.eval_samples": "eval.accuracy_samples"}
 
 
-def _build(d, where: _Where) -> Config:
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"expected a mapping of sections at the top level, {_got(d)}", file=where.source, line=1)
-    sections = {}
-    for sname, body in d.items():
-        if sname not in SECTIONS:
-            raise where.error(str(sname), f"unknown section '{sname}'{_suggest(str(sname), SECTIONS)}")
-        cls = SECTIONS[sname]
-        if body is None:
-            body = {}
-        if not isinstance(body, dict):
-            raise where.error(sname, f"section '{sname}' must be a mapping of field: value, {_got(body)}")
-        hints = get_type_hints(cls)
-        kwargs = {}
-        for fname, value in body.items():
-            dotted = f"{sname}.{fname}"
-            if fname not in hints:
-                hint = f" (set {_MOVED[dotted]})" if dotted in _MOVED else _suggest(str(fname), hints)
-                raise where.error(dotted, f"unknown field '{fname}' in section '{sname}'{hint}")
-            try:
-                kwargs[fname] = _coerce(value, hints[fname])
-            except _Mismatch:
-                msg = f"expected {_describe(hints[fname])}, {_got(value)}"
-                if get_origin(hints[fname]) is Literal and isinstance(value, str):
-                    msg += _suggest(value, get_args(hints[fname]), listing=False)
-                elif "a string" in _describe(hints[fname]) and dotted in where.overridden:
-                    msg += f" (to pass it as a string, quote it: --{dotted}='\"{value}\"')"
-                raise where.error(dotted, msg) from None
-        sections[sname] = cls(**kwargs)
-    cfg = Config(**sections)
-    _validate(cfg, where)
-    cfg._where = where  # kept so later checks (apply_world_size, validate) can point at the same lines
-    return cfg
-
-
-def _validate(cfg: Config, where: _Where) -> None:
-    for s in dataclasses.fields(cfg):
-        sec = getattr(cfg, s.name)
-        for f in dataclasses.fields(sec):
-            if f.metadata.get("required") and not getattr(sec, f.name):
-                raise where.error(f"{s.name}.{f.name}", f"required field is missing or empty: set {s.name}.{f.name}")
-        for fname, msg in sec.checks():
-            if msg:
-                raise where.error(f"{s.name}.{fname}", msg)
-    for dotted, msg in cfg.cross_checks():
-        raise where.error(dotted, msg)
-
-
 def config_from_dict(d: dict, source: str = "<dict>") -> Config:
     """Validated Config from a plain nested dict (sections -> fields)."""
-    return _build(d, _Where(source))
-
-
-# ----------------------------------------------------------------------------------------- CLI overrides
-def _parse_value(text: str):
-    try:
-        return yaml.load(text, Loader=_Loader) if text != "" else ""
-    except yaml.YAMLError:
-        return text  # e.g. an odd path; the type check says what was expected
-
-
-def parse_overrides(argv) -> list[tuple[str, Any]]:
-    """``["--a.b", "1", "--c.d=[1,2]", "--e.f"]`` -> ``[("a.b", 1), ("c.d", [1, 2]), ("e.f", True)]``.
-
-    Values are YAML scalars/lists; a flag with no value means ``true``; dashes in names become underscores.
-    """
-    argv, out, i = list(argv), [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"expected an override '--section.field value' or '--section.field=value', got {arg!r}",
-                              file="<command line>")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value, i = argv[i + 1], i + 1
-            else:
-                value = "true"
-        key = key.replace("-", "_")
-        if "." not in key or "" in key.split("."):
-            raise ConfigError(f"expected '--section.field', e.g. '--optimizer.lr' (sections: {', '.join(SECTIONS)})",
-                              file=f"--{key}")
-        out.append((key, _parse_value(value)))
-        i += 1
-    return out
-
-
-def _set_dotted(d: dict, key: str, value) -> None:
-    parts = key.split(".")
-    node = d
-    for j, p in enumerate(parts[:-1]):
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"cannot set '{'.'.join(parts[j + 1:])}' inside {'.'.join(parts[:j + 1])}, "
-                              f"which is not a mapping ({_got(nxt)})", file=f"--{key}")
-        node = nxt
-    node[parts[-1]] = value
+    return build(Config, d, Where(source), _MOVED)
 
 
 def load_config(path=None, overrides=()) -> Config:
     """Defaults <- YAML file (optional) <- ``--section.field value`` overrides; validated."""
     data, lines, source = {}, {}, "<defaults>"
     if path is not None:
-        data, lines = _read_yaml(path)
+        data, lines = read_yaml(path)
         source = os.fspath(path)
-    pairs = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) else list(overrides)
-    overridden = set()
-    for key, value in pairs:
-        section = key.split(".")[0]
-        if section not in SECTIONS:
-            raise ConfigError(f"unknown section '{section}'{_suggest(section, SECTIONS)}", file=f"--{key}")
-        if data.get(section) is None:
-            data[section] = {}
-        _set_dotted(data, key, value)
-        overridden.add(".".join(key.split(".")[:2]))
-    return _build(data, _Where(source, lines, overridden))
+    pairs = parse_overrides(overrides, SECTIONS) if overrides and isinstance(overrides[0], str) else list(overrides)
+    overridden = apply_overrides(data, pairs, SECTIONS)
+    return build(Config, data, Where(source, lines, overridden), _MOVED)
 
 
 # ----------------------------------------------------------------------------------------- world size
@@ -602,7 +343,7 @@ def apply_world_size(cfg: Config, world_size: int) -> int:
     Layout (FSDP + EP): data parallel over all ranks (dp == world size); experts split across groups of
     ``ep`` ranks inside it, so ``ep`` must divide the world size.
     """
-    where = getattr(cfg, "_where", None) or _Where("<config>")
+    where = getattr(cfg, "_where", None) or Where("<config>")
     p, t = cfg.parallel, cfg.train
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
@@ -611,13 +352,24 @@ def apply_world_size(cfg: Config, world_size: int) -> int:
     elif p.dp != world_size:
         raise where.error("parallel.dp", f"dp={p.dp} but the world size is {world_size}: data parallelism spans "
                                          f"all ranks (set dp to -1 or {world_size})")
-    if world_size % p.ep:
-        ok = [k for k in range(1, world_size + 1) if world_size % k == 0]
-        raise where.error("parallel.ep", f"ep={p.ep} does not divide the world size {world_size} "
-                                         f"(experts are split across ep ranks; valid ep: {ok})")
+    check_expert_parallel(p.ep, world_size=world_size, where=where)
     per_step = t.micro_batch_size * world_size
     if t.global_batch_size % per_step:
         raise where.error("train.global_batch_size",
                           f"global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size "
                           f"({t.micro_batch_size}) x world size ({world_size}) = {per_step}")
     return t.global_batch_size // per_step
+
+
+def check_expert_parallel(ep: int, world_size: int | None = None, num_experts: int | None = None,
+                          where: Where | None = None) -> None:
+    """The expert-parallel layout rule: ``ep`` divides the model's experts and the world size (each given
+    value is checked). The error points at ``parallel.ep`` (its YAML line when ``where`` is given)."""
+    if num_experts is not None and num_experts % ep:
+        msg = f"ep={ep} does not divide the model's {num_experts} experts"
+    elif world_size is not None and world_size % ep:
+        ok = [k for k in range(1, world_size + 1) if world_size % k == 0]
+        msg = f"ep={ep} does not divide the world size {world_size} (experts are split across ep ranks; valid ep: {ok})"
+    else:
+        return
+    raise where.error("parallel.ep", msg) if where is not None else ConfigError(msg, field="parallel.ep")

@@ -1,6 +1,6 @@
 """``blockdiff config show``: every config section and field with its type, default and description.
 
-Generated from the schema in ``config.py`` (the dataclass fields and their ``help`` metadata), so the
+Generated from the schema in ``config/schema.py`` (the dataclass fields and their ``help`` metadata), so the
 listing is always the set of fields a YAML file may set. With ``-c FILE`` (and ``--section.field value``
 overrides) it shows the loaded values instead of the defaults and marks those that differ.
 """

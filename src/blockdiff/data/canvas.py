@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blockdiff.data.chat import tokenize_conversation, tokenize_turns
+from blockdiff.data.jsonl import load_dataset_rows
 from blockdiff.data.packing import pack_rows
 from blockdiff.errors import DataError
 
@@ -313,8 +315,6 @@ def build_row_example(tokenizer, messages: list[dict], *, canvas_length: int, se
     final reply with ``mask_history``, every assistant turn without; ``tools``: the row's declarations)
     and its Example (None: skipped,
     prompt too long). A DataError gets ``file`` / ``line`` where it names none."""
-    from blockdiff.data.chat import tokenize_conversation, tokenize_turns
-
     try:
         if mask_history:  # reference: the final assistant turn only
             ids, sup, plen = tokenize_conversation(tokenizer, messages, tools=tools)
@@ -340,8 +340,6 @@ class SFTDataset(torch.utils.data.Dataset):
     def __init__(self, source, tokenizer, *, canvas_length: int, seq_length: int,
                  prompt_policy: str = "skip", split: str = "train", eos_id: int | None = None,
                  mask_history: bool = True):
-        from blockdiff.data.jsonl import load_dataset_rows
-
         eos_id = fill_token_id(tokenizer, eos_id)
         if isinstance(source, (str, os.PathLike)):
             file = os.fspath(source)

@@ -37,7 +37,7 @@ def install_chat_template(tokenizer, path) -> None:
     if not text.strip():
         raise ConfigError("the chat template file is empty", file=str(path), field="data.chat_template")
     tokenizer.chat_template = text
-    from jinja2.exceptions import TemplateSyntaxError
+    from jinja2.exceptions import TemplateSyntaxError  # jinja2 comes with transformers' chat templates
 
     try:
         render(tokenizer, _PROBE, add_generation_prompt=True)

@@ -17,8 +17,15 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 
+from blockdiff.config.schema import load_config
+from blockdiff.data.canvas import _runs, build_row_example, fill_token_id
+from blockdiff.data.jsonl import load_dataset_rows
+from blockdiff.data.packing import pack_rows
 from blockdiff.errors import ConfigError
+from blockdiff.train.loading import model_config as run_model_config
+from blockdiff.train.setup import check_consistency, load_tokenizer
 
 OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around supervised text when not colouring
 
@@ -64,13 +71,6 @@ def preview_rows(cfg, rows: int = 5, tokenizer=None) -> list[RowPreview]:
     """The first ``rows`` rows of ``cfg.data.train_path`` as the trainer builds them.
 
     Raises the trainer's errors (DataError / ConfigError naming file, line and field) for bad input."""
-    from itertools import islice
-
-    from blockdiff.data.canvas import build_row_example, fill_token_id
-    from blockdiff.data.jsonl import load_dataset_rows
-    from blockdiff.train.loading import model_config as run_model_config
-    from blockdiff.train.setup import check_consistency, load_tokenizer
-
     if rows < 1:
         raise ConfigError(f"expected a positive number of rows, got {rows}", field="--rows")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
@@ -91,8 +91,6 @@ def preview_rows(cfg, rows: int = 5, tokenizer=None) -> list[RowPreview]:
 
 
 def _describe(tokenizer, line, ids, sup, ex, C: int, S: int) -> RowPreview:
-    from blockdiff.data.canvas import _runs
-
     decode = lambda t: tokenizer.decode(t, skip_special_tokens=False)  # noqa: E731 - markers stay visible
     runs = _runs(sup)
     if ex is None:  # prompt + one block does not fit (prompt_too_long: skip)
@@ -143,8 +141,6 @@ def _header(r: RowPreview, C: int) -> str:
 
 
 def summary(previews: list[RowPreview], cfg) -> str:
-    from blockdiff.data.packing import pack_rows
-
     d = cfg.data
     kept = [r for r in previews if not r.skipped]
     text = (f"{_count(len(previews), 'row')} of {d.train_path}: {len(kept)} kept, "
@@ -177,7 +173,7 @@ def render_plain(previews: list[RowPreview], cfg) -> str:
 
 def render_rich(previews: list[RowPreview], cfg, console) -> None:
     """The same view in colour: supervised text highlighted, fill dimmed, truncation / skips flagged."""
-    from rich.text import Text
+    from rich.text import Text  # rich is optional here: without it the preview prints plain text
 
     for r in previews:
         style = "bold red" if r.skipped else "bold yellow" if r.truncated else "bold cyan"
@@ -199,7 +195,7 @@ def _rich_console():
     if not sys.stdout.isatty():
         return None
     try:
-        from rich.console import Console
+        from rich.console import Console  # optional (see render_rich)
     except ImportError:
         return None
     return Console(highlight=False, soft_wrap=True)
@@ -210,8 +206,6 @@ def cli_data(argv) -> int:
     if not argv or argv[0] != "preview":
         got = f"unknown data command {argv[0]!r}" if argv else "no data command"
         raise ConfigError(f"{got}; expected: blockdiff data preview -c FILE [--rows N] [--json]")
-    from blockdiff.config.schema import load_config
-
     p = argparse.ArgumentParser(prog="blockdiff data preview",
                                 description="show the first rows of data.train_path as the trainer sees them")
     p.add_argument("-c", "--config", required=True, help="YAML config file (the one you train with)")

@@ -9,6 +9,7 @@ characters or ``<unk>``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -203,8 +204,6 @@ def gsm8k_like_lengths(n: int, seed: int = 0, scale: float = 1.0) -> list[tuple[
     """``n`` (prompt tokens, response tokens) pairs: log-normal question / answer lengths (median,
     sigma, clipped to [lo, hi]) of ``GSM8K_LIKE`` times ``scale`` plus the template tokens.
     Deterministic in ``seed``."""
-    import math
-
     rng = random.Random(seed)
 
     def draw(median, sigma, lo, hi):
@@ -219,6 +218,7 @@ def length_examples(lengths: list[tuple[int, int]], *, canvas_length: int, seq_l
                     eos_id: int = 1, seed: int = 0) -> list:
     """Canvas Examples (``canvas.build_example``: the response EOS-filled to whole canvas blocks, long
     ones truncated, too-long prompts skipped) of random tokens with the given (prompt, response) lengths."""
+    # here: writing the synthetic data files (the demo's first step) needs no torch (start-up cost)
     import torch
 
     from blockdiff.data.canvas import build_example

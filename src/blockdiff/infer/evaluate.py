@@ -16,10 +16,17 @@ import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from blockdiff.infer import prompting, sampling
+import torch
+from tqdm import tqdm
+
+from blockdiff.data.chat import render_generation_prompt
+from blockdiff.data.jsonl import load_dataset_rows
 from blockdiff.errors import DataError
+from blockdiff.infer import prompting, sampling
+from blockdiff.infer.settings import SamplerSettings, read_generation_config
+from blockdiff.lora import load_adapter
+from blockdiff.model.diffusion_gemma import DiffusionGemma
 from blockdiff.model.hf.load import resolve_checkpoint_dir
-from blockdiff.infer.sampling import SamplerSettings
 
 # A number: optional sign, thousands groups or plain digits, optional decimals (or ".5").
 _NUMBER = re.compile(r"[-\u2212]?\$?\s?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
@@ -108,8 +115,6 @@ def evaluate_gsm8k(model, tokenizer, rows, settings: SamplerSettings | None = No
     ``generate`` (default ``sampling.generate``, same signature) samples each batch, e.g. with the rows split
     over the ranks of a sharded model (``periodic_eval.generate_across_ranks``).
     """
-    from blockdiff.data.chat import render_generation_prompt
-
     settings = prompting.settings_for_tokenizer(settings or SamplerSettings(), tokenizer)
     rows = list(rows)
     records, new_tokens = [], 0
@@ -181,10 +186,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def load_for_inference(model_dir, dtype: str | None = None, device: str | None = None, adapter=None):
     """(model in eval mode, the checkpoint's tokenizer with its own chat template, device). A blockdiff export
     carries the template training used (``chat_template.jinja``)."""
-    import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # here: seconds of import, `blockdiff eval --help` stays fast
 
-    from blockdiff.model.diffusion_gemma import DiffusionGemma
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = _DTYPES[dtype] if dtype else ("bfloat16" if str(device).startswith("cuda") else "float32")
@@ -196,9 +199,7 @@ def load_for_inference(model_dir, dtype: str | None = None, device: str | None =
 
 
 def _apply_adapter(model, adapter_dir):
-    from blockdiff.lora import load_adapter  # PEFT-format adapter, checked against the base, merged for speed
-
-    return load_adapter(model, adapter_dir)
+    return load_adapter(model, adapter_dir)  # PEFT-format adapter, checked against the base, merged for speed
 
 
 def settings_for_checkpoint(model_dir, tokenizer=None, **overrides) -> SamplerSettings:
@@ -206,7 +207,7 @@ def settings_for_checkpoint(model_dir, tokenizer=None, **overrides) -> SamplerSe
     ``model_dir``: a local directory or a hub id (its snapshot, as the weights are read)."""
     if isinstance(model_dir, (str, os.PathLike)) and not Path(model_dir).exists():
         model_dir = resolve_checkpoint_dir(model_dir)
-    raw = sampling._read_generation_config(model_dir)
+    raw = read_generation_config(model_dir)
     if raw.get("eos_token_id") is None and tokenizer is not None and overrides.get("eos_token_ids") is None:
         overrides["eos_token_ids"] = prompting.eos_ids_for_tokenizer(tokenizer)
     return SamplerSettings.from_generation_config(raw, **overrides)
@@ -233,8 +234,6 @@ def _read_prompt_file(path) -> list[list[dict]]:
 
 
 def _tqdm(total: int, desc: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=None)
 
 
@@ -289,7 +288,6 @@ def cli_eval(argv=None) -> int:
     p.add_argument("--output", help="per-example JSONL")
     args = p.parse_args(argv)
 
-    from blockdiff.data.jsonl import load_dataset_rows
 
     rows = list(load_dataset_rows(args.data, split="test"))
     if args.limit is not None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from blockdiff.infer import sampling
+from blockdiff.data.chat import render_generation_prompt
 from blockdiff.data.gemma4 import END_OF_TURN, TOOL_RESPONSE
-from blockdiff.infer.sampling import SamplerSettings
+from blockdiff.infer import sampling
+from blockdiff.infer.settings import SamplerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ def generate_text(model, tokenizer, conversations: list[list[dict]], settings: S
                   device=None, progress=None, row_seeds: list[int] | None = None,
                   enable_thinking: bool = False) -> list[str]:
     """Render each conversation's generation prompt, sample, decode (special tokens dropped)."""
-    from blockdiff.data.chat import render_generation_prompt
-
     settings = settings_for_tokenizer(settings or SamplerSettings(), tokenizer)
     prompts = [render_generation_prompt(tokenizer, conv, enable_thinking=enable_thinking) for conv in conversations]
     outputs = sampling.generate(model, prompts, settings, device=device, progress=progress, row_seeds=row_seeds)

@@ -11,214 +11,26 @@ next block starts, until every row has produced an EOS or ``max_new_tokens`` is 
 Randomness is per row and per block: row ``b`` draws from a generator seeded with
 ``(row_seed[b], block)``. So a row's tokens do not depend on which other rows share its batch
 (nor on how many steps they took), which makes batched eval equal to one-by-one eval.
+
+The settings are ``blockdiff.infer.settings``; the per-token math (temperature, entropy, accept, sample,
+stop) is ``blockdiff.infer.vocab``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from blockdiff.compiled import CompiledOrEager
-from blockdiff.errors import ConfigError
 from blockdiff.infer.lockstep import LOCAL_ROWS
-
-GENERATION_CONFIG = "generation_config.json"
-
-
-@dataclass
-class SamplerSettings:
-    """Sampling knobs; names follow ``DiffusionGemmaGenerationConfig`` (defaults are its defaults)."""
-
-    max_new_tokens: int = 256
-    max_denoising_steps: int = 48
-    t_max: float = 0.8
-    t_min: float = 0.4
-    entropy_bound: float = 0.1  # generation_config: sampler_config.entropy_bound
-    stability_threshold: int = 1
-    confidence_threshold: float = 0.005
-    eos_token_ids: tuple[int, ...] = (1, 106, 50)  # generation_config: eos_token_id; () disables EOS
-    canvas_length: int | None = None  # None: the model's config.canvas_length
-    seed: int = 0
-    # Attention kernel for sampling. Dense-mask SDPA measured faster than flex_attention for 256-token
-    # canvases on an H200 (docs/performance.md: the block mask is rebuilt every denoising step).
-    attn_backend: str = "sdpa"
-    # Replay each block's self-conditioned denoising step as one CUDA graph (CUDA only; same tokens as
-    # eager: the graph runs the same kernels on the same buffers). False: plain eager steps.
-    cuda_graphs: bool = True
-    # torch.compile the transformer layers and the full-vocabulary math of a step (CUDA only): fuses the
-    # elementwise chains and the passes over the 262k logits. The first call of a shape compiles.
-    compile: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.eos_token_ids, int):
-            self.eos_token_ids = (self.eos_token_ids,)
-        self.eos_token_ids = tuple(int(e) for e in (self.eos_token_ids or ()))
-        checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
-            (self.max_denoising_steps >= 1, "max_denoising_steps", "must be >= 1"),
-            (0 <= self.t_min < self.t_max, "t_max", "need 0 <= t_min < t_max"),
-            (self.entropy_bound > 0, "entropy_bound", "must be > 0"),
-            (self.stability_threshold >= 0, "stability_threshold", "must be >= 0"),
-            (self.confidence_threshold > 0, "confidence_threshold", "must be > 0"),
-            (self.canvas_length is None or self.canvas_length >= 1, "canvas_length", "must be >= 1"),
-            (self.attn_backend in ("auto", "sdpa", "flex"), "attn_backend", "must be auto, sdpa or flex"),
-        ]
-        for ok, field, msg in checks:
-            if not ok:
-                raise ConfigError(f"{msg} (got {getattr(self, field)!r})", field=field)
-
-    @classmethod
-    def from_generation_config(cls, source: Any = None, **overrides) -> "SamplerSettings":
-        """Settings from a checkpoint dir / ``generation_config.json`` path / dict / transformers
-        ``DiffusionGemmaGenerationConfig``; missing or null fields keep the defaults, then
-        ``overrides`` (our field names) win. ``None`` overrides are ignored (CLI convenience)."""
-        raw = _read_generation_config(source)
-        values: dict[str, Any] = {}
-        for name in ("max_new_tokens", "max_denoising_steps", "t_max", "t_min", "stability_threshold",
-                     "confidence_threshold"):
-            if raw.get(name) is not None:
-                values[name] = raw[name]
-        sampler = raw.get("sampler_config")
-        if sampler is not None:
-            bound = sampler.get("entropy_bound") if isinstance(sampler, dict) else getattr(sampler, "entropy_bound")
-            if bound is not None:
-                values["entropy_bound"] = bound
-        if raw.get("eos_token_id") is not None:
-            eos = raw["eos_token_id"]
-            values["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-        if raw.get("canvas_length") is not None:  # not a generation_config field; accepted in dicts
-            values["canvas_length"] = raw["canvas_length"]
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key, value in overrides.items():
-            if key not in known:
-                raise ConfigError(f"unknown sampler setting; expected one of {sorted(known)}", field=key)
-            if value is not None:
-                values[key] = value
-        return cls(**values)
-
-
-def _read_generation_config(source: Any) -> dict:
-    if source is None:
-        return {}
-    if isinstance(source, dict):
-        return dict(source)
-    if hasattr(source, "to_dict"):
-        return source.to_dict()
-    path = Path(os.fspath(source))
-    if path.is_dir():
-        path = path / GENERATION_CONFIG
-        if not path.exists():
-            return {}  # checkpoints without one sample with the reference defaults
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read generation config: {e}", file=path) from None
-
-
-# ---- pure pieces (each tested against the reference) --------------------------------------------
-
-
-def temperature_at(step: int, num_steps: int, t_max: float, t_min: float) -> float:
-    """Temperature of denoising step ``step`` (0-based) out of ``num_steps``.
-
-    The reference counts steps down (cur_step = N..1) and uses t_min + (t_max - t_min) * cur_step / N,
-    so step 0 gets t_max and the last step t_min + (t_max - t_min) / N (t_min itself is never reached).
-    """
-    return t_min + (t_max - t_min) * ((num_steps - step) / num_steps)
-
-
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats, fp32) of the categorical over the last dim of ``logits``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def entropy_bound_accept(logits_or_entropy: torch.Tensor, entropy_bound: float,
-                         is_entropy: bool | None = None) -> torch.Tensor:
-    """Accept mask [B, C]: tokens sorted by entropy ascending are accepted while
-    cumsum(entropy) - entropy <= bound (the sorted entropy is the running max), as the reference.
-
-    Pass logits [B, C, V] or entropies [B, C] (detected by rank unless ``is_entropy`` says).
-    """
-    if is_entropy is None:
-        is_entropy = logits_or_entropy.dim() == 2
-    ent = logits_or_entropy if is_entropy else token_entropy(logits_or_entropy)
-    sorted_ent, order = torch.sort(ent, dim=-1)
-    keep_sorted = torch.cumsum(sorted_ent, dim=-1) - sorted_ent <= entropy_bound
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-
-
-def new_stability_history(stability_threshold: int, batch: int, canvas: int, device) -> torch.Tensor:
-    """Argmax history [S, B, C] filled with -1 (never equal to a token), as the reference starts."""
-    return torch.full((stability_threshold, batch, canvas), -1, dtype=torch.long, device=device)
-
-
-def should_stop(history: torch.Tensor, argmax_canvas: torch.Tensor, entropy: torch.Tensor,
-                confidence_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row adaptive stop: argmax equal to the last S argmax canvases (S = len(history); S = 0
-    means always stable) and mean entropy < threshold. Returns (stop [B], updated history)."""
-    if history.shape[0] == 0:
-        stable = torch.ones(argmax_canvas.shape[0], dtype=torch.bool, device=argmax_canvas.device)
-    else:
-        stable = (history == argmax_canvas[None]).all(dim=-1).all(dim=0)
-        history = torch.cat([history[1:], argmax_canvas[None].to(history.dtype)], dim=0)
-    confident = entropy.mean(dim=-1) < confidence_threshold
-    return stable & confident, history
-
-
-def sample_categorical(logits: torch.Tensor, uniforms: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Inverse-CDF sampling: one uniform in [0, 1) per token picks from softmax(logits).
-
-    Needs only B*C random numbers (not B*C*V), so per-row generators stay cheap. The CDF is walked in
-    two levels (sums of ``chunk``-wide vocabulary slices, then a scan inside the one slice that holds
-    the target) so nothing scans the whole 262k vocabulary: a full-width cumsum cost a 2 GB fp32 write
-    per step at batch 8 and is the one pass inductor could not fuse. Never lands on a zero-probability
-    token: the target stays strictly below each level's total.
-    """
-    V = logits.shape[-1]
-    cs = min(chunk, V)
-    logits = logits.float()
-    if V % cs:  # pad with -inf (probability 0) to whole chunks
-        logits = torch.nn.functional.pad(logits, (0, cs - V % cs), value=-math.inf)
-    slices = logits.unflatten(-1, (-1, cs))  # [..., n_chunks, cs]
-    top = logits.amax(-1, keepdim=True)
-    chunk_sums = torch.exp(slices - top[..., None]).sum(-1)  # [..., n_chunks]
-    chunk_cdf = torch.cumsum(chunk_sums, -1)
-    total = chunk_cdf[..., -1:]
-    target = torch.minimum(uniforms.unsqueeze(-1) * total, _just_below(total))
-    which = torch.searchsorted(chunk_cdf, target, right=True).clamp_(max=chunk_cdf.shape[-1] - 1)
-    before = chunk_cdf.gather(-1, which) - chunk_sums.gather(-1, which)
-    picked = slices.gather(-2, which[..., None].expand(*which.shape, cs)).squeeze(-2)  # [..., cs]
-    inner_cdf = torch.cumsum(torch.exp(picked - top), -1)
-    inside = torch.minimum(target - before, _just_below(inner_cdf[..., -1:])).clamp_(min=0)
-    offset = torch.searchsorted(inner_cdf, inside, right=True).clamp_(max=cs - 1)
-    return (which * cs + offset).squeeze(-1).clamp_(max=V - 1)
-
-
-def _just_below(x: torch.Tensor) -> torch.Tensor:
-    """The largest fp32 value below positive ``x`` (a relative step of 2^-23 is one ulp or more)."""
-    return x * (1.0 - 2.0**-23)
-
-
-def cut_at_eos(tokens: list[int], eos_token_ids) -> list[int]:
-    """Tokens before the first EOS (the EOS itself is dropped)."""
-    eos = set(eos_token_ids)
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[:i]
-    return tokens
-
-
-# ---- the sampler --------------------------------------------------------------------------------
+from blockdiff.infer.settings import SamplerSettings
+from blockdiff.infer.vocab import (cut_at_eos, entropy_bound_accept, new_stability_history, sample_categorical,
+                                   should_stop, temperature_at, token_entropy)
 
 
 class _RowRandom:
@@ -468,10 +280,3 @@ def _generate(model, prompt_ids_list, settings, device, progress, row_seeds, ree
         tokens = torch.cat(blocks_of_row[row]).tolist()[: settings.max_new_tokens]
         results.append(cut_at_eos(tokens, settings.eos_token_ids))
     return results
-
-
-def cli_generate(argv=None) -> int:
-    """``blockdiff generate`` (implemented in ``blockdiff.infer.evaluate``; re-exported for ``cli.py``)."""
-    from blockdiff.infer.evaluate import cli_generate as run
-
-    return run(argv)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockdiff.errors import CheckpointError, ConfigError
+from blockdiff.model.moe import grouped_linear
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "EXPERT_FILE", "PEFT_PREFIX", "DECODER_LAYERS", "ENCODER_LAYERS",
            "ATTN_TARGETS", "MLP_TARGETS", "LoraError", "LoraLinear", "ExpertLora", "apply_lora", "cast_frozen_base_",
@@ -119,8 +120,6 @@ class ExpertLora(nn.Module):
         return getattr(self, self._a(name)), getattr(self, self._b(name))
 
     def delta(self, name: str, rows: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        from blockdiff.model.moe import grouped_linear
-
         A, B = self.factors(name)
         h = grouped_linear(self.dropout(rows), A, counts, offsets)
         return grouped_linear(h, B, counts, offsets) * self.scaling

@@ -11,11 +11,15 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from blockdiff.lora.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DECODER_LAYERS, ENCODER_LAYERS, EXPERT_FILE, PEFT_PREFIX,
-                       ExpertLora, LoraError, LoraLinear, _cfg, _set_module, expert_adapters, lora_modules,
-                       merge_lora_, merged_weight)
+from blockdiff.lora.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DECODER_LAYERS, ENCODER_LAYERS, EXPERT_FILE,
+                                     ExpertLora, LoraError, LoraLinear, PEFT_PREFIX, _cfg, _set_module, expert_adapters,
+                                     lora_modules, merge_lora_, merged_weight)
+from blockdiff.model.hf import names as hf_names
+from blockdiff.model.hf.io import load_pretrained
+from blockdiff.model.hf.save import own_state
 
 __all__ = ["peft_adapter_payload", "write_peft_adapter", "save_peft_adapter", "merged_items", "read_peft_adapter",
            "load_peft_adapter", "load_model_with_adapter", "load_adapter"]
@@ -26,8 +30,6 @@ __all__ = ["peft_adapter_payload", "write_peft_adapter", "save_peft_adapter", "m
 def _hf_module_paths(our_path: str) -> list[str]:
     """transformers module path(s) of one of our modules: layers appear in BOTH the decoder and the
     encoder tree; the self-conditioning block only in the decoder."""
-    from blockdiff.model.hf import names as hf_names
-
     dec = hf_names.to_hf(our_path + ".weight").removesuffix(".weight")
     if dec.startswith(DECODER_LAYERS):
         return [dec, ENCODER_LAYERS + dec[len(DECODER_LAYERS):]]
@@ -36,8 +38,6 @@ def _hf_module_paths(our_path: str) -> list[str]:
 
 def _our_module_path(hf_path: str) -> tuple[str, bool]:
     """(our module path, is the encoder copy) of a transformers module path."""
-    from blockdiff.model.hf import names as hf_names
-
     encoder = hf_path.startswith(ENCODER_LAYERS)
     if encoder:
         hf_path = DECODER_LAYERS + hf_path[len(ENCODER_LAYERS):]
@@ -89,8 +89,6 @@ def peft_adapter_payload(model: nn.Module, base_model_name_or_path: str | None =
     """(adapter_config dict, PEFT tensors, expert tensors) as CPU fp32 copies (small: adapters only).
     ``fetch(state name, dtype)``: the full tensor (a gather under FSDP; default: the model's own)."""
     if fetch is None:
-        from blockdiff.model.hf.save import own_state
-
         fetch = own_state(model)[0]
     s = dict(_settings(model))
     if lora_cfg is not None:
@@ -130,8 +128,6 @@ def peft_adapter_payload(model: nn.Module, base_model_name_or_path: str | None =
 
 
 def write_peft_adapter(out_dir, config: dict, tensors: dict, experts: dict) -> Path:
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if experts:
@@ -205,8 +201,6 @@ def _same_base(a: str | None, b: str | None) -> bool:
 
 
 def read_peft_adapter(adapter_dir) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
     adapter_dir = Path(adapter_dir)
     cfg_file = adapter_dir / ADAPTER_CONFIG
     try:
@@ -329,8 +323,6 @@ def load_model_with_adapter(model_dir, adapter_dir, dtype: torch.dtype = torch.f
     """Base checkpoint + adapter -> a blockdiff DiffusionGemma for generate/eval (eval mode). With
     ``merge`` (default) the adapters are folded in (fp32 sums, stored in ``dtype``): plain model, no
     inference overhead."""
-    from blockdiff.model.hf.io import load_pretrained
-
     model = load_pretrained(model_dir, dtype=dtype, device=device, **load_kw)
     load_peft_adapter(model, adapter_dir)
     for p in model.parameters():

@@ -85,7 +85,7 @@ class MaskInfo:
         """flex_attention's BlockMask from the dense mask, block by block. ``create_block_mask`` evaluates
         the same rule under four nested vmaps: tens of ms of CPU per mask, paid three times per training
         step and on every rank (profiled on H200). Here it is a dozen broadcast kernels."""
-        from torch.nn.attention.flex_attention import BlockMask
+        from torch.nn.attention.flex_attention import BlockMask  # flex is imported only when a run uses it
 
         mask = self.dense(sliding)  # [B, 1, Lq, Lk]
         B, _, Lq, Lk = mask.shape

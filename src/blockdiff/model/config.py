@@ -8,10 +8,23 @@ frozen dataclass the model code can read without touching transformers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
+
+from blockdiff.errors import ConfigError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+
+# the attention kernels: auto (flex on CUDA, sdpa elsewhere), sdpa, flex
+AttnBackend = Literal["auto", "sdpa", "flex"]
+ATTN_BACKENDS: tuple[str, ...] = get_args(AttnBackend)
+
+
+def check_attn_backend(name) -> None:
+    """Refuse an attention backend the model cannot run (the config's YAML type check says the same)."""
+    if name not in ATTN_BACKENDS:
+        raise ConfigError(f"must be {', '.join(ATTN_BACKENDS[:-1])} or {ATTN_BACKENDS[-1]} (got {name!r})",
+                          field="attn_backend")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockdiff.model.attention import Attention, Masks, MaskInfo
-from blockdiff.model.config import ModelConfig
+from blockdiff.model.config import ModelConfig, check_attn_backend
+from blockdiff.model.hf import save as hf_save
 from blockdiff.model.layers import GatedMLP, RMSNorm, Rotary
 from blockdiff.model.moe import Experts, Router
 
@@ -173,8 +174,7 @@ class DiffusionGemma(nn.Module):
 
     def __init__(self, config: ModelConfig, attn_backend: str = "auto"):
         super().__init__()
-        if attn_backend not in ("auto", "sdpa", "flex"):
-            raise ValueError(f"attn_backend must be auto, sdpa or flex, got {attn_backend!r}")
+        check_attn_backend(attn_backend)
         self.config = config
         self.attn_backend = attn_backend
         # padding_idx as in transformers: the pad row gets no gradient from lookups (it still does through
@@ -208,10 +208,10 @@ class DiffusionGemma(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype = torch.float32, **kwargs) -> "DiffusionGemma":
         """Load the text model of a transformers DiffusionGemma checkpoint (a local directory or a hub id)
-        in ``dtype``. Keyword arguments of ``hf_io.load_pretrained``: ``device``, ``attn_backend``
+        in ``dtype``. Keyword arguments of ``hf.io.load_pretrained``: ``device``, ``attn_backend``
         (auto / sdpa / flex), ``num_layers`` (the first N layers only), ``revision``. Raises
         CheckpointError naming the file and tensor when the checkpoint does not fit the config."""
-        from blockdiff.model.hf.io import load_pretrained
+        from blockdiff.model.hf.io import load_pretrained  # here: hf.io builds this class (import cycle)
 
         return load_pretrained(path_or_hub_id, dtype=dtype, **kwargs)
 
@@ -222,9 +222,7 @@ class DiffusionGemma(nn.Module):
         own vision init). Written to a temporary directory and swapped into place. Keyword arguments of
         ``hf_save.save_pretrained``: ``max_shard_size`` (bytes), ``dtype`` (default: the source checkpoint's),
         ``source_dir``."""
-        from blockdiff.model.hf.save import save_pretrained
-
-        save_pretrained(self, out_dir, **kwargs)
+        hf_save.save_pretrained(self, out_dir, **kwargs)
 
     # ---- helpers ------------------------------------------------------------------------------
 

@@ -22,156 +22,19 @@ fp32 gradient reduction.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
 import math
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from blockdiff.config.schema import check_expert_parallel
 from blockdiff.parallel.distributed import DistInfo
-from blockdiff.errors import ConfigError
-from blockdiff.model.moe import inverse_permutation
-
-log = logging.getLogger("blockdiff")
-
-
-
-# ---------------------------------------------------------------------------------------- all-to-all
-
-
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits; backward is the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        tdist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
-        tdist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return out, None, None, None
-
-
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits, group)
-
-
-class _Permute(torch.autograd.Function):
-    """Rows reordered by a permutation ``index`` (whose inverse is ``inverse``): forward and backward are
-    both gathers. Plain indexing would scatter-add its gradient (``index_put_`` with accumulate)."""
-
-    @staticmethod
-    def forward(ctx, x, index, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-class ExpertDispatcher:
-    """Installed as ``Experts.dispatcher`` when ep > 1 (see ``model.moe.Experts``)."""
-
-    def __init__(self, group, ep: int, num_experts: int):
-        self.group, self.ep = group, ep
-        self.n_local = num_experts // ep
-
-    def announce(self, counts: torch.Tensor):
-        """Start the exchange of row counts and the copy of the split sizes to the host; ``dispatch`` reads
-        them. The layer queues its dense MLP in between, so the GPU is busy while the host waits.
-        Returns None in a recomputation that replays the forward's exchanges."""
-        stash = _ExchangeStash.active
-        if stash is not None and stash.replaying:
-            return None
-        # rows are sorted by global expert; experts of EP rank r are the r-th contiguous block
-        send = counts.view(self.ep, self.n_local).contiguous()
-        recv = torch.empty_like(send)  # recv[s, e]: rows source s sends for my local expert e
-        tdist.all_to_all_single(recv, send, group=self.group)
-        splits = torch.stack([send.sum(1), recv.sum(1)])
-        if not splits.is_cuda:
-            return recv, splits, None
-        host = torch.empty(splits.shape, dtype=splits.dtype, pin_memory=True)
-        host.copy_(splits, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return recv, host, copied
-
-    def dispatch(self, rows: torch.Tensor, counts: torch.Tensor, ticket=None):
-        stash = _ExchangeStash.active
-        if stash is not None and stash.replaying:  # recomputation: the forward's exchange results
-            recv, send_splits, recv_splits, got = stash.replay()
-        else:
-            recv, splits, copied = ticket if ticket is not None else self.announce(counts)
-            if copied is not None:
-                copied.synchronize()
-            # the one host read per MoE call: all_to_all_single needs its split sizes as Python ints
-            send_splits, recv_splits = splits.tolist()
-            got = all_to_all(rows, recv_splits, send_splits, self.group)  # ordered (source, local expert)
-            if stash is not None and torch.is_grad_enabled():
-                stash.record((recv, send_splits, recv_splits, got))
-        # regroup by local expert (the recomputation runs this too: checkpoint matches saved tensors by count)
-        expert_of = torch.arange(self.n_local, device=rows.device).repeat(self.ep)
-        expert_of = torch.repeat_interleave(expert_of, recv.reshape(-1), output_size=sum(recv_splits))
-        order = torch.argsort(expert_of, stable=True)
-        inverse = inverse_permutation(order)
-        return _Permute.apply(got, order, inverse), recv.sum(0), (order, inverse, send_splits, recv_splits)
-
-    def combine(self, h: torch.Tensor, ctx) -> torch.Tensor:
-        order, inverse, send_splits, recv_splits = ctx
-        back = _Permute.apply(h, inverse, order)  # undo the regrouping by local expert
-        stash = _ExchangeStash.active
-        if stash is not None and stash.replaying:
-            return stash.replay()
-        out = all_to_all(back, send_splits, recv_splits, self.group)
-        if stash is not None and torch.is_grad_enabled():
-            stash.record(out)
-        return out
-
-
-class _ExchangeStash:
-    """Expert-parallel exchanges of one checkpointed layer call, kept from its forward for its
-    recomputation: the recomputed layer replays the received rows and the combined outputs instead of
-    exchanging again (two all-to-alls, a counts exchange and a host read of split sizes per MoE call).
-    Costs the memory of those rows until the layer's backward. ``active`` is the stash of the layer
-    running now (training is single-threaded)."""
-
-    active: "_ExchangeStash | None" = None
-
-    def __init__(self):
-        self.saved: list = []
-        self.replaying, self.next = False, 0
-
-    def record(self, value) -> None:
-        self.saved.append(value)
-
-    def replay(self):
-        value = self.saved[self.next]
-        self.next += 1
-        return value
-
-    @contextlib.contextmanager
-    def use(self, replaying: bool):
-        previous, _ExchangeStash.active = _ExchangeStash.active, self
-        self.replaying, self.next = replaying, 0
-        try:
-            yield
-        finally:
-            _ExchangeStash.active = previous
-
-
-def _exchange_stash_contexts():
-    """``context_fn`` of ``checkpoint``: (context of the forward, context of the recomputation)."""
-    stash = _ExchangeStash()
-    return stash.use(False), stash.use(True)
+from blockdiff.parallel.experts import exchange_stash_contexts, shard_experts
 
 
 # ---------------------------------------------------------------------------------------- layer wrappers
@@ -182,14 +45,14 @@ def _ac_forward(inner, *args, **kwargs):
 
 
 def _ac_forward_keeping_exchanges(inner, *args, **kwargs):
-    return _checkpoint(inner, *args, use_reentrant=False, context_fn=_exchange_stash_contexts, **kwargs)
+    return _checkpoint(inner, *args, use_reentrant=False, context_fn=exchange_stash_contexts, **kwargs)
 
 
 def apply_activation_checkpointing(model, keep_expert_exchanges: bool = False) -> None:
     """Recompute each Layer in backward (non-reentrant). The layer returns its K/V functionally, so the
     encoder K/V the decoder reads is an ordinary output: recomputation neither duplicates nor drops it.
     ``keep_expert_exchanges`` (expert parallel): the recomputation replays the forward's all-to-all
-    results instead of exchanging again (see ``_ExchangeStash``)."""
+    results instead of exchanging again (see ``blockdiff.parallel.experts``)."""
     wrapper = _ac_forward_keeping_exchanges if keep_expert_exchanges else _ac_forward
     for layer in model.layers:
         layer.forward = functools.partial(wrapper, layer.forward)
@@ -222,14 +85,7 @@ def is_sharded(model) -> bool:
     return parallel_state(model) is not None
 
 
-def _fsdp():
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-    return FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-
 def fsdp_modules(model):
-    FSDPModule = _fsdp()[0]
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -277,11 +133,7 @@ def parallelize(model, cfg, dist: DistInfo):
     A model on the ``meta`` device stays there (FSDP2 shards meta tensors too): ``blockdiff.train.loading``
     then allocates each rank's local shards (``to_empty``) and fills them from the checkpoint."""
     p = cfg.parallel
-    E = model.config.num_experts
-    if E % p.ep:
-        raise ConfigError(f"ep={p.ep} does not divide the model's {E} experts", field="parallel.ep")
-    if dist.world_size % p.ep:
-        raise ConfigError(f"ep={p.ep} does not divide the world size {dist.world_size}", field="parallel.ep")
+    check_expert_parallel(p.ep, world_size=dist.world_size, num_experts=model.config.num_experts)
     if not _on_meta(model):
         model = model.to(dist.device)
     if p.activation_checkpointing:
@@ -291,9 +143,6 @@ def parallelize(model, cfg, dist: DistInfo):
     if dist.world_size == 1:
         return model
 
-    FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method = _fsdp()
-    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
     W, ep, dev = dist.world_size, p.ep, dist.device.type
     dp_mesh = init_device_mesh(dev, (W,), mesh_dim_names=("dp",))
     ep_mesh = None
@@ -301,27 +150,7 @@ def parallelize(model, cfg, dist: DistInfo):
         # mesh[j, i] = i * ep + j: the "ep" dim groups consecutive ranks, "edp" strides across groups
         grid = torch.arange(W).view(W // ep, ep).t().contiguous()
         ep_mesh = DeviceMesh(dev, grid, mesh_dim_names=("ep", "edp"))
-        ep_rank = dist.rank % ep
-        n_local = E // ep
-        sl = slice(ep_rank * n_local, (ep_rank + 1) * n_local)
-        group = ep_mesh.get_group("ep")
-        expert_names = set()
-        for li, layer in enumerate(model.layers):
-            ex = layer.experts
-            # every [E, ...] param under the experts module: the expert weights and any LoRA adapter's
-            for mod_name, mod in list(ex.named_modules()):
-                for name, old in list(mod.named_parameters(recurse=False)):
-                    if old.ndim >= 1 and old.shape[0] == E:
-                        new = torch.nn.Parameter(old.detach()[sl].clone(), requires_grad=old.requires_grad)
-                        setattr(mod, name, new)
-                        full = ".".join(x for x in (f"layers.{li}.experts", mod_name, name) if x)
-                        expert_names.add(full)
-                # a quantized base's expert tensors (frozen buffers, not FSDP-sharded): the same slice
-                for name, old in list(mod.named_buffers(recurse=False)):
-                    if old.ndim >= 1 and old.shape[0] == E:
-                        mod._buffers[name] = old[sl].clone()
-                        expert_names.add(f"layers.{li}.experts.{mod_name}")
-            ex.dispatcher = ExpertDispatcher(group, ep, E)
+        expert_names, expert_offset = shard_experts(model, ep_mesh.get_group("ep"), dist.rank % ep, ep)
 
     bf16 = dist.device.type == "cuda" and cfg.model.dtype == "bfloat16"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32,
@@ -345,7 +174,7 @@ def parallelize(model, cfg, dist: DistInfo):
             m.set_reduce_scatter_unused_params(True, recurse=False)  # a rank whose experts got no tokens
     model._blockdiff_parallel = ParallelState(W, ep, dp_mesh, ep_mesh)
     model._blockdiff_parallel.expert_names = expert_names if ep > 1 else set()
-    model._blockdiff_parallel.expert_offset = sl.start if ep > 1 else 0  # first global expert of this rank
+    model._blockdiff_parallel.expert_offset = expert_offset if ep > 1 else 0  # first global expert of this rank
     return model
 
 
@@ -363,10 +192,8 @@ def global_view(model, name: str, t):
     over ``edp`` with shape [E/ep, ...]; viewed on the 2-D (ep, edp) mesh with (Shard(0), Shard(0)) they
     are the [E, ...] tensor (same storage, no copy)."""
     st = parallel_state(model)
-    if st is None or st.ep == 1 or name not in st.expert_names or not _is_dtensor(t):
+    if st is None or st.ep == 1 or name not in st.expert_names or not is_dtensor(t):
         return t
-    from torch.distributed.tensor import DTensor, Shard
-
     local = t.to_local()
     shape = (t.shape[0] * st.ep, *t.shape[1:])
     stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
@@ -379,7 +206,7 @@ def full_tensor(model, name: str, t) -> torch.Tensor:
     ``edp`` by FSDP's DTensor, then across the EP group (EP rank r holds the r-th block of experts).
     Not ``global_view(...).full_tensor()``: torch 2.11's redistribute tries to flatten the (ep, edp) mesh
     and raises "Mesh dim indices should be in ascending order" on GPUs."""
-    if not _is_dtensor(t):
+    if not is_dtensor(t):
         return t
     full = t.full_tensor()
     st = parallel_state(model)
@@ -390,9 +217,7 @@ def full_tensor(model, name: str, t) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
+def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
@@ -408,8 +233,8 @@ def clip_grad_norm_(params, max_norm: float, apply: bool = True) -> torch.Tensor
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    sharded = [g.to_local() for g in grads if _is_dtensor(g)]
-    plain = [g for g in grads if not _is_dtensor(g)]
+    sharded = [g.to_local() for g in grads if is_dtensor(g)]
+    plain = [g for g in grads if not is_dtensor(g)]
     dev = (sharded or plain)[0].device
     sq = torch.zeros((), dtype=torch.float32, device=dev)
     if sharded:
@@ -454,5 +279,5 @@ def param_groups_by_mesh(params) -> list[dict]:
     a fused optimizer kernel takes the DTensors of one mesh only."""
     groups: dict = {}
     for p in params:
-        groups.setdefault(p.device_mesh if _is_dtensor(p) else None, []).append(p)
+        groups.setdefault(p.device_mesh if is_dtensor(p) else None, []).append(p)
     return [{"params": ps} for ps in groups.values()]

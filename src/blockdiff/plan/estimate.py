@@ -20,14 +20,20 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as tdist
+from torch.distributed.tensor import DTensor
 
-from blockdiff.config.schema import Config
+from blockdiff.config.schema import Config, apply_world_size
 from blockdiff.errors import ConfigError
-from blockdiff.plan.memory_model import (FP32, GIB, StepShape, activation_terms, ce_chunk_bytes, fsdp_buffer_terms,
-                           overhead_bytes)
-from blockdiff.train.loading import model_config
 from blockdiff.model.config import ModelConfig
+from blockdiff.model.diffusion_gemma import DiffusionGemma
 from blockdiff.model.quantized import CHUNK_ELEMENTS, QuantizedWeight
+from blockdiff.objective.loss import ObjectiveSettings
+from blockdiff.parallel.distributed import DistInfo
+from blockdiff.parallel.parallelize import fsdp_modules, parallelize, param_groups_by_mesh
+from blockdiff.plan.memory_model import (FP32, GIB, StepShape, activation_terms, ce_chunk_bytes, fsdp_buffer_terms,
+                                         overhead_bytes)
+from blockdiff.train.loading import _prepare, model_config
 
 log = logging.getLogger("blockdiff")
 
@@ -38,8 +44,7 @@ log = logging.getLogger("blockdiff")
 @contextlib.contextmanager
 def fake_process_group(rank: int, world_size: int):
     """Rank ``rank`` of ``world_size`` under torch's fake process group (collectives do nothing)."""
-    import torch.distributed as tdist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # torch's test utility: only the plan needs it
 
     tdist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
@@ -51,11 +56,6 @@ def fake_process_group(rank: int, world_size: int):
 def meta_model(cfg: Config, mc: ModelConfig, rank: int, world_size: int, device_type: str):
     """The model of rank ``rank`` as training builds it (LoRA, frozen router, parallelize), on meta.
     World size > 1: call inside ``fake_process_group``."""
-    from blockdiff.parallel.distributed import DistInfo
-    from blockdiff.model.diffusion_gemma import DiffusionGemma
-    from blockdiff.parallel.parallelize import parallelize
-    from blockdiff.train.loading import _prepare
-
     with torch.device("meta"):
         model = DiffusionGemma(mc, attn_backend=cfg.model.attn_backend)
     _prepare(model, cfg, torch.device(device_type))  # LoRA (+ quantized base) and the frozen router, as training
@@ -69,8 +69,6 @@ def meta_model(cfg: Config, mc: ModelConfig, rank: int, world_size: int, device_
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -109,8 +107,6 @@ class RankState:
 
 
 def rank_state(model, rank: int) -> RankState:
-    from blockdiff.parallel.parallelize import fsdp_modules, param_groups_by_mesh
-
     named = dict(model.named_parameters())  # unique tensors: the tied embedding once
     trainable = {n: p for n, p in named.items() if p.requires_grad}
     names = {id(p): n for n, p in named.items()}
@@ -165,8 +161,6 @@ def simulate(cfg: Config, world_size: int, device_type: str = "cuda",
 
 
 def _simulate(cfg, world_size, device_type, ranks):
-    import torch.distributed as tdist
-
     mc = model_config(cfg)
     if world_size == 1:
         return mc, [rank_state(meta_model(cfg, mc, 0, 1, device_type), 0)]
@@ -249,9 +243,6 @@ def _compute_bytes(cfg: Config, device_type: str) -> int:
 
 def make_plan(cfg: Config, gpus: int, gpu_memory_gib: float, device_type: str = "cuda") -> Plan:
     """The memory plan of ``cfg`` on ``gpus`` GPUs of ``gpu_memory_gib`` GiB each."""
-    from blockdiff.config.schema import apply_world_size
-    from blockdiff.objective.loss import ObjectiveSettings
-
     run = copy.deepcopy(cfg)
     apply_world_size(run, gpus)  # the layout checks training makes (ep divides the world, batch sizes)
     mc, ranks = simulate(run, gpus, device_type)
@@ -303,6 +294,4 @@ def make_plan(cfg: Config, gpus: int, gpu_memory_gib: float, device_type: str = 
 
 def _total_params(mc: ModelConfig) -> int:
     with torch.device("meta"):
-        from blockdiff.model.diffusion_gemma import DiffusionGemma
-
         return sum(p.numel() for p in DiffusionGemma(mc).parameters())

@@ -6,17 +6,21 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
 import os
+import subprocess
+import sys
 
 import torch
+import torch.distributed as tdist
 
-from blockdiff.config.schema import Config
-from blockdiff.errors import ConfigError
-from blockdiff.plan.memory_model import GIB
+from blockdiff.config.schema import Config, apply_world_size, config_from_dict, load_config
+from blockdiff.errors import BlockdiffError, ConfigError
 from blockdiff.plan.estimate import Plan, make_plan
+from blockdiff.plan.memory_model import GIB
 
 log = logging.getLogger("blockdiff")
 DEFAULT_GPU_MEMORY_GIB = 80.0
@@ -96,8 +100,6 @@ def _number(kind, what: str):
 
 
 def cli_plan(argv: list[str]) -> int:
-    from blockdiff.config.schema import load_config
-
     p = argparse.ArgumentParser(prog="blockdiff plan", description="per-GPU memory of a training run, "
                                 "from config.json alone (no weights are read)")
     p.add_argument("-c", "--config", required=True, help="YAML config file (as for train)")
@@ -125,11 +127,6 @@ def check_before_training(cfg: Config) -> dict | None:
 
     Several ranks are simulated in a child process: DTensor's caches compare device meshes without their
     rank, so a simulated rank's cached layouts would leak into this process's real meshes."""
-    import copy
-
-    import torch.distributed as tdist
-
-    from blockdiff.config.schema import apply_world_size
 
     if cfg.train.skip_memory_check:
         return None
@@ -155,16 +152,11 @@ def check_before_training(cfg: Config) -> dict | None:
 
 
 def _plan_job(job: dict) -> dict:
-    from blockdiff.config.schema import config_from_dict
-
     cfg = config_from_dict(job["config"], source="<memory plan>")
     return make_plan(cfg, job["gpus"], job["gpu_memory_gib"], job["device"]).as_json()
 
 
 def _plan_in_child(job: dict) -> dict:
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     p = subprocess.run([sys.executable, "-m", "blockdiff.plan.report"], input=json.dumps(job), env=env,
                        capture_output=True, text=True)
@@ -176,10 +168,6 @@ def _plan_in_child(job: dict) -> dict:
 
 
 if __name__ == "__main__":  # the child of _plan_in_child: a job on stdin, the plan (or the error) on stdout
-    import sys
-
-    from blockdiff.errors import BlockdiffError
-
     try:
         print(json.dumps(_plan_job(json.loads(sys.stdin.read()))))
     except BlockdiffError as e:

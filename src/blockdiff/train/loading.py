@@ -39,11 +39,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor, Shard
 
 from blockdiff.config.schema import Config
-from blockdiff.parallel.distributed import DistInfo
 from blockdiff.errors import ConfigError
+from blockdiff.lora import adapter_param_names, apply_lora, base_param_name, initial_adapter_values
+from blockdiff.lora.quantize import fill_quantized, quantized_weights
 from blockdiff.model.config import ModelConfig
+from blockdiff.model.diffusion_gemma import DiffusionGemma
+from blockdiff.model.hf import io as hf_io, load as hf_load
+from blockdiff.model.hf.io import rebuild_rotary
+from blockdiff.model.hf.load import CONFIG, Checkpoint, HUB_ID, attach_source, hub_offline
+from blockdiff.objective.loss import freeze_router
+from blockdiff.parallel.distributed import DistInfo
 from blockdiff.parallel.parallelize import parallel_state, parallelize
 
 log = logging.getLogger("blockdiff")
@@ -52,40 +60,36 @@ log = logging.getLogger("blockdiff")
 def model_config(cfg: Config) -> ModelConfig:
     """The text-model config of a run, from ``model.from_config`` or the checkpoint's config.json alone
     (a local dir, or only config.json fetched for a hub id), at ``model.num_layers`` depth."""
-    from blockdiff.model.hf import io as hf_io
-
     if cfg.model.from_config is not None:  # as build_model builds it
         try:
-            return ModelConfig.from_hf(hf_io._as_hf_config(_from_config_kwargs(cfg)))
+            return ModelConfig.from_hf(hf_load.as_hf_config(_from_config_kwargs(cfg)))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"cannot build the model config: {e}", field="model.from_config") from None
     name = cfg.model.name_or_path
     path = Path(os.path.expanduser(name))
     if path.is_dir():
-        if not (path / hf_io.CONFIG).is_file():
-            raise ConfigError(f"{path} holds no {hf_io.CONFIG} (the run's architecture is read from it)",
+        if not (path / hf_load.CONFIG).is_file():
+            raise ConfigError(f"{path} holds no {hf_load.CONFIG} (the run's architecture is read from it)",
                               field="model.name_or_path")
         ckpt_dir = path
     else:
         ckpt_dir = _hub_config_dir(name)
     try:
-        mc = ModelConfig.from_hf(hf_io.read_hf_config(ckpt_dir))
+        mc = ModelConfig.from_hf(hf_load.read_hf_config(ckpt_dir))
     except ValueError as e:
-        raise ConfigError(str(e), file=ckpt_dir / hf_io.CONFIG) from None
-    return hf_io._reduce_depth(mc, cfg.model.num_layers)
+        raise ConfigError(str(e), file=ckpt_dir / hf_load.CONFIG) from None
+    return hf_load.reduce_depth(mc, cfg.model.num_layers)
 
 
 def _hub_config_dir(name: str) -> Path:
     """The directory holding only config.json of a hub model (downloaded, or from the HF cache)."""
-    from blockdiff.model.hf.io import _HUB_ID, CONFIG, _offline
-
-    if not _HUB_ID.match(name):
+    if not HUB_ID.match(name):
         raise ConfigError(f"{name}: no such model directory (and not a hub id like 'org/name')",
                           field="model.name_or_path")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # only a hub id needs it
 
     try:
-        return Path(hf_hub_download(name, CONFIG, local_files_only=_offline())).parent
+        return Path(hf_hub_download(name, CONFIG, local_files_only=hub_offline())).parent
     except Exception as e:  # offline, unknown repo, gated: one line, whatever the hub library raised
         raise ConfigError(f"cannot fetch {CONFIG} of {name} ({type(e).__name__}); pass a local directory that "
                           f"holds it", field="model.name_or_path") from None
@@ -100,8 +104,6 @@ def _from_config_kwargs(cfg: Config) -> dict:
 
 def build_model(cfg: Config, device: torch.device):
     """The plain (unsharded, adapter-free) fp32 model of the run on ``device`` (export, tests, tools)."""
-    from blockdiff.model.hf import io as hf_io
-
     if cfg.model.from_config is not None:
         return hf_io.from_config(_from_config_kwargs(cfg), dtype=torch.float32, device=device,
                                  attn_backend=cfg.model.attn_backend, seed=cfg.train.seed)
@@ -112,8 +114,6 @@ def build_model(cfg: Config, device: torch.device):
 def _prepare(model, cfg: Config, device: torch.device) -> None:
     """LoRA (base frozen, adapters trainable) and the frozen router, as the run asks."""
     if cfg.lora.enabled:
-        from blockdiff.lora import apply_lora
-
         # the frozen base is stored in bf16 on GPU (adapters stay fp32 masters)
         bf16_base = device.type == "cuda" and cfg.model.dtype == "bfloat16"
         apply_lora(model, cfg.lora, base_dtype=torch.bfloat16 if bf16_base else None)
@@ -122,8 +122,6 @@ def _prepare(model, cfg: Config, device: torch.device) -> None:
 
             quantize_frozen_base_(model, cfg.lora.base_quantization)
     if cfg.objective.freeze_router:
-        from blockdiff.objective.loss import freeze_router
-
         freeze_router(model)
 
 
@@ -133,9 +131,6 @@ def build_training_model(cfg: Config, dist: DistInfo):
         model = build_model(cfg, dist.device)
         _prepare(model, cfg, dist.device)
         return parallelize(model, cfg, dist)
-    from blockdiff.model.diffusion_gemma import DiffusionGemma
-    from blockdiff.model.hf.load import Checkpoint, attach_source
-
     t0 = time.perf_counter()
     with Checkpoint(cfg.model.name_or_path) as ckpt:
         config = ckpt.model_config(cfg.model.num_layers)
@@ -171,8 +166,6 @@ def local_rows(model, name: str, t: torch.Tensor) -> tuple[int, int] | None:
     """Dim-0 rows [start, stop) of the WHOLE tensor (the checkpoint's layout) that ``t`` holds on this rank;
     None when it holds all of it. FSDP2's ``Shard(0)`` gives mesh rank i the i-th ``ceil(n / size)`` rows;
     an EP rank's expert tensors start at its first global expert (``parallelize``)."""
-    from torch.distributed.tensor import DTensor, Shard
-
     st = parallel_state(model)
     if st is None or not isinstance(t, DTensor):
         return None
@@ -197,8 +190,6 @@ def global_shape(model, name: str, t: torch.Tensor) -> tuple[int, ...]:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -206,10 +197,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def fill_local_shards(model, ckpt, device: torch.device, adapter_rng=None) -> LoadStats:
     """Fill every local shard of ``model`` (allocated, uninitialised): checkpoint tensors row by row from
     ``ckpt``, LoRA adapters with their single-process init (drawn from ``adapter_rng``), rotary tables."""
-    from blockdiff.lora import adapter_param_names, base_param_name, initial_adapter_values
-    from blockdiff.lora.quantize import fill_quantized, quantized_weights
-    from blockdiff.model.hf.load import _rebuild_rotary
-
     targets = model.state_dict(keep_vars=True)  # persistent tensors: the checkpoint's and the adapters'
     adapters = adapter_param_names(model)
     plain = {base_param_name(n, model): n for n in targets if n not in adapters}
@@ -240,7 +227,7 @@ def fill_local_shards(model, ckpt, device: torch.device, adapter_rng=None) -> Lo
             rows = local_rows(model, name, targets[name])
             _local(targets[name]).copy_(value if rows is None else value[rows[0]:rows[1]])
             del value  # before the generator draws the next one
-    _rebuild_rotary(model, device)
+    rebuild_rotary(model, device)
     stats.bytes_read = ckpt.bytes_read
     storages = {}
     for t in [*model.parameters(), *model.buffers()]:

@@ -99,7 +99,7 @@ class StepProfiler:
             self.t0, self.done = time.perf_counter(), 0
 
     def activities(self) -> list:
-        from torch.profiler import ProfilerActivity
+        from torch.profiler import ProfilerActivity  # only a profiled run pays for it; matplotlib below is optional
 
         return ([ProfilerActivity.CPU] if self.host_ops else []) + (
             [ProfilerActivity.CUDA] if self.device.type == "cuda" else [])

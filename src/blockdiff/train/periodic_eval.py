@@ -26,13 +26,16 @@ import torch
 
 from blockdiff.config.schema import Config
 from blockdiff.data.canvas import Example, SFTDataset, global_order
-from blockdiff.parallel.distributed import DistInfo, to_device
+from blockdiff.data.jsonl import load_dataset_rows
 from blockdiff.errors import ConfigError
+from blockdiff.infer.evaluate import quick_accuracy
 from blockdiff.infer.lockstep import Lockstep
+from blockdiff.infer.sampling import generate
+from blockdiff.infer.settings import SamplerSettings
 from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, noisy_micro_batch
+from blockdiff.parallel.distributed import DistInfo, to_device
 from blockdiff.parallel.parallelize import is_sharded, reshard_all
 from blockdiff.train.precision import compute_context
-from blockdiff.infer.sampling import SamplerSettings, generate
 
 log = logging.getLogger("blockdiff")
 
@@ -146,8 +149,6 @@ class PeriodicEval:
             self.validation = ValidationLoss(cfg, held_out, model.config.vocab_size, dist)
         self.accuracy_every = cfg.eval.accuracy_every
         if self.accuracy_every:
-            from blockdiff.data.jsonl import load_dataset_rows
-
             self.rows = [r for _, r in zip(range(cfg.eval.accuracy_samples), load_dataset_rows(cfg.data.eval_path))]
             # CUDA graphs and compiled layers would capture the collectives of a sharded model's forward
             plain = not is_sharded(model)
@@ -159,8 +160,6 @@ class PeriodicEval:
         if self.loss_every and step % self.loss_every == 0:
             row.update(self.validation(self.model))
         if self.accuracy_every and step % self.accuracy_every == 0:
-            from blockdiff.infer.evaluate import quick_accuracy
-
             acc = quick_accuracy(self.model, self.tokenizer, self.rows, self.sampler, batch_size=len(self.rows),
                                  generate=functools.partial(generate_across_ranks, dist=self.dist))
             row.update(eval_accuracy=acc, eval_n=len(self.rows))

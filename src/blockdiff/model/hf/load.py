@@ -5,9 +5,11 @@
   ``embed_vision``, not modelled, carried through by exports), and the ONE read path (``read``): presence,
   shape and readability checked, errors naming the file and the tensor. ``read`` returns a whole tensor or
   a range of dim-0 rows; a row range reads only those rows from the file (``safe_open(...).get_slice``).
-- ``load_pretrained``: the whole model in one process (generate, eval, tests): built on ``meta``,
-  allocated once on ``device`` in ``dtype`` and filled tensor by tensor. Sharded training runs fill only
-  their local shards through the same ``Checkpoint`` (``blockdiff.train.loading``).
+- the checkpoint's pieces on their own: ``resolve_checkpoint_dir`` (local dir or hub snapshot),
+  ``read_hf_config``, ``weight_map``, ``open_safetensors`` / ``read_tensor`` (errors naming file and tensor).
+
+``blockdiff.model.hf.io`` builds the whole model in one process from a ``Checkpoint``; sharded training runs
+fill only their local shards through the same ``Checkpoint`` (``blockdiff.train.loading``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from safetensors import safe_open
 from blockdiff.errors import CheckpointError
 from blockdiff.model.hf import names as hf_names
 from blockdiff.model.config import ModelConfig
-from blockdiff.model.diffusion_gemma import DiffusionGemma
 from blockdiff.model.hf.nvfp4 import NVFP4Layout, source_quantization
 
 CONFIG = "config.json"
@@ -37,14 +38,14 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model"]
 EXPECTED_MODEL_TYPE = "diffusion_gemma"
 _ST_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
                 "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 # ---- resolving a checkpoint --------------------------------------------------------------------
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once at import; re-read it so a late setting counts.
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -57,9 +58,9 @@ def resolve_checkpoint_dir(path_or_hub_id, revision: str | None = None) -> Path:
     if path.exists():
         raise CheckpointError("expected a checkpoint directory, got a file", file=path)
     name = os.fspath(path_or_hub_id)
-    if not _HUB_ID.match(name):
+    if not HUB_ID.match(name):
         raise CheckpointError("no such checkpoint directory (and not a hub id like 'org/name')", file=name)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # here, as transformers below: seconds of import, needed only here
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
@@ -68,7 +69,7 @@ def resolve_checkpoint_dir(path_or_hub_id, revision: str | None = None) -> Path:
                    f"pre-populate the HF cache {not_local}")
     try:
         return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS,
-                                      local_files_only=_offline()))
+                                      local_files_only=hub_offline()))
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
         raise CheckpointError(f"cannot download {name} {not_local}: {type(e).__name__}: {e}") from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as e:
@@ -80,7 +81,7 @@ def resolve_checkpoint_dir(path_or_hub_id, revision: str | None = None) -> Path:
         raise
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -89,11 +90,20 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"not valid JSON: {e}", file=path) from None
 
 
+def as_hf_config(hf_config_or_kwargs):
+    """A transformers DiffusionGemmaConfig from itself or from its kwargs."""
+    import transformers
+
+    if isinstance(hf_config_or_kwargs, dict):
+        return transformers.DiffusionGemmaConfig(**hf_config_or_kwargs)
+    return hf_config_or_kwargs
+
+
 def read_hf_config(ckpt_dir: Path):
     """transformers.DiffusionGemmaConfig of a checkpoint, refusing other model types."""
     import transformers
 
-    raw = _read_json(ckpt_dir / CONFIG)
+    raw = read_json(ckpt_dir / CONFIG)
     found = raw.get("model_type")
     if found != EXPECTED_MODEL_TYPE:
         raise CheckpointError(f"model_type is {found!r}, expected {EXPECTED_MODEL_TYPE!r}",
@@ -114,14 +124,14 @@ def model_config_of(hf_config, ckpt_dir: Path, num_layers: int | None = None) ->
         config = ModelConfig.from_hf(hf_config)
     except ValueError as e:
         raise CheckpointError(str(e), file=ckpt_dir / CONFIG) from e
-    return _reduce_depth(config, num_layers)
+    return reduce_depth(config, num_layers)
 
 
 def weight_map(ckpt_dir: Path) -> dict[str, str]:
     """{checkpoint tensor name: file name} of a single-file or sharded safetensors checkpoint."""
     index = ckpt_dir / INDEX
     if index.is_file():
-        wm = _read_json(index).get("weight_map")
+        wm = read_json(index).get("weight_map")
         if not isinstance(wm, dict) or not wm:
             raise CheckpointError("no 'weight_map' in index", file=index, field="weight_map")
         for f in sorted(set(wm.values())):
@@ -133,7 +143,7 @@ def weight_map(ckpt_dir: Path) -> dict[str, str]:
         return dict(wm)
     single = ckpt_dir / SINGLE
     if single.is_file():
-        with _open_safetensors(single) as f:
+        with open_safetensors(single) as f:
             return {k: SINGLE for k in f.keys()}
     pickled = [p.name for p in ckpt_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     if pickled:
@@ -144,7 +154,7 @@ def weight_map(ckpt_dir: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _open_safetensors(path: Path):
+def open_safetensors(path: Path):
     try:
         handle = safe_open(os.fspath(path), framework="pt", device="cpu")
     except Exception as e:  # SafetensorError: truncated header/data, bad JSON, ...
@@ -153,14 +163,14 @@ def _open_safetensors(path: Path):
         yield f
 
 
-def _read_tensor(f, path: Path, name: str) -> torch.Tensor:
+def read_tensor(f, path: Path, name: str) -> torch.Tensor:
     try:
         return f.get_tensor(name)
     except Exception as e:
         raise CheckpointError(f"cannot read tensor {name}: {e}", file=path, field=name) from e
 
 
-def _reduce_depth(cfg: ModelConfig, num_layers: int | None) -> ModelConfig:
+def reduce_depth(cfg: ModelConfig, num_layers: int | None) -> ModelConfig:
     if num_layers is None or num_layers == cfg.num_layers:
         return cfg
     if not 1 <= num_layers <= cfg.num_layers:
@@ -187,7 +197,7 @@ class Checkpoint:
         self.hf_config = read_hf_config(self.dir)
         self.stored_map = weight_map(self.dir)  # the files' own tensor names
         # NVFP4: the stored tensors presented under the unquantized model's names, dequantized when read
-        self.nvfp4 = NVFP4Layout(self.stored_map) if source_quantization(self.dir, _read_json(self.dir / CONFIG)) \
+        self.nvfp4 = NVFP4Layout(self.stored_map) if source_quantization(self.dir, read_json(self.dir / CONFIG)) \
             else None
         self.weight_map = self.stored_map if self.nvfp4 is None else self.nvfp4.names
         self.index_name = INDEX if (self.dir / INDEX).is_file() else SINGLE
@@ -274,7 +284,7 @@ class Checkpoint:
         file = self.stored_map[name]
         path = self.dir / file
         if file not in self._files:
-            f = self._stack.enter_context(_open_safetensors(path))
+            f = self._stack.enter_context(open_safetensors(path))
             self._files[file] = (f, set(f.keys()))
         f, keys = self._files[file]
         if name not in keys:
@@ -285,40 +295,7 @@ class Checkpoint:
             raise CheckpointError(f"cannot read tensor {name}: {e}", file=path, field=name) from e
 
 
-# ---- the whole model in one process ------------------------------------------------------------
-
-
-def _materialize(config: ModelConfig, dtype, device, attn_backend) -> DiffusionGemma:
-    """Allocate (uninitialised) on ``device`` without ever building fp32 weights on the CPU."""
-    with torch.device("meta"):
-        model = DiffusionGemma(config, attn_backend=attn_backend)
-    model.to(dtype=dtype)
-    model.to_empty(device=device)
-    return model
-
-
-def _rebuild_rotary(model: DiffusionGemma, device) -> None:
-    # The rope tables are non-persistent buffers (garbage after to_empty): recompute them.
-    model.rotary.__init__(model.config)
-    model.rotary.to(device)
-
-
 def attach_source(model, ckpt: Checkpoint) -> None:
     """What an export of ``model`` needs from its source checkpoint (config, the carried tensors)."""
     model.hf_config = ckpt.hf_config
     model.hf_source = {"dir": str(ckpt.dir), "carried": ckpt.carried}
-
-
-@torch.no_grad()
-def load_pretrained(path_or_hub_id, dtype: torch.dtype = torch.float32, device="cpu", attn_backend: str = "auto",
-                    num_layers: int | None = None, revision: str | None = None) -> DiffusionGemma:
-    with Checkpoint(path_or_hub_id, revision) as ckpt:
-        config = ckpt.model_config(num_layers)
-        model = _materialize(config, dtype, device, attn_backend)
-        targets = model.state_dict(keep_vars=True)  # persistent tensors only, sharing model storage
-        for ours, name in ckpt.text_tensors(targets, config.num_layers).items():
-            target = targets[ours]
-            target.data.copy_(ckpt.read(name, target.shape))  # casts to dtype/device
-    _rebuild_rotary(model, device)
-    attach_source(model, ckpt)
-    return model

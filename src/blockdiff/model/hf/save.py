@@ -12,7 +12,7 @@ keeps and writes what they return.
 Everything is written into ``<out>.tmp-<pid>`` and swapped into place at the end; a path that is not a
 previous export is never overwritten and a failed export leaves the previous one intact. Next to the
 weights: config.json (depth and dtype fields matching the tensors) and every tokenizer / processor file
-of the source checkpoint (``hf_io.copy_tokenizer``).
+of the source checkpoint (``copy_tokenizer``).
 """
 
 from __future__ import annotations
@@ -34,9 +34,15 @@ from blockdiff.errors import CheckpointError
 from blockdiff.fsutil import fsync_path
 from blockdiff.model.hf import names as hf_names
 from blockdiff.model.config import FULL
-from blockdiff.model.hf.io import (CONFIG, INDEX, SINGLE, _as_hf_config, _open_safetensors, _read_json, _read_tensor,
-                    copy_tokenizer, weight_map)
+from blockdiff.model.hf.load import (CONFIG, INDEX, SINGLE, as_hf_config, open_safetensors, read_json, read_tensor,
+                                     weight_map)
 
+# what AutoTokenizer / AutoProcessor (Gemma4Processor) read besides the weights and config.json; plus the
+# legacy per-processor files and the extra chat templates of a source that has them
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json", "processor_config.json",
+                   "preprocessor_config.json", "video_preprocessor_config.json", "audio_tokenizer_config.json")
+TOKENIZER_DIRS = ("additional_chat_templates",)
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -86,7 +92,7 @@ def source_dtype(source: Path) -> torch.dtype | None:
     file = weight_map(source).get(_EMBED)
     if file is None:
         return None
-    with _open_safetensors(source / file) as f:
+    with open_safetensors(source / file) as f:
         return _ST_DTYPES.get(f.get_slice(_EMBED).get_dtype().upper())
 
 
@@ -101,9 +107,9 @@ def config_for_export(model, source: Path | None, dtype: torch.dtype) -> dict:
     """config.json content: the source's (or the model's transformers config), depth-matched, with every
     dtype field (top level and sub-configs, ``dtype`` and legacy ``torch_dtype``) set to the written dtype."""
     if source is not None:
-        cfg = _read_json(source / CONFIG)
+        cfg = read_json(source / CONFIG)
     elif getattr(model, "hf_config", None) is not None:
-        cfg = _as_hf_config(model.hf_config).to_dict()
+        cfg = as_hf_config(model.hf_config).to_dict()
     else:
         raise CheckpointError("model has neither a source checkpoint nor an hf_config to write config.json from")
     text = cfg["text_config"]
@@ -172,7 +178,7 @@ class TensorFiles:
         if file is None:
             raise CheckpointError(f"missing tensor {name}", file=self.dir, field=name)
         if file not in self.handles:
-            self.handles[file] = self.stack.enter_context(_open_safetensors(self.dir / file))
+            self.handles[file] = self.stack.enter_context(open_safetensors(self.dir / file))
         f = self.handles[file]
         if name not in f.keys():
             raise CheckpointError(f"missing tensor {name} (the index lists it in {file})", file=self.dir / file,
@@ -184,7 +190,7 @@ class TensorFiles:
 
     def read(self, name: str) -> torch.Tensor:
         f, path = self._handle(name)
-        return _read_tensor(f, path, name)
+        return read_tensor(f, path, name)
 
 
 def carried_entries(source: Path, dtype: torch.dtype, stack: contextlib.ExitStack) -> list[ExportEntry]:
@@ -198,10 +204,10 @@ def carried_entries(source: Path, dtype: torch.dtype, stack: contextlib.ExitStac
 
 def fresh_carried_entries(model, dtype: torch.dtype) -> list[ExportEntry]:
     """Vision tower + embed_vision initialised by transformers (for models without a source)."""
-    import transformers
+    import transformers  # here: seconds of import, needed only for a fresh vision init
     from transformers.models.diffusion_gemma import modeling_diffusion_gemma as mdg
 
-    hf_config = _as_hf_config(model.hf_config)
+    hf_config = as_hf_config(model.hf_config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         tower = transformers.AutoModel.from_config(hf_config.vision_config)
@@ -252,6 +258,21 @@ class ShardWriter:
             fsync_path(part)
             os.replace(part, self.tmp / file)
             self.held -= sum(t.numel() * t.element_size() for t in shard.values())
+
+
+def copy_tokenizer(src_dir, out_dir) -> list[str]:
+    """Copy the tokenizer and processor files present in ``src_dir`` (and generation_config.json) to ``out_dir``."""
+    copied = []
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+        src = Path(src_dir) / name
+        if src.is_file():
+            shutil.copyfile(src, Path(out_dir) / name)
+            copied.append(name)
+    for name in TOKENIZER_DIRS:
+        if (Path(src_dir) / name).is_dir():
+            shutil.copytree(Path(src_dir) / name, Path(out_dir) / name, dirs_exist_ok=True)
+            copied.append(name)
+    return copied
 
 
 def is_export(path: Path) -> bool:
