@@ -355,7 +355,7 @@ def periodic_evals(overrides: list[str], spec: dict) -> dict | None:
     from blockdiff.config.schema import apply_world_size, demo_config_path, load_config
     from blockdiff.parallel.distributed import init_distributed
     from blockdiff.train.periodic_eval import PeriodicEval, generate_across_ranks, split_held_out
-    from blockdiff.infer.sampling import SamplerSettings
+    from blockdiff.infer.settings import SamplerSettings
     from blockdiff.train.setup import load_tokenizer
     from blockdiff.train.loop import train
 

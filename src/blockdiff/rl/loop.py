@@ -12,12 +12,9 @@ index, so a resumed or re-sharded run continues the identical trajectory.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
-
-import torch
 
 from blockdiff.checkpoint.live_export import export_model
 from blockdiff.config.schema import Config
