@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from test_parallel import ROOT, TIMEOUT, _check_done, _env  # noqa: F401  (the torchrun launch helpers)
+from helpers import ROOT, TIMEOUT, check_ranks_done, torchrun_env
 
 WORKER = str(ROOT / "tests" / "rl_dist_worker.py")
 ARGS = ["--model.num_layers", "2", "--rl.prompts_per_step", "2", "--rl.group_size", "2", "--rl.max_new_tokens", "32",
@@ -45,8 +45,8 @@ def test_rl_step_on_2_processes_equals_1(tmp_path):
     out = tmp_path / "grads.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", WORKER, str(out), *base,
            "--parallel.ep", "2"]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    _check_done(out, 2, p.stdout + p.stderr)
+    p = subprocess.run(cmd, cwd=ROOT, env=torchrun_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    check_ranks_done(out, 2, p.stdout + p.stderr)
     assert completions(out) == completions(ref_file)
     assert len({tuple(c) for c in completions(out)}) > 1  # the rows really differ
     ref, got = load_file(str(ref_file)), load_file(str(out))
