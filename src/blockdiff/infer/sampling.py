@@ -164,6 +164,14 @@ def _denoise_step(model, cache, st: _BlockState, settings: SamplerSettings, comp
     st.step += 1
 
 
+def _capturable(model) -> bool:
+    """Whether a denoising step can be captured as a CUDA graph: only the bf16 grouped-GEMM expert path keeps
+    its group sizes on the device (the per-expert fallback, e.g. fp32 weights without autocast, reads them)."""
+    dtype = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
+             else next(model.parameters()).dtype)
+    return dtype == torch.bfloat16
+
+
 def denoise_block(model, cache, rng: _RowRandom, settings: SamplerSettings, canvas_length: int,
                   policy=LOCAL_ROWS) -> tuple[torch.Tensor, int]:
     """Denoise one block for every row of ``cache``. Returns (argmax block [B, C], steps run).
@@ -182,7 +190,7 @@ def denoise_block(model, cache, rng: _RowRandom, settings: SamplerSettings, canv
                      history=new_stability_history(settings.stability_threshold, B, canvas_length, device),
                      step=torch.zeros(1, dtype=torch.long, device=device), temperatures=temps,
                      uniforms=uniforms, renoise=renoise)
-    use_graph = settings.cuda_graphs and device.type == "cuda" and n_steps > 2
+    use_graph = settings.cuda_graphs and device.type == "cuda" and n_steps > 2 and _capturable(model)
     compile = settings.compile and device.type == "cuda"
     step = functools.partial(_denoise_step, model, cache, st, settings, compile)
     graph = None

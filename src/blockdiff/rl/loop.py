@@ -105,7 +105,7 @@ def rl_train(cfg: Config) -> Path:
         rollout = sample_rollout(model, tokenizer, prompts, step, prompts_per_step=rl.prompts_per_step,
                                  group_size=rl.group_size, seed=cfg.train.seed, sampler=sampler, terms=terms,
                                  advantage=rl.advantage, adv_eps=rl.advantage_eps, dist=dist,
-                                 negative_weight=rl.negative_advantage_weight)
+                                 negative_weight=rl.negative_advantage_weight, dtype_name=cfg.model.dtype)
         micro = host_batches(rollout, step, cfg, mc.vocab_size, mc.eos_token_id, settings, dist)
         res = update(model, optimizer, params, rollout, micro, settings, cfg, dist, reference_model=reference,
                      lr_at=lambda it: o.lr * schedule(step * rl.update_iterations + it), first=step == start)

@@ -98,7 +98,7 @@ class Rollout:
 
 def sample_rollout(model, tokenizer, prompts: PromptSet, step: int, *, prompts_per_step: int, group_size: int,
                    seed: int, sampler: SamplerSettings, terms: list[RewardTerm], advantage: str, adv_eps: float,
-                   dist, negative_weight: float = 1.0) -> Rollout:
+                   dist, negative_weight: float = 1.0, dtype_name: str = "float32") -> Rollout:
     """The completions, rewards and advantages of ``step`` (collective when several ranks: every rank calls it)."""
     P, G = prompts_per_step, group_size
     indices = step_sample_indices(step, P, len(prompts), seed)
@@ -109,7 +109,7 @@ def sample_rollout(model, tokenizer, prompts: PromptSet, step: int, *, prompts_p
     t0 = time.perf_counter()
     try:
         completions = generate_across_ranks(model, [p.ids for p in chosen], sampler, device=dist.device,
-                                            row_seeds=seeds, dist=dist)
+                                            row_seeds=seeds, dist=dist, dtype_name=dtype_name)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0

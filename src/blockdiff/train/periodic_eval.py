@@ -113,11 +113,19 @@ def _in_batch_order(sums: torch.Tensor, dist: DistInfo) -> torch.Tensor:
 
 
 def generate_across_ranks(model, prompts: list[list[int]], settings: SamplerSettings | None = None, device=None,
-                          row_seeds: list[int] | None = None, *, dist: DistInfo) -> list[list[int]]:
+                          row_seeds: list[int] | None = None, *, dist: DistInfo,
+                          dtype_name: str = "float32") -> list[list[int]]:
     """``sampling.generate`` with the prompts split over the ranks of one (sharded) model: prompt i on rank
     i % W with the seed of its global index, the ranks in lockstep. Every rank returns every prompt's tokens,
-    those one process gives. Called by every rank with the same prompts."""
-    settings = settings or SamplerSettings()
+    those one process gives. Called by every rank with the same prompts. ``dtype_name``: the run's
+    ``model.dtype``; bf16 samples with the training step's bf16 compute (on CUDA)."""
+    dev = torch.device(device) if device is not None else dist.device
+    with compute_context(model, dev, dtype_name), torch.autocast(
+            "cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and dtype_name == "bfloat16"):
+        return _generate_across_ranks(model, prompts, settings or SamplerSettings(), device, row_seeds, dist)
+
+
+def _generate_across_ranks(model, prompts, settings: SamplerSettings, device, row_seeds, dist) -> list[list[int]]:
     W = dist.world_size
     if W == 1 or not prompts:
         return generate(model, prompts, settings, device=device, row_seeds=row_seeds)
@@ -143,7 +151,7 @@ class PeriodicEval:
     logged by rank 0 as ``val_loss`` / ``val_diffusion_loss`` / ``val_ar_loss`` and ``eval_accuracy``."""
 
     def __init__(self, cfg: Config, model, tokenizer, dist: DistInfo, held_out: list[Example] | None):
-        self.model, self.tokenizer, self.dist = model, tokenizer, dist
+        self.model, self.tokenizer, self.dist, self.dtype_name = model, tokenizer, dist, cfg.model.dtype
         self.loss_every = cfg.eval.loss_every if held_out else 0
         if self.loss_every:
             self.validation = ValidationLoss(cfg, held_out, model.config.vocab_size, dist)
@@ -161,7 +169,8 @@ class PeriodicEval:
             row.update(self.validation(self.model))
         if self.accuracy_every and step % self.accuracy_every == 0:
             acc = quick_accuracy(self.model, self.tokenizer, self.rows, self.sampler, batch_size=len(self.rows),
-                                 generate=functools.partial(generate_across_ranks, dist=self.dist))
+                                 generate=functools.partial(generate_across_ranks, dist=self.dist,
+                                                            dtype_name=self.dtype_name))
             row.update(eval_accuracy=acc, eval_n=len(self.rows))
         if row:
             if is_sharded(self.model):  # forwards only: no backward resharded the root unit
