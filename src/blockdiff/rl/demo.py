@@ -96,7 +96,8 @@ def run_demo_rl(out: Path, sft_export: Path | None, overrides: list[str], *, see
     print("\n=== blockdiff demo --rl ===")
     print(f"GRPO: {report['rl_steps']} steps x {report['completions_per_step']} completions in {report['rl_seconds']} s "
           f"on CPU")
-    print(f"{evaluate} exact match (n={n}): SFT {report['sft_accuracy']:.3f} -> RL {report['rl_accuracy']:.3f} "
+    print(f"{evaluate.replace('_', '-')} exact match (n={n}): SFT {report['sft_accuracy']:.3f} -> "
+          f"RL {report['rl_accuracy']:.3f} "
           f"(difference {report['difference']:+.3f}, paired SE {report['paired_se']:.3f})")
     print(f"report: {report_path}  run: {run_dir}")
     return report
