@@ -354,3 +354,15 @@ def test_one_update_raises_the_elbo_of_above_mean_completions_relative_to_below_
     run.optimizer.step()
     change = fixed_elbos(run.model, micro, settings, cfg, dist, reference=False) - before
     assert change[adv > 0].mean() > change[adv < 0].mean()
+
+
+def test_demo_dev_split_is_disjoint_from_rl_prompts(tmp_path):
+    from blockdiff.rl.demo import split_dev
+
+    train = tmp_path / "train.jsonl"
+    rows = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(10)]
+    train.write_text("".join(rows))
+    rl_path, dev_path = split_dev(train, 3)
+    rl_rows, dev_rows = rl_path.read_text().splitlines(True), dev_path.read_text().splitlines(True)
+    assert dev_rows == rows[-3:] and rl_rows == rows[:-3]
+    assert train.read_text() == "".join(rows)  # the SFT demo's split is left as written

@@ -44,8 +44,20 @@ def held_out_correct(model_dir: Path, rows: list[dict], seed: int, out_jsonl: Pa
     return [json.loads(ln)["correct"] for ln in out_jsonl.read_text().splitlines()]
 
 
+def split_dev(train_path: Path, n_dev: int) -> tuple[Path, Path]:
+    """The last ``n_dev`` training rows as a dev split (for choosing RL settings; RL never reads them) and the
+    rest as RL's prompts, written next to ``train_path`` (deterministic: the same rows every run)."""
+    lines = train_path.read_text().splitlines(keepends=True)
+    rl_path, dev_path = train_path.with_name("rl_train.jsonl"), train_path.with_name("dev.jsonl")
+    rl_path.write_text("".join(lines[:-n_dev]))
+    dev_path.write_text("".join(lines[-n_dev:]))
+    return rl_path, dev_path
+
+
 def run_demo_rl(out: Path, sft_export: Path | None, overrides: list[str], *, seed: int = 0, n_train: int = 4000,
-                n_test: int = 200, level: str = "easy") -> dict:
+                n_test: int = 200, level: str = "easy", n_dev: int = 100, evaluate: str = "held_out") -> dict:
+    """``evaluate``: "held_out" (the SFT demo's test split) or "dev" (``n_dev`` training prompts RL never reads:
+    the split to choose settings on, so the held-out set is scored once, for the chosen setting)."""
     from blockdiff.data.jsonl import read_chat_jsonl
     from blockdiff.rl.loop import rl_train
 
@@ -62,27 +74,30 @@ def run_demo_rl(out: Path, sft_export: Path | None, overrides: list[str], *, see
         from blockdiff.data.synthetic import write_splits
 
         write_splits(data, n_train, n_test, seed=seed, level=level)
+    rl_path, dev_path = split_dev(train_path, n_dev)
     cfg = load_config(demo_rl_config_path(), ["--model.name_or_path", str(sft_export), "--data.train_path",
-                                              str(train_path), "--train.output_dir", str(out / "rl"), *overrides])
+                                              str(rl_path), "--train.output_dir", str(out / "rl"), *overrides])
     t0 = time.perf_counter()
     run_dir = rl_train(cfg)
     rl_seconds = time.perf_counter() - t0
-    rows = read_chat_jsonl(test_path)  # never read by RL (the SFT demo's held-out split)
-    before = held_out_correct(sft_export, rows, seed, run_dir / "eval_heldout_sft.jsonl")
+    rows = read_chat_jsonl(test_path if evaluate == "held_out" else dev_path)  # never read by RL
+    before = held_out_correct(sft_export, rows, seed, run_dir / f"eval_{evaluate}_sft.jsonl")
     after = held_out_correct(Path(cfg.checkpoint.export_dir or run_dir / "export"), rows, seed,
-                             run_dir / "eval_heldout_rl.jsonl")
+                             run_dir / f"eval_{evaluate}_rl.jsonl")
     n = len(rows)
-    report = {"n": n, "sft_accuracy": sum(before) / n, "rl_accuracy": sum(after) / n,
+    report = {"evaluated": evaluate, "n": n, "sft_accuracy": sum(before) / n, "rl_accuracy": sum(after) / n,
               "difference": (sum(after) - sum(before)) / n, "paired_se": paired_se(before, after),
               "rl_steps": cfg.train.max_steps, "rl_seconds": round(rl_seconds, 1),
               "completions_per_step": cfg.rl.prompts_per_step * cfg.rl.group_size, "sft_export": str(sft_export),
               "run_dir": str(run_dir)}
     report["difference_in_se"] = report["difference"] / report["paired_se"] if report["paired_se"] else float("nan")
-    (out / "demo_rl_report.json").write_text(json.dumps(report, indent=1))
+    report_path = out / ("demo_rl_report.json" if evaluate == "held_out" else "demo_rl_report_dev.json")
+    report_path.write_text(json.dumps(report, indent=1))
     print("\n=== blockdiff demo --rl ===")
     print(f"GRPO: {report['rl_steps']} steps x {report['completions_per_step']} completions in {report['rl_seconds']} s "
           f"on CPU")
-    print(f"held-out exact match (n={n}): SFT {report['sft_accuracy']:.3f} -> RL {report['rl_accuracy']:.3f} "
+    print(f"{evaluate.replace('_', '-')} exact match (n={n}): SFT {report['sft_accuracy']:.3f} -> "
+          f"RL {report['rl_accuracy']:.3f} "
           f"(difference {report['difference']:+.3f}, paired SE {report['paired_se']:.3f})")
-    print(f"report: {out / 'demo_rl_report.json'}  run: {run_dir}")
+    print(f"report: {report_path}  run: {run_dir}")
     return report
