@@ -16,7 +16,6 @@ import logging
 import time
 from pathlib import Path
 
-from blockdiff.checkpoint.live_export import export_model
 from blockdiff.config.schema import Config
 from blockdiff.errors import ConfigError
 from blockdiff.infer import prompting
@@ -30,7 +29,7 @@ from blockdiff.rl.rewards import build_rewards
 from blockdiff.rl.rollout import PromptSet, sample_rollout
 from blockdiff.rl.update import host_batches, update
 from blockdiff.train.loading import build_training_model
-from blockdiff.train.loop import StopSignal, save_run_checkpoint
+from blockdiff.train.loop import StopSignal, export_final, save_run_checkpoint
 from blockdiff.train.metrics import MetricsLogger, peak_memory_gib
 from blockdiff.train.periodic_eval import PeriodicEval
 from blockdiff.train.setup import build_run, load_tokenizer
@@ -152,10 +151,5 @@ def rl_train(cfg: Config) -> Path:
     if rank0:
         plot_rl(run_dir)
     if cfg.checkpoint.export_final:
-        export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
-        export_model(model, export_dir, dist, dtype=cfg.checkpoint.export_dtype,
-                     base_model_name_or_path=cfg.model.name_or_path, lora_cfg=cfg.lora if cfg.lora.enabled else None)
-        if rank0:
-            tokenizer.save_pretrained(export_dir)
-            log.info("exported transformers checkpoint to %s", export_dir)
+        export_final(model, tokenizer, cfg, dist, run_dir)
     return run_dir

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from blockdiff.train.metrics import plot_run, read_metrics
+from blockdiff.train.metrics import plot_run, read_metrics, save_panel
 
 
 def plot_rl(run_dir, out_dir=None) -> list[Path]:
@@ -33,13 +33,5 @@ def plot_rl(run_dir, out_dir=None) -> list[Path]:
             ax.fill_between(steps, lo, hi, alpha=0.2, label="± std over completions")
         if name == "accuracy.png" and evals:
             ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], marker="o", label="held-out")
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        ax.set_title(f"{Path(run_dir).name}: {ylabel}")
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(out / name)
+        written.append(save_panel(fig, ax, out / name, ylabel, f"{Path(run_dir).name}: {ylabel}"))
     return written

@@ -123,15 +123,21 @@ def train(cfg: Config) -> Path:
     if cfg.checkpoint.save_final and not already_saved:
         save_run_checkpoint(run_dir, last_step_done, model, optimizer, cfg, dist, nan_skipped)
     metrics.close()
-    if cfg.checkpoint.export_final:  # every rank gathers one tensor at a time, rank 0 writes
-        export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
-        # LoRA: export_dir = adapters merged in, export_dir/adapter = the PEFT adapter
-        export_model(model, export_dir, dist, dtype=cfg.checkpoint.export_dtype,
-                     base_model_name_or_path=cfg.model.name_or_path, lora_cfg=cfg.lora if cfg.lora.enabled else None)
-        if rank0:
-            run.tokenizer.save_pretrained(export_dir)
-            log.info("exported transformers checkpoint to %s", export_dir)
+    if cfg.checkpoint.export_final:
+        export_final(model, run.tokenizer, cfg, dist, run_dir)
     return run_dir
+
+
+def export_final(model, tokenizer, cfg: Config, dist, run_dir: Path) -> Path:
+    """The run's transformers export (``checkpoint.export_dir``, default RUN/export): every rank gathers one
+    tensor at a time, rank 0 writes. LoRA: the adapters merged in, and RUN/export/adapter the PEFT adapter."""
+    export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
+    export_model(model, export_dir, dist, dtype=cfg.checkpoint.export_dtype,
+                 base_model_name_or_path=cfg.model.name_or_path, lora_cfg=cfg.lora if cfg.lora.enabled else None)
+    if dist.rank == 0:
+        tokenizer.save_pretrained(export_dir)
+        log.info("exported transformers checkpoint to %s", export_dir)
+    return export_dir
 
 
 def save_run_checkpoint(run_dir, step, model, optimizer, cfg, dist, nan_skipped) -> None:

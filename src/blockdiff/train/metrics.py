@@ -147,6 +147,22 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+def save_panel(fig, ax, path: Path, ylabel: str, title: str, legend: bool = True) -> Path:
+    """Label, title and write one per-step panel as a PNG (the figure is closed); returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_dir, out_dir=None) -> list[Path]:
     """Loss-curve PNGs like the seed's "Inspect" step: training + diffusion (+ AR) loss with the validation
     loss beside them (``eval.loss_every``), grad norm, lr; and the periodic sampled accuracy."""
@@ -178,26 +194,12 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
         if name == "loss.png" and val:  # the validation loss (held-out rows, fixed noise) beside training
             for key, label in (("val_loss", "validation loss"), ("val_diffusion_loss", "validation diffusion loss")):
                 ax.plot([r["step"] for r in val], [r[key] for r in val], marker="o", markersize=3, label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        ax.set_title(f"{Path(run_dir).name}: {ylabel}")
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(out / name)
+        written.append(save_panel(fig, ax, out / name, ylabel, f"{Path(run_dir).name}: {ylabel}"))
     evals = [r for r in logged if "eval_accuracy" in r]
     if evals:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], marker="o")
-        ax.set_xlabel("step")
-        ax.set_ylabel("held-out exact match")
         ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.set_title(f"{Path(run_dir).name}: periodic eval")
-        fig.tight_layout()
-        fig.savefig(out / "eval_accuracy.png", dpi=100)
-        plt.close(fig)
-        written.append(out / "eval_accuracy.png")
+        written.append(save_panel(fig, ax, out / "eval_accuracy.png", "held-out exact match",
+                                  f"{Path(run_dir).name}: periodic eval", legend=False))
     return written
