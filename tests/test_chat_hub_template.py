@@ -217,3 +217,12 @@ def test_hub_template_is_not_prefix_stable_for_text_beside_answered_tool_calls(h
     with pytest.raises(Exception, match=r"tokenizer 'tiny\+hub-template' is not prefix-stable: the conversation "
                                         r"before messages\[3\]"):
         tokenize_conversation(hub, msgs)
+
+
+def test_reply_end_is_end_of_turn_and_newline_under_the_hub_template(hub):
+    """What RL appends to a completion that stopped at ``<turn|>``: the hub template's end of a reply."""
+    from blockdiff.data.chat import reply_end_ids
+
+    end = reply_end_ids(hub, [hub.convert_tokens_to_ids("<eos>"), hub.convert_tokens_to_ids("<turn|>")])
+    assert hub.convert_ids_to_tokens(end) == ["<turn|>", "\n"]
+    assert reply_end_ids(hub, [hub.convert_tokens_to_ids("<eos>")]) == []  # no stop in the reply's end

@@ -21,7 +21,7 @@ from blockdiff.data.synthetic import write_splits
 from blockdiff.errors import ConfigError
 from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored
 from blockdiff.rl.advantages import clipped_surrogate, group_advantages, grpo_loss, k3_kl, weigh_negatives
-from blockdiff.rl.elbo import completion_example, elbo, elbo_micro_batch, elbo_settings
+from blockdiff.rl.elbo import canvas_reply, completion_example, elbo, elbo_micro_batch, elbo_settings
 from blockdiff.rl.rewards import build_rewards, format_reward, gsm8k_exact
 from blockdiff.train.metrics import read_metrics
 
@@ -111,23 +111,29 @@ def tiny():
                                            "y", "--model.attn_backend", "sdpa"])
     model = build_model(cfg, torch.device("cpu"))
     g = torch.Generator().manual_seed(3)
-    prompt, completion = torch.randint(5, 1000, (20,), generator=g).tolist(), torch.randint(5, 1000, (40,), generator=g).tolist()
-    ex = completion_example(prompt, completion, canvas_length=32, seq_length=128, eos_id=1, sample_id=0)
+    prompt = torch.randint(5, 1000, (20,), generator=g).tolist()
+    completion = torch.randint(5, 100, (39,), generator=g).tolist() + [106]  # stopped at <turn|>
+    reply = canvas_reply(completion, (1, 106), [106, 5])  # 39 + <turn|> + newline
+    ex = completion_example(prompt, reply, canvas_length=32, seq_length=128, eos_id=1, sample_id=0)
     return model, ex, elbo_settings(ObjectiveSettings.from_config(cfg.objective)), cfg
+
+
+REPLY = 41  # scored tokens of the fixture's canvas: the reply and its end, not the fill
 
 
 def _elbos(model, ex, settings, cfg, streams, draws):
     """ELBOs of ``ex`` for each group of ``draws`` consecutive streams (one micro-batch)."""
     groups = [streams[i:i + draws] for i in range(0, len(streams), draws)]
     batch, noise = elbo_micro_batch([ex] * len(groups), groups, settings, cfg.data, seed=0, vocab_size=1024,
-                                    device_type="cpu")
+                                    device_type="cpu", scored_lengths=[REPLY] * len(groups))
     with torch.no_grad():
         return elbo(model, batch, noise, settings, draws)
 
 
 def _rows(model, ex, settings, cfg, streams):
     """Per-draw diffusion CE sums and scored-token counts of ``ex`` (one row per stream)."""
-    batch, noise = elbo_micro_batch([ex], [streams], settings, cfg.data, seed=0, vocab_size=1024, device_type="cpu")
+    batch, noise = elbo_micro_batch([ex], [streams], settings, cfg.data, seed=0, vocab_size=1024, device_type="cpu",
+                                    scored_lengths=[REPLY])
     with torch.no_grad():
         out = compute_loss(model, batch, noise, settings, count_scored(batch, noise, settings)[0], 1, per_row=True)
     return out["diffusion_rows"].double(), out["scored_rows"].double(), out["diffusion_loss"].item()
@@ -141,7 +147,7 @@ def test_estimator_mean_equals_the_objective_value(tiny):
     K = 24
     est = _elbos(model, ex, settings, cfg, list(range(8 * K)), draws=K)  # 8 independent 24-draw estimates
     ce, n, objective = _rows(model, ex, settings, cfg, list(range(1000, 1256)))
-    # scored: the drawn block's completion tokens and the stop, never the fill (32 in block 0, 8 + 1 in block 1)
+    # scored: the drawn block's reply tokens and its end, never the fill (32 in block 0, 7 + 2 in block 1)
     assert set(n.long().tolist()) == {32, 9}
     assert float(ce.sum() / n.sum()) == pytest.approx(objective, rel=1e-6)
     # Monte Carlo error of both sides (a ratio estimator: the delta method's residuals)
@@ -170,6 +176,32 @@ def test_shared_noise_makes_the_log_ratio_low_variance(tiny):
     c = _elbos(moved, ex, settings, cfg, list(range(500, 548)), 1)
     shared, independent = (b - a).std().item(), (c - a).std().item()
     assert shared < 0.2 * independent, (shared, independent)
+
+
+def test_a_completion_is_placed_as_sft_places_the_same_reply(data):
+    """The canvas RL scores for a sampled reply (its tokens, then the stop the sampler hit) is the canvas SFT
+    trains on for the conversation holding that reply: the template's end of turn in place of the stop, then
+    the EOS fill; an EOS stop stays, and a reply that ran to the token limit gets no end."""
+    from blockdiff.data import load_tiny_tokenizer
+    from blockdiff.data.canvas import build_row_example
+    from blockdiff.data.chat import render_generation_prompt, reply_end_ids
+    from blockdiff.data.jsonl import read_chat_jsonl
+
+    tok = load_tiny_tokenizer()
+    stops = (1, tok.convert_tokens_to_ids("<turn|>"))
+    end = reply_end_ids(tok, stops)
+    assert tok.convert_ids_to_tokens(end) == ["<turn|>", "\n"]
+    for row in read_chat_jsonl(data)[:6]:
+        messages = row["messages"]
+        prompt = render_generation_prompt(tok, messages)
+        sampled = tok(messages[-1]["content"], add_special_tokens=False)["input_ids"] + [end[0]]
+        got = completion_example(prompt, canvas_reply(sampled, stops, end), canvas_length=32, seq_length=128,
+                                 eos_id=1, sample_id=0)
+        _, _, want = build_row_example(tok, messages, canvas_length=32, seq_length=128, eos_id=1, sample_id=0)
+        assert got.input_ids == want.input_ids and got.prompt_length == want.prompt_length
+    assert canvas_reply([7, 8, 1], stops, end) == [7, 8, 1]
+    assert canvas_reply([7, 8], stops, end) == [7, 8]
+    assert canvas_reply([end[0]], stops, end) == end
 
 
 def test_per_row_loss_equals_the_batch_loss_with_the_same_gradients(tiny):

@@ -209,6 +209,10 @@ def test_generate_eos_cut_and_row_dropping(tiny_model):
         # later blocks are unchanged by other rows stopping (per-row, per-block random streams)
         assert row_eos == vocab.cut_at_eos(row_free, (eos,))
     assert len(with_eos[1]) <= 10
+    kept = generate(tiny_model, PROMPTS, gen_settings(eos_token_ids=(eos,)), keep_stop=True)  # RL scores the stop
+    for row_free, row_kept in zip(free, kept):
+        assert row_kept == vocab.cut_at_eos(row_free, (eos,), keep_stop=True)
+    assert kept[1] == with_eos[1] + [eos]
     # max_new_tokens not a multiple of the canvas: truncated
     assert [len(o) for o in generate(tiny_model, PROMPTS[:1], gen_settings(max_new_tokens=13))] == [13]
 

@@ -253,6 +253,8 @@ class RLSection:
         0.0, "weight of the KL penalty to the starting checkpoint; LoRA: the adapter-off base, full fine-tuning: a "
              "frozen copy of the weights (twice the weight memory)")
     elbo_draws: int = option(2, "noise draws per completion of the ELBO log-likelihood estimate")
+    score_fill: bool = option(False, "the ELBO scores the EOS fill after a reply too (SFT's rule); false: the "
+                                     "reply and its end only")
     max_new_tokens: int = option(256, "tokens sampled per completion at most")
     max_denoising_steps: int | None = option(None, "sampler steps per block; null: the checkpoint's")
     t_max: float | None = option(None, "sampler temperature at the first step; null: the checkpoint's")

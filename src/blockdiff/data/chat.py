@@ -203,6 +203,17 @@ def tokenize_conversation(tokenizer, messages: list[dict], *, tools=None,
     return ids, [i >= start for i in range(len(ids))], start
 
 
+def reply_end_ids(tokenizer, stop_ids) -> list[int]:
+    """What the chat template renders after a final reply's text, from its first stop token on (Gemma 4:
+    ``<turn|>`` and a newline): the supervised tail of every SFT reply, found on a probe conversation.
+    Empty when the template ends a reply with none of ``stop_ids``."""
+    ids, supervised, start = tokenize_conversation(
+        tokenizer, [{"role": "user", "content": "1"}, {"role": "assistant", "content": "1"}])
+    stops = set(stop_ids)
+    at = next((i for i in range(start, len(ids)) if ids[i] in stops), None)
+    return [] if at is None else list(ids[at:])
+
+
 def tokenize_turns(tokenizer, messages: list[dict], *, tools=None,
                    enable_thinking: bool = False) -> tuple[list[int], list[bool]]:
     """Tokenize a conversation ending in an assistant turn, supervising EVERY assistant turn.

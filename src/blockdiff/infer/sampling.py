@@ -220,14 +220,15 @@ def denoise_block(model, cache, rng: _RowRandom, settings: SamplerSettings, canv
 @torch.inference_mode()
 def generate(model, prompt_ids_list: list[list[int]], settings: SamplerSettings | None = None,
              device=None, progress: Callable[[dict], None] | None = None, row_seeds: list[int] | None = None,
-             reencode: bool = False, lockstep=LOCAL_ROWS) -> list[list[int]]:
+             reencode: bool = False, lockstep=LOCAL_ROWS, keep_stop: bool = False) -> list[list[int]]:
     """Sample a reply for each prompt; returns the new tokens of each row, cut before the first EOS
     and at ``max_new_tokens``.
 
     ``row_seeds`` (default ``seed + i``) fixes each row's random stream; a row with the same seed gives
     the same tokens alone or in any batch. ``reencode=True`` (debug) re-encodes the whole prefix every
     block instead of appending the block to the K/V cache. ``progress`` gets a dict per finished block.
-    ``lockstep``: how the stop decisions are taken (``blockdiff.infer.lockstep``: alone, or with the other ranks)."""
+    ``lockstep``: how the stop decisions are taken (``blockdiff.infer.lockstep``: alone, or with the other ranks).
+    ``keep_stop``: each row keeps the EOS it stopped at as its last token (RL scores the stop)."""
     settings = settings or SamplerSettings()
     if not prompt_ids_list:
         return []
@@ -245,12 +246,13 @@ def generate(model, prompt_ids_list: list[list[int]], settings: SamplerSettings 
     try:
         with _layers_compiled(model, settings.compile and device.type == "cuda"):
             return _generate(model, prompt_ids_list, settings, device, progress, row_seeds, reencode, C, n_blocks,
-                             lockstep)
+                             lockstep, keep_stop)
     finally:
         model.attn_backend = saved_backend
 
 
-def _generate(model, prompt_ids_list, settings, device, progress, row_seeds, reencode, C, n_blocks, policy):
+def _generate(model, prompt_ids_list, settings, device, progress, row_seeds, reencode, C, n_blocks, policy,
+              keep_stop=False):
     B, eos = len(prompt_ids_list), torch.tensor(settings.eos_token_ids or [-1], dtype=torch.long, device=device)
     prompt_ids, prompt_valid = _left_pad(prompt_ids_list, device)
     _, cache = model.encode(prompt_ids, valid=prompt_valid)
@@ -286,5 +288,5 @@ def _generate(model, prompt_ids_list, settings, device, progress, row_seeds, ree
     results = []
     for row in range(B):
         tokens = torch.cat(blocks_of_row[row]).tolist()[: settings.max_new_tokens]
-        results.append(cut_at_eos(tokens, settings.eos_token_ids))
+        results.append(cut_at_eos(tokens, settings.eos_token_ids, keep_stop))
     return results

@@ -91,10 +91,10 @@ def _just_below(x: torch.Tensor) -> torch.Tensor:
     return x * (1.0 - 2.0**-23)
 
 
-def cut_at_eos(tokens: list[int], eos_token_ids) -> list[int]:
-    """Tokens before the first EOS (the EOS itself is dropped)."""
+def cut_at_eos(tokens: list[int], eos_token_ids, keep_stop: bool = False) -> list[int]:
+    """Tokens before the first EOS (the EOS itself is dropped; ``keep_stop``: kept, as the last token)."""
     eos = set(eos_token_ids)
     for i, t in enumerate(tokens):
         if t in eos:
-            return tokens[:i]
+            return tokens[:i + keep_stop]
     return tokens

@@ -2,12 +2,15 @@
 
 The likelihood of a sequence under a block-diffusion model with uniform-noise corruption has no closed
 form. RL scores a completion y of prompt x by the negative of the SFT objective's diffusion loss on the
-canvas holding y (``objective.loss.compute_loss`` with the AR co-loss off): the encoder reads x + y, one
-block of y's canvas (y, then EOS fill up to whole blocks, as SFT builds it) is corrupted with the
-objective's noise draw (``objective.loss.draw_noise``: t, the corruption, the scored block, the
-self-conditioning coin), the decoder runs its two self-conditioning passes and the per-token cross-entropy
-over the scored block's tokens of y and its stop (first EOS; not the fill after it) is averaged. ``rl.elbo_draws`` = K independent draws are rows of one micro-batch and
-averaged: ``elbo(y) = -mean CE`` (nats per scored token).
+canvas holding y (``objective.loss.compute_loss`` with the AR co-loss off). y is placed as SFT places a
+reply (``canvas_reply``): its text, then what the chat template renders from the stop the sampler hit on
+(Gemma 4: ``<turn|>`` and a newline; an EOS stop stays an EOS), then EOS fill up to whole blocks. The
+encoder reads x + y, one block of y's canvas is corrupted with the objective's noise draw
+(``objective.loss.draw_noise``: t, the corruption, the scored block, the self-conditioning coin), the
+decoder runs its two self-conditioning passes and the per-token cross-entropy over the scored block's
+tokens of the reply (text and end; ``rl.score_fill``: the EOS fill too, SFT's rule) is averaged.
+``rl.elbo_draws`` = K independent draws are rows of one micro-batch and averaged:
+``elbo(y) = -mean CE`` (nats per scored token).
 
 The draws of completion c at step s are keyed by the stream index ``(s * N + c) * K + d`` (N completions
 per step), so the current, the rollout-time and the reference policy see the SAME t, corruption, block and
@@ -33,16 +36,26 @@ def elbo_settings(objective: ObjectiveSettings) -> ObjectiveSettings:
     return dataclasses.replace(objective, ar_loss_weight=0.0)
 
 
-def completion_example(prompt_ids: list[int], completion_ids: list[int], *, canvas_length: int, seq_length: int,
+def canvas_reply(completion: list[int], stop_ids, reply_end: list[int]) -> list[int]:
+    """The reply as SFT's canvas holds it, of a completion sampled with ``keep_stop`` (its last token is the
+    stop it hit, if any): the template's end of a reply (``data.chat.reply_end_ids``) in place of a stop
+    that starts it; any other stop kept; a completion that ran to ``max_new_tokens`` has no end."""
+    if completion and completion[-1] in set(stop_ids):
+        if reply_end and completion[-1] == reply_end[0]:
+            return list(completion[:-1]) + list(reply_end)
+        return list(completion)
+    return list(completion)
+
+
+def completion_example(prompt_ids: list[int], reply_ids: list[int], *, canvas_length: int, seq_length: int,
                        eos_id: int, sample_id: int) -> Example:
-    """The canvas example of prompt + completion: the completion, EOS-filled to whole blocks (an empty one: all
-    EOS, the model stopped at once), the trailing blocks past ``seq_length`` dropped (``build_example``)."""
-    reply = list(completion_ids) or [eos_id]
+    """The canvas example of prompt + reply (``canvas_reply``), EOS-filled to whole blocks (an empty reply:
+    all EOS), the trailing blocks past ``seq_length`` dropped (``build_example``)."""
+    reply = list(reply_ids) or [eos_id]
     ids = list(prompt_ids) + reply
     supervised = [False] * len(prompt_ids) + [True] * len(reply)
-    ex = build_example(ids, supervised, len(prompt_ids), canvas_length=canvas_length, seq_length=seq_length,
-                       eos_id=eos_id, sample_id=sample_id, prompt_policy="fail")
-    return ex
+    return build_example(ids, supervised, len(prompt_ids), canvas_length=canvas_length, seq_length=seq_length,
+                         eos_id=eos_id, sample_id=sample_id, prompt_policy="fail")
 
 
 def draw_streams(step: int, completion: int, per_step: int, draws: int) -> list[int]:
@@ -52,27 +65,22 @@ def draw_streams(step: int, completion: int, per_step: int, draws: int) -> list[
 
 
 def elbo_micro_batch(examples: list[Example], streams: list[list[int]], settings: ObjectiveSettings, data, *,
-                     seed: int, vocab_size: int, device_type: str, eos_id: int = 1):
+                     seed: int, vocab_size: int, device_type: str, scored_lengths: list[int] | None = None):
     """(canvas batch, noise) on the host: every example repeated once per draw (rows example-major), each row
-    with its own stream. Never packed: a row is one draw of one completion. The scored tokens are those of the
-    drawn block that belong to the completion or its first EOS (the stop), not the EOS fill after it: the fill
-    is implied by the stop, and scoring it would reward any move that makes EOS likelier everywhere (shorter
-    completions) whatever the advantage."""
+    with its own stream. Never packed: a row is one draw of one completion. ``scored_lengths[i]``: how many
+    canvas tokens of example i are scored (its reply, not the EOS fill: the fill follows from the stop, and
+    scoring it rewards any move that makes EOS likelier everywhere, i.e. shorter replies, whatever the
+    advantage); None: every canvas token of the drawn block (SFT's rule)."""
     rows = [ex for ex, s in zip(examples, streams) for _ in s]
     batch, noise = noisy_micro_batch(rows, [i for s in streams for i in s], settings,
                                      dataclasses.replace(data, packing=False), seed=seed, vocab_size=vocab_size,
                                      device_type=device_type)
-    reply = torch.tensor([_reply_length(ex, eos_id) for ex in rows])
-    offset = noise.layout.positions - batch.prompt_lengths[:, None]  # index in the completion's canvas
-    keep = noise.scored(settings.loss_type) & (offset < reply[:, None])
-    noise._scored_index[settings.loss_type] = keep.flatten().nonzero().squeeze(1)  # what compute_loss scores
+    if scored_lengths is not None:
+        reply = torch.tensor([n for n, s in zip(scored_lengths, streams) for _ in s])
+        offset = noise.layout.positions - batch.prompt_lengths[:, None]  # index in the completion's canvas
+        keep = noise.scored(settings.loss_type) & (offset < reply[:, None])
+        noise._scored_index[settings.loss_type] = keep.flatten().nonzero().squeeze(1)  # what compute_loss scores
     return batch, noise
-
-
-def _reply_length(ex: Example, eos_id: int) -> int:
-    """Tokens of the completion including its first EOS (all of the canvas when it has none)."""
-    reply = ex.input_ids[ex.prompt_length:]
-    return reply.index(eos_id) + 1 if eos_id in reply else len(reply)
 
 
 def elbo(model, batch, noise, settings: ObjectiveSettings, draws: int) -> torch.Tensor:

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from blockdiff.data.chat import render_generation_prompt
+from blockdiff.data.chat import render_generation_prompt, reply_end_ids
 from blockdiff.errors import DataError
 from blockdiff.infer.evaluate import question_and_gold
 from blockdiff.infer.sampling import SamplerSettings
 from blockdiff.rl.advantages import group_advantages, weigh_negatives
+from blockdiff.rl.elbo import canvas_reply
 from blockdiff.rl.rewards import ACCURACY, BUILTIN, RewardTerm, score
 from blockdiff.train.step import step_sample_indices
 from blockdiff.train.periodic_eval import generate_across_ranks
@@ -87,7 +88,8 @@ class Rollout:
     """One step's completions, prompt-major (completion g of the step's prompt p at p * G + g)."""
 
     prompts: list[Prompt]  # per completion
-    completions: list[list[int]]
+    completions: list[list[int]]  # the sampled tokens before the stop
+    replies: list[list[int]]  # each completion as SFT's canvas holds a reply (``elbo.canvas_reply``): what RL scores
     texts: list[str]
     rewards: torch.Tensor  # [N] float32
     accuracy: torch.Tensor  # [N] gsm8k exact match
@@ -108,11 +110,15 @@ def sample_rollout(model, tokenizer, prompts: PromptSet, step: int, *, prompts_p
     model.eval()
     t0 = time.perf_counter()
     try:
-        completions = generate_across_ranks(model, [p.ids for p in chosen], sampler, device=dist.device,
-                                            row_seeds=seeds, dist=dist, dtype_name=dtype_name)
+        sampled = generate_across_ranks(model, [p.ids for p in chosen], sampler, device=dist.device,
+                                        row_seeds=seeds, dist=dist, dtype_name=dtype_name, keep_stop=True)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0
+    stops = set(sampler.eos_token_ids or ())
+    end = reply_end_ids(tokenizer, stops)
+    replies = [canvas_reply(c, stops, end) for c in sampled]
+    completions = [c[:-1] if c and c[-1] in stops else c for c in sampled]
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
     rewards, accuracy, parts = [], [], {t.name: [] for t in terms}
     for p, text in zip(chosen, texts):
@@ -122,5 +128,5 @@ def sample_rollout(model, tokenizer, prompts: PromptSet, step: int, *, prompts_p
         for name, v in got.items():
             parts[name].append(v)
     r = torch.tensor(rewards, dtype=torch.float32)
-    return Rollout(chosen, completions, texts, r, torch.tensor(accuracy), parts,
+    return Rollout(chosen, completions, replies, texts, r, torch.tensor(accuracy), parts,
                    weigh_negatives(group_advantages(r, G, advantage, adv_eps), negative_weight), seconds)

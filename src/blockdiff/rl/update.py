@@ -51,12 +51,13 @@ def host_batches(rollout: Rollout, step: int, cfg, vocab_size: int, eos_id: int,
     out = []
     for m0 in range(0, len(mine), mb):
         cs = mine[m0:m0 + mb]
-        examples = [completion_example(rollout.prompts[c].ids, rollout.completions[c],
+        examples = [completion_example(rollout.prompts[c].ids, rollout.replies[c],
                                        canvas_length=cfg.data.canvas_length, seq_length=cfg.data.seq_length,
                                        eos_id=eos_id, sample_id=c) for c in cs]
+        scored = None if cfg.rl.score_fill else [len(rollout.replies[c]) for c in cs]
         batch, noise = elbo_micro_batch(examples, [draw_streams(step, c, n, K) for c in cs], settings, cfg.data,
                                         seed=cfg.train.seed, vocab_size=vocab_size, device_type=dist.device.type,
-                                        eos_id=eos_id)
+                                        scored_lengths=scored)
         out.append((cs, batch, noise))
     return out
 

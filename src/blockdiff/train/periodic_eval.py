@@ -114,28 +114,31 @@ def _in_batch_order(sums: torch.Tensor, dist: DistInfo) -> torch.Tensor:
 
 def generate_across_ranks(model, prompts: list[list[int]], settings: SamplerSettings | None = None, device=None,
                           row_seeds: list[int] | None = None, *, dist: DistInfo,
-                          dtype_name: str = "float32") -> list[list[int]]:
+                          dtype_name: str = "float32", keep_stop: bool = False) -> list[list[int]]:
     """``sampling.generate`` with the prompts split over the ranks of one (sharded) model: prompt i on rank
     i % W with the seed of its global index, the ranks in lockstep. Every rank returns every prompt's tokens,
     those one process gives. Called by every rank with the same prompts. ``dtype_name``: the run's
-    ``model.dtype``; bf16 samples with the training step's bf16 compute (on CUDA)."""
+    ``model.dtype``; bf16 samples with the training step's bf16 compute (on CUDA). ``keep_stop``: as
+    ``sampling.generate``'s."""
     dev = torch.device(device) if device is not None else dist.device
     with compute_context(model, dev, dtype_name), torch.autocast(
             "cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and dtype_name == "bfloat16"):
-        return _generate_across_ranks(model, prompts, settings or SamplerSettings(), device, row_seeds, dist)
+        return _generate_across_ranks(model, prompts, settings or SamplerSettings(), device, row_seeds, dist,
+                                      keep_stop)
 
 
-def _generate_across_ranks(model, prompts, settings: SamplerSettings, device, row_seeds, dist) -> list[list[int]]:
+def _generate_across_ranks(model, prompts, settings: SamplerSettings, device, row_seeds, dist,
+                           keep_stop) -> list[list[int]]:
     W = dist.world_size
     if W == 1 or not prompts:
-        return generate(model, prompts, settings, device=device, row_seeds=row_seeds)
+        return generate(model, prompts, settings, device=device, row_seeds=row_seeds, keep_stop=keep_stop)
     seeds = list(row_seeds) if row_seeds is not None else [settings.seed + i for i in range(len(prompts))]
     mine = range(dist.rank, len(prompts), W)
     share = [prompts[i] for i in mine] or prompts[:1]  # an empty share carries one dummy row
     share_seeds = [seeds[i] for i in mine] or seeds[:1]
     with torch.no_grad():  # not generate's inference_mode: FSDP2 cannot unshard into inference tensors
         out = generate.__wrapped__(model, share, settings, device=device, row_seeds=share_seeds,
-                                   lockstep=Lockstep(len(share), len(mine)))
+                                   lockstep=Lockstep(len(share), len(mine)), keep_stop=keep_stop)
     shares = [None] * W
     torch.distributed.all_gather_object(shares, out[: len(mine)])
     result: list = [None] * len(prompts)
