@@ -22,7 +22,7 @@ from blockdiff.errors import ConfigError
 from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored
 from blockdiff.rl.advantages import clipped_surrogate, group_advantages, grpo_loss, k3_kl, weigh_negatives
 from blockdiff.rl.elbo import canvas_reply, completion_example, elbo, elbo_micro_batch, elbo_settings
-from blockdiff.rl.rewards import build_rewards, format_reward, gsm8k_exact
+from blockdiff.rl.rewards import build_rewards, equations_reward, eval_exact, format_reward, gsm8k_exact
 from blockdiff.train.metrics import read_metrics
 
 TESTS = Path(__file__).resolve().parent
@@ -204,6 +204,37 @@ def test_a_completion_is_placed_as_sft_places_the_same_reply(data):
     assert canvas_reply([end[0]], stops, end) == end
 
 
+@pytest.mark.parametrize("group_draws", [True, False])
+def test_group_draws_share_the_noise_of_a_prompts_completions(tiny, group_draws):
+    """rl.group_draws: the G completions of a prompt get the same t, corruption, replacement tokens, block and
+    coin in every draw (what they agree on cancels under zero-sum advantages); other prompts get other draws.
+    Off: every completion has its own."""
+    import types
+
+    from blockdiff.rl.update import host_batches
+
+    model, ex, settings, cfg = tiny
+    G, P, K = 4, 2, 2
+    reply = ex.input_ids[ex.prompt_length:ex.prompt_length + 20]
+    rollout = types.SimpleNamespace(prompts=[types.SimpleNamespace(ids=ex.input_ids[:ex.prompt_length])] * (P * G),
+                                    replies=[reply] * (P * G))
+    run_cfg = load_config(demo_config_path(), ["--data.train_path", "x", "--train.output_dir", "y",
+                                               "--rl.group_size", str(G), "--rl.elbo_draws", str(K),
+                                               "--rl.group_draws", str(group_draws).lower(),
+                                               "--train.micro_batch_size", str(P * G)])
+    dist = types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    [(_, _, noise)] = host_batches(rollout, 3, run_cfg, 1024, 1, settings, dist)
+    draws = [(noise.t[i].item(), noise.noisy[i].tolist(), noise.block[i].item(), noise.self_condition[i].item())
+             for i in range(P * G * K)]
+    rows = {c: draws[c * K:(c + 1) * K] for c in range(P * G)}  # completion c's K draws
+    if group_draws:
+        assert all(rows[c] == rows[0] for c in range(G)) and all(rows[c] == rows[G] for c in range(G, 2 * G))
+        assert rows[0] != rows[G]
+    else:
+        assert len({repr(r) for r in rows.values()}) == P * G
+    assert rows[0][0] != rows[0][1]  # the K draws of a completion differ
+
+
 def test_per_row_loss_equals_the_batch_loss_with_the_same_gradients(tiny):
     model, ex, settings, cfg = tiny
     batch, noise = elbo_micro_batch([ex, ex], [[0, 1], [2, 3]], settings, cfg.data, seed=0, vocab_size=1024,
@@ -231,6 +262,17 @@ def test_builtin_rewards():
     assert gsm8k_exact("q", "#### 1,200.0", "1200") == 1.0
     assert gsm8k_exact("q", "3 * 4 = 12\n#### 13", "12") == 0.0
     assert gsm8k_exact("q", "no number", "12") == 0.0
+    # the eval reads a malformed ending (the last number before `########`); the reward does not pay for it
+    assert eval_exact("q", "2 * 6 = 12\n########", "12") == 1.0
+    assert gsm8k_exact("q", "2 * 6 = 12\n########", "12") == 0.0
+    assert gsm8k_exact("q", "#### 12 12", "12") == 0.0 and eval_exact("q", "#### 12 12", "12") == 1.0
+    assert gsm8k_exact("q", "#### 7\n3 * 4 = 12\n#### 12", "12") == 1.0  # the last answer line counts
+    assert equations_reward("q", "3 * 4 = 12\n12 - 2 = 10\n#### 10", None) == 1.0
+    assert equations_reward("q", "3 * 4 = 12\n12 - 2 = 9\n#### 10", None) == 0.0  # one wrong step
+    assert equations_reward("q", "sold 48/2 = <<48/2=24>>24 clips, $1,000 + $2,000 = $3,000", None) == 1.0
+    assert equations_reward("q", "#### 12\n(2 + 3) * 4 = 20", None) == 1.0  # a line's own numbers only
+    assert equations_reward("q", "the answer is 12\n#### 12", None) == 0.0  # no arithmetic shown
+    assert equations_reward("q", "6 / / 2 = 3", None) == 0.0
     assert format_reward("q", "3 * 4 = 12\n#### 12", None) == 1.0
     assert format_reward("q", "the answer is 12", None) == 0.0
     assert format_reward("q", "#### twelve", None) == 0.0
@@ -245,7 +287,7 @@ def test_builtin_rewards():
     ("rl_rewards:two_arguments", r"reward 'rl_rewards:two_arguments': expected fn\(prompt, completion, reference\)"),
     ("rl_rewards:not_finite", r"reward 'rl_rewards:not_finite' returned nan; expected a finite float on the start-up"),
     ("rl_rewards:raises", r"reward 'rl_rewards:raises' raised RuntimeError: boom"),
-    ("nonsense", r"unknown reward 'nonsense': a built-in \(gsm8k_exact, format\) or 'module:function'"),
+    ("nonsense", r"unknown reward 'nonsense': a built-in \(gsm8k_exact, format, equations\) or 'module:function'"),
 ])
 def test_bad_reward_is_one_clear_error_before_anything_is_written(data, tmp_path, capsys, name, pattern):
     import re

@@ -253,6 +253,8 @@ class RLSection:
         0.0, "weight of the KL penalty to the starting checkpoint; LoRA: the adapter-off base, full fine-tuning: a "
              "frozen copy of the weights (twice the weight memory)")
     elbo_draws: int = option(2, "noise draws per completion of the ELBO log-likelihood estimate")
+    group_draws: bool = option(True, "a prompt's completions share their ELBO noise draws (t, corruption, block): "
+                                     "with zero-sum advantages what they have in common cancels")
     score_fill: bool = option(False, "the ELBO scores the EOS fill after a reply too (SFT's rule); false: the "
                                      "reply and its end only")
     max_new_tokens: int = option(256, "tokens sampled per completion at most")

@@ -15,7 +15,9 @@ tokens of the reply (text and end; ``rl.score_fill``: the EOS fill too, SFT's ru
 The draws of completion c at step s are keyed by the stream index ``(s * N + c) * K + d`` (N completions
 per step), so the current, the rollout-time and the reference policy see the SAME t, corruption, block and
 coin: the ratio exp(elbo_new - elbo_old) and the KL differ only by what the weights change, not by the
-noise. Cost per completion and update iteration: K rows of (encoder + 2 decoder passes) with gradients,
+noise. With ``rl.group_draws`` the key is the completion's prompt (N / G of them a step): the G completions
+of a prompt share their draws too, and as their advantages sum to zero, the gradient of what they have in
+common (the tokens they agree on, under the same corruption) cancels instead of adding noise. Cost per completion and update iteration: K rows of (encoder + 2 decoder passes) with gradients,
 plus K rows without gradients for the reference (KL on) and once per rollout for the rollout-time policy
 (``rl.update_iterations`` > 1 only: with one iteration old == new exactly).
 """
@@ -58,9 +60,10 @@ def completion_example(prompt_ids: list[int], reply_ids: list[int], *, canvas_le
                          eos_id=eos_id, sample_id=sample_id, prompt_policy="fail")
 
 
-def draw_streams(step: int, completion: int, per_step: int, draws: int) -> list[int]:
-    """Stream indices of the K noise draws of ``completion`` (its global index in the step) at ``step``."""
-    base = (step * per_step + completion) * draws
+def draw_streams(step: int, key: int, per_step: int, draws: int) -> list[int]:
+    """Stream indices of the K noise draws of ``key`` (a completion's, or with ``rl.group_draws`` its prompt's,
+    index in the step; ``per_step`` of them a step) at ``step``."""
+    base = (step * per_step + key) * draws
     return list(range(base, base + draws))
 
 

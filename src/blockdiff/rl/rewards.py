@@ -1,7 +1,7 @@
 """Rewards of RL completions: the built-in GSM8K exact match and format rewards, and user functions.
 
 ``rl.rewards`` lists ``{name, weight}`` entries; a completion's reward is the weighted sum of its terms.
-``name`` is a built-in (``gsm8k_exact``, ``format``) or ``"module:function"``, a function
+``name`` is a built-in (``gsm8k_exact``, ``format``, ``equations``) or ``"module:function"``, a function
 ``fn(prompt: str, completion: str, reference: str | None) -> float`` importable from the run's Python
 path. Every entry is resolved and called once on a probe at start-up, so an import error, a wrong
 signature or a non-finite return is one ConfigError naming the function, before any weight is read.
@@ -9,9 +9,11 @@ signature or a non-finite return is one ConfigError naming the function, before 
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import math
+import operator
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -26,7 +28,16 @@ _ANSWER_LINE = re.compile(r"^\s*####\s*[-\u2212]?\$?\s?[\d,]*\.?\d+\s*$", re.M)
 
 
 def gsm8k_exact(prompt: str, completion: str, reference: str | None) -> float:
-    """1.0 when the completion's final answer (the eval's ``extract_answer``) equals the reference's."""
+    """1.0 when the completion's last well-formed ``#### N`` line holds the reference answer (the eval's number
+    normalisation). Stricter than the eval's ``extract_answer``, which also reads a malformed ending such as
+    ``12 * 3 = 36\n########`` (the last number before it): rewarding that teaches malformed answers."""
+    lines = _ANSWER_LINE.findall(completion)
+    return float(bool(lines) and reference is not None and
+                 extract_answer(lines[-1]) == normalize_number(reference))
+
+
+def eval_exact(prompt: str, completion: str, reference: str | None) -> float:
+    """``blockdiff eval gsm8k``'s rule (``extract_answer``): what the rollouts' logged ``accuracy`` counts."""
     got = extract_answer(completion)
     return float(got is not None and reference is not None and got == normalize_number(reference))
 
@@ -36,8 +47,44 @@ def format_reward(prompt: str, completion: str, reference: str | None) -> float:
     return float(_ANSWER_LINE.search(completion) is not None)
 
 
-BUILTIN: dict[str, RewardFn] = {"gsm8k_exact": gsm8k_exact, "format": format_reward}
-ACCURACY = "gsm8k_exact"  # the term logged as ``accuracy``
+# "lhs = n" where lhs is arithmetic on numbers (GSM8K's worked steps and its <<48/2=24>> calculator notes)
+_EQUATION = re.compile(r"([\d.,$() \t+\-*/\u00d7\u00f7]*\d[\d.,$() \t+\-*/\u00d7\u00f7]*)=[ \t]*\$?(-?[\d,]*\.?\d+)")
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _arith(node):
+    """The value of an arithmetic expression tree of numbers and + - * / (anything else: ValueError)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_arith(node.operand)
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        return _OPS[type(node.op)](_arith(node.left), _arith(node.right))
+    raise ValueError("not arithmetic")
+
+
+def _equation_holds(lhs: str, rhs: str) -> bool | None:
+    """Whether ``lhs = rhs`` is true (None: ``lhs`` is no arithmetic, e.g. a bare number or a date)."""
+    expr = lhs.replace(",", "").replace("$", "").replace("\u00d7", "*").replace("\u00f7", "/").strip()
+    if not re.search(r"\d\s*[-+*/]\s*[\d(]", expr):
+        return None
+    try:
+        value = _arith(ast.parse(expr, mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return False
+    want = float(rhs.replace(",", ""))
+    return math.isclose(value, want, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def equations_reward(prompt: str, completion: str, reference: str | None) -> float:
+    """1.0 when the completion shows its arithmetic (at least one ``a op b = c`` step) and every step is right:
+    an answer reached through wrong steps (a lucky guess) earns gsm8k_exact but not this."""
+    held = [_equation_holds(lhs, rhs) for lhs, rhs in _EQUATION.findall(completion)]
+    held = [h for h in held if h is not None]
+    return float(bool(held) and all(held))
+
+
+BUILTIN: dict[str, RewardFn] = {"gsm8k_exact": gsm8k_exact, "format": format_reward, "equations": equations_reward}
 
 # the probe every reward is called on at start-up
 _PROBE = ("What is 2 + 3?", "2 + 3 = 5\n#### 5", "5")

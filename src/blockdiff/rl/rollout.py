@@ -24,7 +24,7 @@ from blockdiff.infer.evaluate import question_and_gold
 from blockdiff.infer.sampling import SamplerSettings
 from blockdiff.rl.advantages import group_advantages, weigh_negatives
 from blockdiff.rl.elbo import canvas_reply
-from blockdiff.rl.rewards import ACCURACY, BUILTIN, RewardTerm, score
+from blockdiff.rl.rewards import RewardTerm, eval_exact, score
 from blockdiff.train.step import step_sample_indices
 from blockdiff.train.periodic_eval import generate_across_ranks
 
@@ -124,7 +124,7 @@ def sample_rollout(model, tokenizer, prompts: PromptSet, step: int, *, prompts_p
     for p, text in zip(chosen, texts):
         total, got = score(terms, p.question, text, p.reference)
         rewards.append(total)
-        accuracy.append(BUILTIN[ACCURACY](p.question, text, p.reference))
+        accuracy.append(eval_exact(p.question, text, p.reference))
         for name, v in got.items():
             parts[name].append(v)
     r = torch.tensor(rewards, dtype=torch.float32)

@@ -46,7 +46,7 @@ def rank_share(n: int, dist: DistInfo) -> range:
 def host_batches(rollout: Rollout, step: int, cfg, vocab_size: int, eos_id: int, settings, dist) -> list[tuple]:
     """This rank's (completion indices, canvas batch, noise) micro-batches, built on the host:
     ``train.micro_batch_size`` completions each, every one with its ``rl.elbo_draws`` rows."""
-    n, K, mb = len(rollout.completions), cfg.rl.elbo_draws, cfg.train.micro_batch_size
+    n, K, mb = len(rollout.replies), cfg.rl.elbo_draws, cfg.train.micro_batch_size
     mine = list(rank_share(n, dist))
     out = []
     for m0 in range(0, len(mine), mb):
@@ -55,7 +55,10 @@ def host_batches(rollout: Rollout, step: int, cfg, vocab_size: int, eos_id: int,
                                        canvas_length=cfg.data.canvas_length, seq_length=cfg.data.seq_length,
                                        eos_id=eos_id, sample_id=c) for c in cs]
         scored = None if cfg.rl.score_fill else [len(rollout.replies[c]) for c in cs]
-        batch, noise = elbo_micro_batch(examples, [draw_streams(step, c, n, K) for c in cs], settings, cfg.data,
+        # rl.group_draws: the completions of one prompt share their draws (keyed by the prompt, not the completion)
+        keys, per_step = ([c // cfg.rl.group_size for c in cs], n // cfg.rl.group_size) if cfg.rl.group_draws \
+            else (cs, n)
+        batch, noise = elbo_micro_batch(examples, [draw_streams(step, k, per_step, K) for k in keys], settings, cfg.data,
                                         seed=cfg.train.seed, vocab_size=vocab_size, device_type=dist.device.type,
                                         scored_lengths=scored)
         out.append((cs, batch, noise))

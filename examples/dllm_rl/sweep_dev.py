@@ -1,0 +1,88 @@
+"""Choose RL settings on the demo's dev split: one ``run_demo_rl(..., evaluate="dev")`` per setting, several in
+parallel on CPU, then a table of dev accuracy before and after with the paired standard error.
+
+The dev split is the last ``--n-dev`` rows of the SFT demo's training prompts, which RL never reads; the
+held-out test split is not touched, so it can be scored once for the setting chosen here.
+
+    python examples/dllm_rl/sweep_dev.py --sft-export runs/demo/run/export --out runs/rl_sweep \\
+        --settings examples/dllm_rl/sweep_settings.yaml --jobs 8 --threads 2
+
+``--settings``: a YAML mapping of a setting's name to its overrides of the demo RL config, e.g.
+``lr1e-4: [--optimizer.lr, "1e-4"]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+
+def _one(args) -> None:
+    """Child process: one setting (``--child NAME``)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from blockdiff.rl.demo import run_demo_rl
+
+    overrides = yaml.safe_load(Path(args.settings).read_text())[args.child]
+    out = Path(args.out) / args.child
+    run_demo_rl(out, Path(args.sft_export), [str(o) for o in overrides], n_dev=args.n_dev, evaluate="dev")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sft-export", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--settings", required=True)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n-dev", type=int, default=500)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return _one(args)
+    names = list(yaml.safe_load(Path(args.settings).read_text()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    pending, running, t0 = list(names), {}, time.time()
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            log = open(out / f"{name}.log", "w")
+            cmd = [sys.executable, __file__, "--child", name, *sys.argv[1:]]
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[name]
+                print(f"{name}: exit {proc.returncode} at {time.time() - t0:.0f} s", flush=True)
+        time.sleep(1)
+    rows = []
+    for name in names:
+        report = out / name / "demo_rl_report_dev.json"
+        if report.exists():
+            r = json.loads(report.read_text())
+            rows.append({"setting": name, **{k: r[k] for k in ("n", "sft_accuracy", "rl_accuracy", "difference",
+                                                              "paired_se", "difference_in_se", "rl_seconds")}})
+        else:
+            rows.append({"setting": name, "error": f"no report (see {out / name}.log)"})
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    print("| setting | dev SFT -> RL | difference (paired SE) | RL s |\n|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['setting']} | {r['error']} | | |")
+        else:
+            print(f"| {r['setting']} | {r['sft_accuracy']:.3f} -> {r['rl_accuracy']:.3f} | {r['difference']:+.3f} "
+                  f"({r['paired_se']:.3f}) | {r['rl_seconds']} |")
+
+
+if __name__ == "__main__":
+    main()
