@@ -20,12 +20,12 @@ def main() -> None:
     from blockdiff.config.schema import DataSection
     from blockdiff.data.jsonl import read_chat_jsonl
     from blockdiff.infer import prompting
-    from blockdiff.infer.evaluate import _question_and_gold, settings_for_checkpoint
+    from blockdiff.infer.evaluate import question_and_gold, settings_for_checkpoint
     from blockdiff.infer.sampling import generate
-    from blockdiff.data.chat import render_generation_prompt
+    from blockdiff.data.chat import render_generation_prompt, reply_end_ids
     from blockdiff.model.diffusion_gemma import DiffusionGemma
     from blockdiff.objective.loss import ObjectiveSettings
-    from blockdiff.rl.elbo import completion_example, elbo, elbo_micro_batch, elbo_settings
+    from blockdiff.rl.elbo import canvas_reply, completion_example, elbo, elbo_micro_batch, elbo_settings
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -39,20 +39,23 @@ def main() -> None:
     b = DiffusionGemma.from_pretrained(args.other, attn_backend="sdpa").eval()
     tok = AutoTokenizer.from_pretrained(args.model)
     rows = read_chat_jsonl(args.data)[: args.prompts]
-    prompts = [render_generation_prompt(tok, _question_and_gold(r)[0]) for r in rows]
+    prompts = [render_generation_prompt(tok, question_and_gold(r)[0]) for r in rows]
     sampler = prompting.settings_for_tokenizer(settings_for_checkpoint(args.model, tok, max_new_tokens=a.config.canvas_length), tok)
-    completions = generate(a, prompts, sampler)
+    end = reply_end_ids(tok, sampler.eos_token_ids)
+    replies = [canvas_reply(c, sampler.eos_token_ids, end) for c in generate(a, prompts, sampler, keep_stop=True)]
     C = a.config.canvas_length
     data = DataSection(train_path="-", seq_length=4 * C, canvas_length=C)
     settings = elbo_settings(ObjectiveSettings())
     stats = {"single": [], "shared": [], "independent": [], "elbo": []}
-    for i, (pr, co) in enumerate(zip(prompts, completions)):
-        ex = completion_example(pr, co, canvas_length=C, seq_length=4 * C, eos_id=a.config.eos_token_id, sample_id=i)
+    for i, (pr, reply) in enumerate(zip(prompts, replies)):
+        ex = completion_example(pr, reply, canvas_length=C, seq_length=4 * C, eos_id=a.config.eos_token_id,
+                                sample_id=i)
 
         def one_draw(model, first):
             streams = [[first + d] for d in range(args.draws)]
             batch, noise = elbo_micro_batch([ex] * args.draws, streams, settings, data, seed=0,
-                                            vocab_size=a.config.vocab_size, device_type="cpu")
+                                            vocab_size=a.config.vocab_size, device_type="cpu",
+                                            scored_lengths=[len(reply)] * args.draws)
             with torch.no_grad():
                 return elbo(model, batch, noise, settings, 1)
 

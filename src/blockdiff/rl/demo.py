@@ -55,7 +55,7 @@ def split_dev(train_path: Path, n_dev: int) -> tuple[Path, Path]:
 
 
 def run_demo_rl(out: Path, sft_export: Path | None, overrides: list[str], *, seed: int = 0, n_train: int = 4000,
-                n_test: int = 200, level: str = "easy", n_dev: int = 100, evaluate: str = "held_out") -> dict:
+                n_test: int = 200, level: str = "easy", n_dev: int = 500, evaluate: str = "held_out") -> dict:
     """``evaluate``: "held_out" (the SFT demo's test split) or "dev" (``n_dev`` training prompts RL never reads:
     the split to choose settings on, so the held-out set is scored once, for the chosen setting)."""
     from blockdiff.data.jsonl import read_chat_jsonl
