@@ -338,6 +338,8 @@ def test_lora_rl_exports_a_peft_adapter_peft_loads(data, tmp_path):
     run = rl_train(cfg)
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["kl"] > 0  # the adapters moved away from the base
+    assert main(["plot", str(run), "--out", str(tmp_path / "plots")]) in (0, None)  # `blockdiff plot` of an RL run
+    assert {"reward.png", "accuracy.png", "kl.png", "loss.png"} <= {p.name for p in (tmp_path / "plots").iterdir()}
     export = run / "export"
     assert json.loads((export / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     ids = torch.randint(5, 1000, (1, 12), generator=torch.Generator().manual_seed(0))

@@ -27,7 +27,7 @@ commands:
   data preview -c FILE [--rows N] [--json]    the first rows of data.train_path as the trainer sees them
   config show [-c FILE] [--json]              every config field: type, default (or FILE's value), description
   plan -c FILE [--gpus N] [--gpu-memory GIB] [--json]   per-GPU memory of a run, before launch
-  plot RUN_DIR [--out DIR]                    loss / grad-norm / lr curves as PNG
+  plot RUN_DIR [--out DIR]                    loss / grad-norm / lr curves as PNG (RL runs: + reward, accuracy, KL)
   demo [--out DIR] [--steps N] [--rl]         the embedded CPU demo: data, train, plot, export, eval (--rl: GRPO)
   bench [--layers 6] [--shapes 768+256,...]   one-GPU step benchmark, blockdiff vs transformers
 """
@@ -80,13 +80,14 @@ def _plan(argv):
 
 
 def _plot(argv):
+    from blockdiff.rl.plots import is_rl_run, plot_rl
     from blockdiff.train.metrics import plot_run
 
     p = argparse.ArgumentParser(prog="blockdiff plot")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    for path in plot_run(args.run_dir, args.out):
+    for path in (plot_rl if is_rl_run(args.run_dir) else plot_run)(args.run_dir, args.out):
         print(path)
 
 

@@ -8,6 +8,11 @@ from pathlib import Path
 from blockdiff.train.metrics import plot_run, read_metrics, save_panel
 
 
+def is_rl_run(run_dir) -> bool:
+    """Whether ``run_dir``'s metrics are those of ``blockdiff rl`` (what ``blockdiff plot`` draws for it)."""
+    return any("reward_mean" in r for r in read_metrics(run_dir))
+
+
 def plot_rl(run_dir, out_dir=None) -> list[Path]:
     import matplotlib
 
