@@ -273,6 +273,9 @@ def test_builtin_rewards():
     assert equations_reward("q", "#### 12\n(2 + 3) * 4 = 20", None) == 1.0  # a line's own numbers only
     assert equations_reward("q", "the answer is 12\n#### 12", None) == 0.0  # no arithmetic shown
     assert equations_reward("q", "6 / / 2 = 3", None) == 0.0
+    assert equations_reward("q", "- 3 + 4 = 7\n- 7 * 2 = 14", None) == 1.0  # list bullets
+    assert equations_reward("q", "Tom (so 3 + 4 = 7 apples) eats 2: 7 - 2 = 5", None) == 1.0
+    assert equations_reward("q", "-3 + 4 = 1", None) == 1.0
     assert format_reward("q", "3 * 4 = 12\n#### 12", None) == 1.0
     assert format_reward("q", "the answer is 12", None) == 0.0
     assert format_reward("q", "#### twelve", None) == 0.0

@@ -17,8 +17,10 @@ per step), so the current, the rollout-time and the reference policy see the SAM
 coin: the ratio exp(elbo_new - elbo_old) and the KL differ only by what the weights change, not by the
 noise. With ``rl.group_draws`` the key is the completion's prompt (N / G of them a step): the G completions
 of a prompt share their draws too, and as their advantages sum to zero, the gradient of what they have in
-common (the tokens they agree on, under the same corruption) cancels instead of adding noise. Cost per completion and update iteration: K rows of (encoder + 2 decoder passes) with gradients,
-plus K rows without gradients for the reference (KL on) and once per rollout for the rollout-time policy
+common (the tokens they agree on, under the same corruption) cancels instead of adding noise.
+
+Cost per completion and update iteration: K rows of (encoder + 2 decoder passes) with gradients, plus K
+rows without gradients for the reference (KL on) and once per rollout for the rollout-time policy
 (``rl.update_iterations`` > 1 only: with one iteration old == new exactly).
 """
 

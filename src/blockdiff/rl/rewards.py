@@ -30,7 +30,7 @@ _ANSWER_LINE = re.compile(r"^\s*####\s*[-\u2212]?\$?\s?[\d,]*\.?\d+\s*$", re.M)
 def gsm8k_exact(prompt: str, completion: str, reference: str | None) -> float:
     """1.0 when the completion's last well-formed ``#### N`` line holds the reference answer (the eval's number
     normalisation). Stricter than the eval's ``extract_answer``, which also reads a malformed ending such as
-    ``12 * 3 = 36\n########`` (the last number before it): rewarding that teaches malformed answers."""
+    ``12 * 3 = 36\\n########`` (the last number before it): rewarding that teaches malformed answers."""
     lines = _ANSWER_LINE.findall(completion)
     return float(bool(lines) and reference is not None and
                  extract_answer(lines[-1]) == normalize_number(reference))
@@ -66,6 +66,9 @@ def _arith(node):
 def _equation_holds(lhs: str, rhs: str) -> bool | None:
     """Whether ``lhs = rhs`` is true (None: ``lhs`` is no arithmetic, e.g. a bare number or a date)."""
     expr = lhs.replace(",", "").replace("$", "").replace("\u00d7", "*").replace("\u00f7", "/").strip()
+    expr = re.sub(r"^-\s+", "", expr)  # a list bullet ("- 3 + 4 = 7"), not a minus sign
+    while expr.count("(") > expr.count(")") and expr.startswith("("):  # "(so 3 + 4 = 7": the text's bracket
+        expr = expr[1:].lstrip()
     if not re.search(r"\d\s*[-+*/]\s*[\d(]", expr):
         return None
     try:

@@ -21,6 +21,7 @@ import torch
 from blockdiff.data.chat import render_generation_prompt, reply_end_ids
 from blockdiff.errors import DataError
 from blockdiff.infer.evaluate import question_and_gold
+from blockdiff.infer.prompting import decode_reply
 from blockdiff.infer.sampling import SamplerSettings
 from blockdiff.rl.advantages import group_advantages, weigh_negatives
 from blockdiff.rl.elbo import canvas_reply
@@ -119,7 +120,7 @@ def sample_rollout(model, tokenizer, prompts: PromptSet, step: int, *, prompts_p
     end = reply_end_ids(tokenizer, stops)
     replies = [canvas_reply(c, stops, end) for c in sampled]
     completions = [c[:-1] if c and c[-1] in stops else c for c in sampled]
-    texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
+    texts = [decode_reply(tokenizer, c) for c in completions]
     rewards, accuracy, parts = [], [], {t.name: [] for t in terms}
     for p, text in zip(chosen, texts):
         total, got = score(terms, p.question, text, p.reference)
