@@ -227,6 +227,40 @@ def test_train_refuses_a_cuda_run_that_cannot_fit(tmp_path, monkeypatch):
     assert not (tmp_path / "config.yaml").exists()  # refused before the run dir is touched
 
 
+def test_rl_plan_counts_the_draw_rows_and_the_frozen_reference(tmp_path, capsys):
+    """blockdiff rl's update: a micro-batch of completions holds elbo_draws rows each (the activations of an SFT
+    micro-batch that many times larger), and full fine-tuning with a KL term holds a frozen copy of the weights
+    (exactly the policy's); LoRA's reference is the adapter-off base, nothing more."""
+    def plan(*more, rl=True):
+        cfg = load_config(demo_config_path(), ["--data.train_path", "x.jsonl", "--train.output_dir", "y",
+                                               "--train.micro_batch_size", "4", "--train.global_batch_size", "8",
+                                               "--rl.elbo_draws", "2", *more])
+        return make_plan(cfg, 1, 80, rl=rl)
+
+    sft_of_8 = make_plan(load_config(demo_config_path(), ["--data.train_path", "x.jsonl", "--train.output_dir", "y",
+                                                          "--train.micro_batch_size", "8"]), 1, 80)
+    no_kl, kl = plan("--rl.kl_beta", "0"), plan("--rl.kl_beta", "0.5")
+    assert no_kl.shape.micro_batch == 8 and no_kl.activations == sft_of_8.activations
+    assert no_kl.reference == 0 and kl.reference == kl.state.weights > 0
+    assert kl.peak_step - no_kl.peak_step == kl.state.weights and kl.peak_load - no_kl.peak_load == kl.state.weights
+    assert plan("--rl.kl_beta", "0.5", "--lora.enabled", "true").reference == 0
+    assert plan("--rl.kl_beta", "0.5", rl=False).reference == 0  # blockdiff train: no RL terms
+    assert cli(demo_args(tmp_path, "--rl", "--rl.kl_beta", "0.5")) == 0
+    table = capsys.readouterr().out
+    assert "frozen reference copy" in table and "completions x 2 ELBO draws" in table
+
+
+def test_rl_refuses_a_cuda_run_that_cannot_fit(tmp_path, monkeypatch):
+    from blockdiff.rl.loop import rl_train
+
+    cfg = load_config(demo_config_path(), ["--data.train_path", "x.jsonl", "--train.output_dir", str(tmp_path)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Card())
+    with pytest.raises(ConfigError, match=r"this run does not fit the GPUs"):
+        rl_train(cfg)
+    assert not (tmp_path / "config.yaml").exists()  # refused before the run dir is touched
+
+
 def test_cpu_run_logs_the_plan(tmp_path, caplog):
     from blockdiff.plan.report import check_before_training
 

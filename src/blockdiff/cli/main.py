@@ -26,7 +26,7 @@ commands:
   eval lm-eval --model DIR --tasks T,... [...]   lm-evaluation-harness tasks (pip install 'blockdiff[lm_eval]')
   data preview -c FILE [--rows N] [--json]    the first rows of data.train_path as the trainer sees them
   config show [-c FILE] [--json]              every config field: type, default (or FILE's value), description
-  plan -c FILE [--gpus N] [--gpu-memory GIB] [--json]   per-GPU memory of a run, before launch
+  plan -c FILE [--gpus N] [--gpu-memory GIB] [--json] [--rl]   per-GPU memory of a run, before launch
   plot RUN_DIR [--out DIR]                    loss / grad-norm / lr curves as PNG (RL runs: + reward, accuracy, KL)
   demo [--out DIR] [--steps N] [--rl]         the embedded CPU demo: data, train, plot, export, eval (--rl: GRPO)
   bench [--layers 6] [--shapes 768+256,...]   one-GPU step benchmark, blockdiff vs transformers

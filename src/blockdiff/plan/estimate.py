@@ -202,6 +202,8 @@ class Plan:
     peak_load: int
     peak_step: int
     dequantized: int = 0  # one quantized tensor dequantized to the compute dtype, plus a chunk's fp32 temporaries
+    rl_draws: int = 0  # blockdiff rl: ELBO rows per completion in a micro-batch (0: a training run)
+    reference: int = 0  # blockdiff rl, full fine-tuning with rl.kl_beta > 0: the frozen copy of the weights
 
     exact = ("params_per_gpu", "weights_gib", "grads_gib", "optimizer_gib", "gathered_unit_gib")
 
@@ -229,6 +231,7 @@ class Plan:
             "activations_gib": g(act), "activations_ac_gib": g(ac_on), "activations_no_ac_gib": g(ac_off),
             "ce_chunk_gib": g(self.ce_chunk), "overhead_gib": g(self.overhead),
             "base_quantization_gib": g(self.state.quantized), "dequantized_gib": g(self.dequantized),
+            "rl": bool(self.rl_draws), "reference_copy_gib": g(self.reference),
             "peak_load_gib": g(self.peak_load), "peak_step_gib": g(self.peak_step),
             "peak_gib": g(max(self.peak_load, self.peak_step)), "fits": self.fits, "headroom_gib": g(self.headroom),
             "exact": list(self.exact),
@@ -241,12 +244,19 @@ def _compute_bytes(cfg: Config, device_type: str) -> int:
     return 2 if device_type == "cuda" and cfg.model.dtype == "bfloat16" else FP32
 
 
-def make_plan(cfg: Config, gpus: int, gpu_memory_gib: float, device_type: str = "cuda") -> Plan:
-    """The memory plan of ``cfg`` on ``gpus`` GPUs of ``gpu_memory_gib`` GiB each."""
+def make_plan(cfg: Config, gpus: int, gpu_memory_gib: float, device_type: str = "cuda", rl: bool = False) -> Plan:
+    """The memory plan of ``cfg`` on ``gpus`` GPUs of ``gpu_memory_gib`` GiB each. ``rl``: of ``blockdiff rl``'s
+    update, whose micro-batch holds ``train.micro_batch_size`` completions of ``rl.elbo_draws`` rows each, plus
+    the frozen reference copy of full fine-tuning with a KL term (LoRA's reference is the adapter-off base).
+    The rollouts run without gradients and are not counted."""
     run = copy.deepcopy(cfg)
     apply_world_size(run, gpus)  # the layout checks training makes (ep divides the world, batch sizes)
     mc, ranks = simulate(run, gpus, device_type)
     state = max(ranks, key=lambda s: s.weights + s.grads + s.optimizer)
+    draws = run.rl.elbo_draws if rl else 0
+    if rl:
+        run.train.micro_batch_size *= draws
+    reference = state.weights if rl and run.rl.kl_beta > 0 and not run.lora.enabled else 0
     c = _compute_bytes(run, device_type)
     p = run.parallel
     chunk = ObjectiveSettings.from_config(run.objective).chunk_tokens
@@ -287,8 +297,9 @@ def make_plan(cfg: Config, gpus: int, gpu_memory_gib: float, device_type: str = 
         checkpointing=p.activation_checkpointing, compute_dtype="bfloat16" if c == 2 else "float32", shape=shape,
         total_params=_total_params(mc), state=state, ranks=ranks, gathered_unit=(big[0], c * big[1][0]),
         activations=acts, activations_other=other, fsdp_buffers=buffers, ce_chunk=ce, load_in_flight=in_flight,
-        overhead=overhead, peak_load=state.weights + in_flight + overhead_bytes(0),
-        peak_step=state.weights + state.optimizer + transient + overhead, dequantized=dequantized,
+        overhead=overhead, peak_load=state.weights + reference + in_flight + overhead_bytes(0),
+        peak_step=state.weights + reference + state.optimizer + transient + overhead, dequantized=dequantized,
+        rl_draws=draws, reference=reference,
     )
 
 

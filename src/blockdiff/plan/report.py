@@ -53,6 +53,8 @@ def render(plan: Plan, source: str) -> str:
         ("optimizer states", _gib(st.optimizer), "exact", "AdamW exp_avg + exp_avg_sq (fp32) + step"),
         ("largest gathered unit", _gib(plan.gathered_unit[1]), "exact",
          f"{plan.gathered_unit[0]} all-gathered in {plan.compute_dtype}" if plan.gpus > 1 else "one process: none"),
+        *([("frozen reference copy", _gib(plan.reference), "exact", "rl.kl_beta > 0: the starting weights")]
+          if plan.reference else []),
         ("FSDP buffers in a step", _gib(sum(plan.fsdp_buffers.values())), "estimate",
          "gathered units, unsharded grads, reduce-scatter input"),
         ("activations", _gib(act), "estimate",
@@ -66,7 +68,9 @@ def render(plan: Plan, source: str) -> str:
         f"memory plan: {source}",
         f"  layout: {plan.gpus} GPU{'s' if plan.gpus > 1 else ''}, ep {plan.ep}, "
         f"{'LoRA' if plan.lora else 'full SFT'}, {plan.compute_dtype} compute",
-        f"  micro-batch: {s.micro_batch} x ({s.seq} clean + {s.canvas} canvas tokens)",
+        f"  micro-batch: {s.micro_batch} x ({s.seq} clean + {s.canvas} canvas tokens)"
+        + (f", blockdiff rl: {s.micro_batch // plan.rl_draws} completions x {plan.rl_draws} ELBO draws"
+           if plan.rl_draws else ""),
         f"  per GPU (rank {st.rank}, the largest state){'':18}GiB",
     ]
     body = [f"  {name:<24}{value:>16}  {kind:<8}  {note}" for name, value, kind, note in rows]
@@ -108,9 +112,10 @@ def cli_plan(argv: list[str]) -> int:
     p.add_argument("--gpu-memory", type=_number(float, "GiB per GPU, a number > 0"),
                    default=DEFAULT_GPU_MEMORY_GIB, help=f"GiB per GPU (default {DEFAULT_GPU_MEMORY_GIB:g})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--rl", action="store_true", help="plan a `blockdiff rl` run of the config")
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
-    plan = make_plan(cfg, args.gpus or default_gpus(cfg), args.gpu_memory)
+    plan = make_plan(cfg, args.gpus or default_gpus(cfg), args.gpu_memory, rl=args.rl)
     print(json.dumps(plan.as_json(), indent=1) if args.json else render(plan, args.config))
     if not plan.fits:
         raise ConfigError(f"does not fit: {summary(plan.as_json())}", file=args.config)
@@ -120,10 +125,10 @@ def cli_plan(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------- before training
 
 
-def check_before_training(cfg: Config) -> dict | None:
-    """The plan (``Plan.as_json()``) of this launch, world size from torchrun's environment, before any
-    weight is read. On CUDA a run that cannot fit is refused with the numbers; on CPU the figures are only
-    logged. ``train.skip_memory_check`` skips it.
+def check_before_training(cfg: Config, rl: bool = False) -> dict | None:
+    """The plan (``Plan.as_json()``) of this launch (``rl``: of ``blockdiff rl``), world size from torchrun's
+    environment, before any weight is read. On CUDA a run that cannot fit is refused with the numbers; on CPU
+    the figures are only logged. ``train.skip_memory_check`` skips it.
 
     Several ranks are simulated in a child process: DTensor's caches compare device meshes without their
     rank, so a simulated rank's cached layouts would leak into this process's real meshes."""
@@ -137,7 +142,8 @@ def check_before_training(cfg: Config) -> dict | None:
     apply_world_size(copy.deepcopy(cfg), world)  # layout errors here, with the config's file and line
     cuda = torch.cuda.is_available()
     memory = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory if cuda else 0
-    job = {"config": cfg.to_dict(), "gpus": world, "gpu_memory_gib": memory / GIB, "device": "cuda" if cuda else "cpu"}
+    job = {"config": cfg.to_dict(), "gpus": world, "gpu_memory_gib": memory / GIB, "device": "cuda" if cuda else "cpu",
+           "rl": rl}
     plan = _plan_job(job) if world == 1 else _plan_in_child(job)
     if not cuda:
         log.info("memory plan per process: weights %.3f + grads %.3f + optimizer %.3f GiB (exact), activations "
@@ -153,7 +159,7 @@ def check_before_training(cfg: Config) -> dict | None:
 
 def _plan_job(job: dict) -> dict:
     cfg = config_from_dict(job["config"], source="<memory plan>")
-    return make_plan(cfg, job["gpus"], job["gpu_memory_gib"], job["device"]).as_json()
+    return make_plan(cfg, job["gpus"], job["gpu_memory_gib"], job["device"], rl=job.get("rl", False)).as_json()
 
 
 def _plan_in_child(job: dict) -> dict:

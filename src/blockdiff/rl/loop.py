@@ -23,6 +23,7 @@ from blockdiff.infer.evaluate import settings_for_checkpoint
 from blockdiff.infer.sampling import SamplerSettings
 from blockdiff.parallel.distributed import DistInfo, init_distributed
 from blockdiff.parallel.parallelize import is_sharded
+from blockdiff.plan.report import check_before_training
 from blockdiff.rl.elbo import elbo_settings
 from blockdiff.rl.plots import plot_rl
 from blockdiff.rl.rewards import build_rewards
@@ -73,9 +74,10 @@ def reference_policy(cfg: Config, dist: DistInfo, model):
 
 
 def rl_train(cfg: Config) -> Path:
+    terms = build_rewards(cfg.rl.rewards, getattr(cfg, "_where", None))  # before anything is read or written
+    check_before_training(cfg, rl=True)  # the update's memory plan, before the process group (refuses on CUDA)
     dist = init_distributed()
     check_layout(cfg, dist.world_size)
-    terms = build_rewards(cfg.rl.rewards, getattr(cfg, "_where", None))  # before anything is read or written
     prompts = PromptSet(cfg.data.train_path, load_tokenizer(cfg), canvas_length=cfg.data.canvas_length,
                         seq_length=cfg.data.seq_length, prompt_policy=cfg.data.prompt_too_long, split=cfg.data.split)
     # run dir, tokenizer, model, AdamW, LR schedule and resume as SFT builds them
