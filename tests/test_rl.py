@@ -113,7 +113,7 @@ def tiny():
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(5, 1000, (20,), generator=g).tolist()
     completion = torch.randint(5, 100, (39,), generator=g).tolist() + [106]  # stopped at <turn|>
-    reply = canvas_reply(completion, (1, 106), [106, 5])  # 39 + <turn|> + newline
+    reply = canvas_reply(completion, [106, 5])  # 39 + <turn|> + newline
     ex = completion_example(prompt, reply, canvas_length=32, seq_length=128, eos_id=1, sample_id=0)
     return model, ex, elbo_settings(ObjectiveSettings.from_config(cfg.objective)), cfg
 
@@ -195,13 +195,13 @@ def test_a_completion_is_placed_as_sft_places_the_same_reply(data):
         messages = row["messages"]
         prompt = render_generation_prompt(tok, messages)
         sampled = tok(messages[-1]["content"], add_special_tokens=False)["input_ids"] + [end[0]]
-        got = completion_example(prompt, canvas_reply(sampled, stops, end), canvas_length=32, seq_length=128,
+        got = completion_example(prompt, canvas_reply(sampled, end), canvas_length=32, seq_length=128,
                                  eos_id=1, sample_id=0)
         _, _, want = build_row_example(tok, messages, canvas_length=32, seq_length=128, eos_id=1, sample_id=0)
         assert got.input_ids == want.input_ids and got.prompt_length == want.prompt_length
-    assert canvas_reply([7, 8, 1], stops, end) == [7, 8, 1]
-    assert canvas_reply([7, 8], stops, end) == [7, 8]
-    assert canvas_reply([end[0]], stops, end) == end
+    assert canvas_reply([7, 8, 1], end) == [7, 8, 1]
+    assert canvas_reply([7, 8], end) == [7, 8]
+    assert canvas_reply([end[0]], end) == end
 
 
 @pytest.mark.parametrize("group_draws", [True, False])

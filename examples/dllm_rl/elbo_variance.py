@@ -42,7 +42,7 @@ def main() -> None:
     prompts = [render_generation_prompt(tok, question_and_gold(r)[0]) for r in rows]
     sampler = prompting.settings_for_tokenizer(settings_for_checkpoint(args.model, tok, max_new_tokens=a.config.canvas_length), tok)
     end = reply_end_ids(tok, sampler.eos_token_ids)
-    replies = [canvas_reply(c, sampler.eos_token_ids, end) for c in generate(a, prompts, sampler, keep_stop=True)]
+    replies = [canvas_reply(c, end) for c in generate(a, prompts, sampler, keep_stop=True)]
     C = a.config.canvas_length
     data = DataSection(train_path="-", seq_length=4 * C, canvas_length=C)
     settings = elbo_settings(ObjectiveSettings())

@@ -40,14 +40,13 @@ def elbo_settings(objective: ObjectiveSettings) -> ObjectiveSettings:
     return dataclasses.replace(objective, ar_loss_weight=0.0)
 
 
-def canvas_reply(completion: list[int], stop_ids, reply_end: list[int]) -> list[int]:
+def canvas_reply(completion: list[int], reply_end: list[int]) -> list[int]:
     """The reply as SFT's canvas holds it, of a completion sampled with ``keep_stop`` (its last token is the
-    stop it hit, if any): the template's end of a reply (``data.chat.reply_end_ids``) in place of a stop
-    that starts it; any other stop kept; a completion that ran to ``max_new_tokens`` has no end."""
-    if completion and completion[-1] in set(stop_ids):
-        if reply_end and completion[-1] == reply_end[0]:
-            return list(completion[:-1]) + list(reply_end)
-        return list(completion)
+    stop it hit, if any): the template's end of a reply (``data.chat.reply_end_ids``, which starts with a
+    stop) in place of a stop that starts it; any other stop kept; a completion that ran to
+    ``max_new_tokens`` has no end."""
+    if completion and reply_end and completion[-1] == reply_end[0]:
+        return list(completion[:-1]) + list(reply_end)
     return list(completion)
 
 

@@ -118,7 +118,7 @@ def sample_rollout(model, tokenizer, prompts: PromptSet, step: int, *, prompts_p
     seconds = time.perf_counter() - t0
     stops = set(sampler.eos_token_ids or ())
     end = reply_end_ids(tokenizer, stops)
-    replies = [canvas_reply(c, stops, end) for c in sampled]
+    replies = [canvas_reply(c, end) for c in sampled]
     completions = [c[:-1] if c and c[-1] in stops else c for c in sampled]
     texts = [decode_reply(tokenizer, c) for c in completions]
     rewards, accuracy, parts = [], [], {t.name: [] for t in terms}
