@@ -138,11 +138,11 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"unreadable checkpoint metadata: {e}", file=str(path / "meta.json")) from None
-    if meta.get("format") == DCP_FORMAT or _sharded(model):
+    if meta.get("format") == DCP_FORMAT or is_sharded(model):
         if meta.get("format") not in (FORMAT, DCP_FORMAT):
             raise CheckpointError(f"not a blockdiff training checkpoint (format {meta.get('format')!r})",
                                   file=str(path / "meta.json"))
-        if meta.get("adapters_only") and not _has_lora(model):
+        if meta.get("adapters_only") and not has_lora(model):
             raise CheckpointError("this checkpoint holds LoRA adapters only: apply_lora to the base model before "
                                   "loading it", file=str(path / "meta.json"), field="adapters_only")
         _load_into(path, meta, model, optimizer)
@@ -186,14 +186,6 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
 # ---------------------------------------------------------------------------------------- sharded (DCP)
 
 
-def _has_lora(model) -> bool:
-    return has_lora(model)
-
-
-def _sharded(model) -> bool:
-    return is_sharded(model)
-
-
 def _init_optimizer_state(model, optimizer) -> None:
     """Materialise AdamW state for every param (a step with zero grads and lr 0), so DCP has targets."""
     params = [p for g in optimizer.param_groups for p in g["params"] if p not in optimizer.state]
@@ -213,10 +205,10 @@ def _init_optimizer_state(model, optimizer) -> None:
 
 def _dcp_state(model, optimizer) -> dict:
     """name -> tensor in the global layout (DTensors share storage with params / optimizer state)."""
-    if _sharded(model):
+    if is_sharded(model):
         reshard_all(model)
     # a LoRA model stores its adapters only, never the frozen base (as save_checkpoint does)
-    keep = {n for n, p in model.named_parameters() if p.requires_grad} if _has_lora(model) else None
+    keep = {n for n, p in model.named_parameters() if p.requires_grad} if has_lora(model) else None
     out = {}
     for name, t in model.state_dict().items():
         if keep is None or name in keep:
@@ -266,7 +258,7 @@ def save_sharded_checkpoint(run_dir, step: int, model, optimizer, meta: dict, ke
     if rank == 0:
         try:
             with open(tmp / "meta.json", "w") as f:
-                extra = {"adapters_only": True} if _has_lora(model) else {}
+                extra = {"adapters_only": True} if has_lora(model) else {}
                 json.dump({"format": DCP_FORMAT, "step": step, **meta, **extra}, f, indent=1)
             fsync_tree(tmp)
             if final.exists():

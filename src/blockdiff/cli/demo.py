@@ -53,7 +53,6 @@ def main(argv=None) -> dict:
     train_s = time.perf_counter() - t0
     plots = plot_run(run_dir)
 
-
     export_dir = Path(cfg.checkpoint.export_dir or run_dir / "export")
     model = DiffusionGemma.from_pretrained(str(export_dir)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(export_dir))

@@ -188,18 +188,13 @@ def load_for_inference(model_dir, dtype: str | None = None, device: str | None =
     carries the template training used (``chat_template.jinja``)."""
     from transformers import AutoTokenizer  # here: seconds of import, `blockdiff eval --help` stays fast
 
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = _DTYPES[dtype] if dtype else ("bfloat16" if str(device).startswith("cuda") else "float32")
     model = DiffusionGemma.from_pretrained(str(model_dir), dtype=getattr(torch, name), device=device).eval()
     if adapter is not None:
-        model = _apply_adapter(model, adapter)
+        model = load_adapter(model, adapter)  # PEFT-format adapter, checked against the base, merged for speed
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return model, tokenizer, device
-
-
-def _apply_adapter(model, adapter_dir):
-    return load_adapter(model, adapter_dir)  # PEFT-format adapter, checked against the base, merged for speed
 
 
 def settings_for_checkpoint(model_dir, tokenizer=None, **overrides) -> SamplerSettings:
@@ -287,7 +282,6 @@ def cli_eval(argv=None) -> int:
     p.add_argument("--limit", type=int)
     p.add_argument("--output", help="per-example JSONL")
     args = p.parse_args(argv)
-
 
     rows = list(load_dataset_rows(args.data, split="test"))
     if args.limit is not None:
