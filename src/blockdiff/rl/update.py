@@ -21,7 +21,7 @@ from blockdiff.parallel.parallelize import begin_step, clip_gradients, is_sharde
 from blockdiff.rl.advantages import grpo_loss
 from blockdiff.rl.elbo import adapters_disabled, completion_example, draw_streams, elbo, elbo_micro_batch
 from blockdiff.rl.rollout import Rollout
-from blockdiff.train.precision import compute_context
+from blockdiff.train.precision import bf16_autocast, compute_context
 
 
 @dataclass
@@ -65,14 +65,6 @@ def host_batches(rollout: Rollout, step: int, cfg, vocab_size: int, eos_id: int,
     return out
 
 
-def _context(model, cfg, device, optimizer=None):
-    stack = contextlib.ExitStack()
-    stack.enter_context(compute_context(model, device, cfg.model.dtype, optimizer))
-    stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16,
-                                       enabled=device.type == "cuda" and cfg.model.dtype == "bfloat16"))
-    return stack
-
-
 @torch.no_grad()
 def fixed_elbos(model, micro: list[tuple], settings, cfg, dist, reference: bool) -> torch.Tensor:
     """[len(micro)] ELBOs without gradients: of the reference policy (``reference``: a LoRA model with its
@@ -81,7 +73,7 @@ def fixed_elbos(model, micro: list[tuple], settings, cfg, dist, reference: bool)
     with adapters_disabled(model) if reference else contextlib.nullcontext():
         for _, batch, noise in micro:
             batch, noise = to_device(batch, dist.device), to_device(noise, dist.device)
-            with _context(model, cfg, dist.device):
+            with compute_context(model, dist.device, cfg.model.dtype), bf16_autocast(dist.device, cfg.model.dtype):
                 values.append(elbo(model, batch, noise, settings, cfg.rl.elbo_draws).float())
     if is_sharded(model):  # forwards only: no backward resharded the root unit
         reshard_all(model)
@@ -100,10 +92,11 @@ def accumulate_gradients(model, params, optimizer, micro: list[tuple], adv: torc
         batch, noise = to_device(batch, dev), to_device(noise, dev)
         mine = slice(done, done + len(cs))
         done += len(cs)
-        with _context(model, cfg, dev, optimizer):
-            new = elbo(model, batch, noise, settings, rl.elbo_draws).float()
-            out = grpo_loss(new, new.detach() if old is None else old[mine], None if ref is None else ref[mine],
-                            adv[cs[0]:cs[-1] + 1], rl.clip_eps, rl.kl_beta, n)
+        with compute_context(model, dev, cfg.model.dtype, optimizer):  # the train step's precision
+            with bf16_autocast(dev, cfg.model.dtype):
+                new = elbo(model, batch, noise, settings, rl.elbo_draws).float()
+                out = grpo_loss(new, new.detach() if old is None else old[mine], None if ref is None else ref[mine],
+                                adv[cs[0]:cs[-1] + 1], rl.clip_eps, rl.kl_beta, n)
             out["loss"].backward()
         sums += torch.stack([out["loss"].detach(), out["kl_sum"], out["clipped"], out["ratio_sum"],
                              new.detach().sum()]).double()

@@ -35,7 +35,7 @@ from blockdiff.infer.settings import SamplerSettings
 from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, noisy_micro_batch
 from blockdiff.parallel.distributed import DistInfo, to_device
 from blockdiff.parallel.parallelize import is_sharded, reshard_all
-from blockdiff.train.precision import compute_context
+from blockdiff.train.precision import bf16_autocast, compute_context
 
 log = logging.getLogger("blockdiff")
 
@@ -82,7 +82,6 @@ class ValidationLoss:
         W, dev, nb = self.dist.world_size, self.dist.device, len(self.batches)
         rounds = -(-nb // W)
         sums = torch.zeros(rounds, 2, dtype=torch.float64, device=dev)  # (diffusion, AR) loss sums
-        autocast = dev.type == "cuda" and self.dtype_name == "bfloat16"
         was_training = model.training
         model.eval()
         try:
@@ -90,7 +89,7 @@ class ValidationLoss:
                 k = i * W + self.dist.rank  # batch k on rank k % W; past the end: batch 0 again, dropped
                 batch, noise = (to_device(x, dev) for x in self.batches[k if k < nb else 0])
                 with compute_context(model, dev, self.dtype_name):
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    with bf16_autocast(dev, self.dtype_name):
                         out = compute_loss(model, batch, noise, self.settings, 1, 1)  # sums: counts of 1
                 if k < nb:
                     sums[i] = torch.stack([out["diffusion_loss"], out["ar_loss"]]).double()
@@ -121,8 +120,7 @@ def generate_across_ranks(model, prompts: list[list[int]], settings: SamplerSett
     ``model.dtype``; bf16 samples with the training step's bf16 compute (on CUDA). ``keep_stop``: as
     ``sampling.generate``'s."""
     dev = torch.device(device) if device is not None else dist.device
-    with compute_context(model, dev, dtype_name), torch.autocast(
-            "cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and dtype_name == "bfloat16"):
+    with compute_context(model, dev, dtype_name), bf16_autocast(dev, dtype_name):
         return _generate_across_ranks(model, prompts, settings or SamplerSettings(), device, row_seeds, dist,
                                       keep_stop)
 

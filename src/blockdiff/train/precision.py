@@ -131,6 +131,12 @@ class PersistentWorkingWeights:
             yield
 
 
+def bf16_autocast(device: torch.device, dtype_name: str):
+    """The forward's CUDA autocast to bf16 under ``model.dtype: bfloat16`` (off elsewhere): what the train step,
+    the RL update and sampling during a run compute in, inside ``compute_context``."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and dtype_name == "bfloat16")
+
+
 def compute_context(model: nn.Module, device: torch.device, dtype_name: str, optimizer=None):
     """What the train step (forward + backward) runs inside. An optimizer that keeps persistent working
     copies (``master_adamw.MasterAdamW``) supplies them; else bf16 casts per micro-batch on one CUDA device

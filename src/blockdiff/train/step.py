@@ -24,7 +24,7 @@ from blockdiff.errors import BlockdiffError
 from blockdiff.objective.loss import ObjectiveSettings, compute_loss, count_scored, noisy_micro_batch
 from blockdiff.parallel.distributed import DistInfo, all_reduce_, to_device
 from blockdiff.parallel.parallelize import begin_step, clip_grad_norm_, clip_gradients, is_sharded
-from blockdiff.train.precision import compute_context
+from blockdiff.train.precision import bf16_autocast, compute_context
 
 log = logging.getLogger("blockdiff")
 
@@ -117,12 +117,11 @@ def train_step(model, optimizer, params, micro: list[tuple], settings: Objective
         for group in optimizer.param_groups:
             group["lr"] = lr
     n_diff, n_ar = global_token_counts(micro, settings, dist)
-    autocast = device.type == "cuda" and dtype_name == "bfloat16"
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, diffusion, ar
     for batch, noise in micro_to_device(micro, device):
         # one GPU: bf16 working weights (precision.py, the optimizer's); FSDP2 casts when sharded
         with compute_context(model, device, dtype_name, optimizer):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            with bf16_autocast(device, dtype_name):
                 out = compute_loss(model, batch, noise, settings, n_diff, n_ar)
             out["loss"].backward()
         sums += torch.stack([out["loss"].detach(), out["diffusion_loss"], out["ar_loss"]]).double()
