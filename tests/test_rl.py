@@ -284,6 +284,21 @@ def test_builtin_rewards():
     assert [t.weight for t in terms] == [1.0, 0.1, 2.0]
 
 
+def test_example_grounded_reward_checks_the_chain_from_prompt_to_answer(monkeypatch):
+    """examples/dllm_rl/grounded_reward.py, resolved as a user reward: operands from the prompt or earlier
+    results, the answer line repeating the last result; the arithmetic itself is not its business."""
+    monkeypatch.syspath_prepend(str(TESTS.parent / "examples" / "dllm_rl"))
+    (term,) = build_rewards([{"name": "grounded_reward:grounded", "weight": 1.0}])
+    prompt = "Sam has 7 cards. Sam gets 1 more and then gives 5 to Ben. How many cards does Sam have now?"
+    cases = {"7 + 1 = 8\n8 - 5 = 3\n#### 3": 1.0,
+             "7 + 1 = 9\n9 - 5 = 4\n#### 4": 1.0,    # wrong arithmetic, but a chain
+             "7 + 2 = 9\n#### 9": 0.0,                # 2 is not in the prompt
+             "7 + 1 = 8\n3 - 5 = 8\n#### 8": 0.0,    # 3 is neither in the prompt nor a result
+             "7 + 1 = 8\n8 - 5 = 3\n#### 4": 0.0,    # the answer is not the last result
+             "#### 3": 0.0}                           # no steps
+    assert {c: term.fn(prompt, c, "3") for c in cases} == cases
+
+
 @pytest.mark.parametrize("name,pattern", [
     ("no_such_module_xyz:fn", r"reward 'no_such_module_xyz:fn': cannot import 'no_such_module_xyz' \(ModuleNotFound"),
     ("rl_rewards:missing", r"reward 'rl_rewards:missing': 'rl_rewards' has no function 'missing'"),

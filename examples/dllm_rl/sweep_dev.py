@@ -51,7 +51,9 @@ def main() -> None:
     names = list(yaml.safe_load(Path(args.settings).read_text()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    # this folder on the path: settings may name its example rewards ("grounded_reward:grounded")
+    path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": path}
     pending, running, t0 = list(names), {}, time.time()
     while pending or running:
         while pending and len(running) < args.jobs:
