@@ -30,7 +30,7 @@ from blockdiff.rl.rewards import build_rewards
 from blockdiff.rl.rollout import PromptSet, sample_rollout
 from blockdiff.rl.update import host_batches, update
 from blockdiff.train.loading import build_training_model
-from blockdiff.train.loop import StopSignal, export_final, save_run_checkpoint
+from blockdiff.train.loop import StopSignal, checkpoint_after_step, checkpoint_at_end, export_final
 from blockdiff.train.metrics import MetricsLogger, peak_memory_gib
 from blockdiff.train.periodic_eval import PeriodicEval
 from blockdiff.train.setup import build_run, load_tokenizer
@@ -137,18 +137,12 @@ def rl_train(cfg: Config) -> Path:
         if progress is not None:
             progress.update(1)
         periodic_eval.maybe_run(step + 1, metrics)
-        every = cfg.checkpoint.every_steps
-        if (every and (step + 1) % every == 0) or stop.received:
-            save_run_checkpoint(run_dir, step + 1, model, optimizer, cfg, dist, nan_skipped)
-        if stop.received:
-            log.warning("%s received: checkpoint at step %d written, exiting", stop.received, step + 1)
+        if checkpoint_after_step(run_dir, step + 1, model, optimizer, cfg, dist, nan_skipped, stop):
             metrics.close()
             return run_dir
     if progress is not None:
         progress.close()
-    every = cfg.checkpoint.every_steps
-    if cfg.checkpoint.save_final and not (every and last % every == 0) and last > start:
-        save_run_checkpoint(run_dir, last, model, optimizer, cfg, dist, nan_skipped)
+    checkpoint_at_end(run_dir, start, last, model, optimizer, cfg, dist, nan_skipped)
     metrics.close()
     if rank0:
         plot_rl(run_dir)

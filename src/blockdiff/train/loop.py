@@ -107,11 +107,7 @@ def train(cfg: Config) -> Path:
             progress.update(1)
 
         periodic_eval.maybe_run(step + 1, metrics)
-        every = cfg.checkpoint.every_steps
-        if (every and (step + 1) % every == 0) or stop.received:
-            save_run_checkpoint(run_dir, step + 1, model, optimizer, cfg, dist, nan_skipped)
-        if stop.received:
-            log.warning("%s received: checkpoint at step %d written, exiting", stop.received, step + 1)
+        if checkpoint_after_step(run_dir, step + 1, model, optimizer, cfg, dist, nan_skipped, stop):
             profiler.close()
             metrics.close()
             return run_dir
@@ -119,9 +115,7 @@ def train(cfg: Config) -> Path:
     profiler.close()
     if progress is not None:
         progress.close()
-    already_saved = cfg.checkpoint.every_steps and last_step_done % cfg.checkpoint.every_steps == 0
-    if cfg.checkpoint.save_final and not already_saved:
-        save_run_checkpoint(run_dir, last_step_done, model, optimizer, cfg, dist, nan_skipped)
+    checkpoint_at_end(run_dir, start, last_step_done, model, optimizer, cfg, dist, nan_skipped)
     metrics.close()
     if cfg.checkpoint.export_final:
         export_final(model, run.tokenizer, cfg, dist, run_dir)
@@ -138,6 +132,25 @@ def export_final(model, tokenizer, cfg: Config, dist, run_dir: Path) -> Path:
         tokenizer.save_pretrained(export_dir)
         log.info("exported transformers checkpoint to %s", export_dir)
     return export_dir
+
+
+def checkpoint_after_step(run_dir, step, model, optimizer, cfg, dist, nan_skipped, stop: StopSignal) -> bool:
+    """The checkpoint after ``step`` steps: every ``checkpoint.every_steps``, or when a stop signal arrived.
+    True when the run must exit now (the signal's checkpoint is written)."""
+    every = cfg.checkpoint.every_steps
+    if (every and step % every == 0) or stop.received:
+        save_run_checkpoint(run_dir, step, model, optimizer, cfg, dist, nan_skipped)
+    if stop.received:
+        log.warning("%s received: checkpoint at step %d written, exiting", stop.received, step)
+    return bool(stop.received)
+
+
+def checkpoint_at_end(run_dir, start, last, model, optimizer, cfg, dist, nan_skipped) -> None:
+    """``checkpoint.save_final``: the last step's checkpoint, unless the periodic one has it or this process ran
+    no step (a resume of a finished run rewrites nothing)."""
+    every = cfg.checkpoint.every_steps
+    if cfg.checkpoint.save_final and last > start and not (every and last % every == 0):
+        save_run_checkpoint(run_dir, last, model, optimizer, cfg, dist, nan_skipped)
 
 
 def save_run_checkpoint(run_dir, step, model, optimizer, cfg, dist, nan_skipped) -> None:
