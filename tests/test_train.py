@@ -49,6 +49,18 @@ def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
 
 
 @pytest.mark.slow
+def test_resuming_a_finished_run_rewrites_no_checkpoint(data, tmp_path):
+    """checkpoint.save_final writes the last step once: running the finished run's config again resumes at its
+    end, runs no step and leaves the checkpoint's bytes (and their times) as they were."""
+    run = train(cfg_for(data, tmp_path / "run", 3, "--checkpoint.every_steps", "2"))
+    ckpts = run / "checkpoints"
+    before = {p.relative_to(ckpts): p.stat().st_mtime_ns for p in ckpts.rglob("*") if p.is_file()}
+    assert any(str(p).startswith("step_00000003") for p in before)
+    train(cfg_for(data, tmp_path / "run", 3, "--checkpoint.every_steps", "2"))
+    assert {p.relative_to(ckpts): p.stat().st_mtime_ns for p in ckpts.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
 def test_loss_falls_and_accumulation_split_is_equivalent(data, tmp_path):
     one = train(cfg_for(data, tmp_path / "mb4", 3, "--train.micro_batch_size", "4"))
     two = train(cfg_for(data, tmp_path / "mb1", 3, "--train.micro_batch_size", "1"))
