@@ -137,12 +137,12 @@ def export_final(model, tokenizer, cfg: Config, dist, run_dir: Path) -> Path:
 def checkpoint_after_step(run_dir, step, model, optimizer, cfg, dist, nan_skipped, stop: StopSignal) -> bool:
     """The checkpoint after ``step`` steps: every ``checkpoint.every_steps``, or when a stop signal arrived.
     True when the run must exit now (the signal's checkpoint is written)."""
-    every = cfg.checkpoint.every_steps
-    if (every and step % every == 0) or stop.received:
+    every, received = cfg.checkpoint.every_steps, stop.received  # read once: a signal may land in between
+    if (every and step % every == 0) or received:
         save_run_checkpoint(run_dir, step, model, optimizer, cfg, dist, nan_skipped)
-    if stop.received:
-        log.warning("%s received: checkpoint at step %d written, exiting", stop.received, step)
-    return bool(stop.received)
+    if received:
+        log.warning("%s received: checkpoint at step %d written, exiting", received, step)
+    return bool(received)
 
 
 def checkpoint_at_end(run_dir, start, last, model, optimizer, cfg, dist, nan_skipped) -> None:
