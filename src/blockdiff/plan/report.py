@@ -159,7 +159,7 @@ def check_before_training(cfg: Config, rl: bool = False) -> dict | None:
 
 def _plan_job(job: dict) -> dict:
     cfg = config_from_dict(job["config"], source="<memory plan>")
-    return make_plan(cfg, job["gpus"], job["gpu_memory_gib"], job["device"], rl=job.get("rl", False)).as_json()
+    return make_plan(cfg, job["gpus"], job["gpu_memory_gib"], job["device"], rl=job["rl"]).as_json()
 
 
 def _plan_in_child(job: dict) -> dict:
