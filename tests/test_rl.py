@@ -460,3 +460,57 @@ def test_demo_dev_split_is_disjoint_from_rl_prompts(tmp_path):
     rl_rows, dev_rows = rl_path.read_text().splitlines(True), dev_path.read_text().splitlines(True)
     assert dev_rows == rows[-3:] and rl_rows == rows[:-3]
     assert train.read_text() == "".join(rows)  # the SFT demo's split is left as written
+
+
+def test_demo_comparison_averages_a_prompts_draws_before_the_paired_se():
+    """``compare``: each prompt's score is the mean of its draws; the SE is over prompts, as a loop computes it."""
+    from blockdiff.rl.demo import compare, paired_se
+
+    rng = random.Random(0)
+    before = [[rng.random() < 0.4 for _ in range(50)] for _ in range(4)]  # [draw][prompt]
+    after = [[rng.random() < 0.5 for _ in range(50)] for _ in range(4)]
+    got = compare(before, after)
+    b = [sum(d[i] for d in before) / 4 for i in range(50)]
+    a = [sum(d[i] for d in after) / 4 for i in range(50)]
+    diffs = [y - x for x, y in zip(b, a)]
+    mean = sum(diffs) / 50
+    assert got["n"] == 50 and got["samples_per_prompt"] == 4
+    assert got["sft_accuracy"] == pytest.approx(sum(map(sum, before)) / 200)
+    assert got["rl_accuracy"] == pytest.approx(sum(map(sum, after)) / 200)
+    assert got["difference"] == pytest.approx(mean)
+    assert got["paired_se"] == pytest.approx(math.sqrt(sum((d - mean) ** 2 for d in diffs) / 49 / 50))
+    assert paired_se([True, False], [True, True]) == pytest.approx(0.5)
+    one = compare(before[:1], after[:1])  # one draw: plain 0/1 exact match
+    assert one["samples_per_prompt"] == 1 and one["sft_accuracy"] == sum(before[0]) / 50
+
+
+def test_demo_scoring_draws_have_distinct_seeds_and_the_first_is_a_plain_eval(tmp_path):
+    """Draw j of row i has sampler seed seed + j * n + i: draw 0 is ``evaluate_gsm8k`` with the seed, and the
+    draws of a row are the single evals at the shifted seeds (so no draw repeats another's noise)."""
+    from blockdiff.data.jsonl import read_chat_jsonl
+    from blockdiff.infer.evaluate import evaluate_gsm8k
+    from blockdiff.infer.sampling import SamplerSettings
+    from blockdiff.model.diffusion_gemma import DiffusionGemma
+    from blockdiff.rl.demo import exact_match_per_prompt
+    from blockdiff.train.loading import build_model
+    from blockdiff.train.setup import load_tokenizer
+
+    cfg = load_config(demo_config_path(), ["--model.num_layers", "1", "--data.train_path", "x", "--train.output_dir", "y"])
+    export = tmp_path / "export"
+    build_model(cfg, torch.device("cpu")).save_pretrained(export)
+    load_tokenizer(cfg).save_pretrained(export)
+    rows = read_chat_jsonl(write_splits(tmp_path / "d", 8, 3, seed=0)[1])
+    draws = exact_match_per_prompt(export, rows, 5, tmp_path / "eval.jsonl", samples=3)
+    records = [json.loads(ln) for ln in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert len(draws) == 3 and all(len(d) == len(rows) for d in draws)
+    assert [r["sample"] for r in records] == [j for j in range(3) for _ in rows]
+    model = DiffusionGemma.from_pretrained(str(export)).eval()
+    for j in (0, 2):
+        settings = SamplerSettings.from_generation_config(export, seed=5 + j * len(rows), t_max=0.1, t_min=0.05,
+                                                          max_new_tokens=model.config.canvas_length)
+        evaluate_gsm8k(model, load_tokenizer(cfg), rows, settings, batch_size=100, out_jsonl=tmp_path / "one.jsonl")
+        one = [json.loads(ln) for ln in (tmp_path / "one.jsonl").read_text().splitlines()]
+        assert [r["output"] for r in records if r["sample"] == j] == [r["output"] for r in one]
+        assert draws[j] == [r["correct"] for r in one]
+    outputs = [[r["output"] for r in records if r["sample"] == j] for j in range(3)]
+    assert outputs[0] != outputs[1]  # other seeds, other samples (a random 1-layer model samples freely)

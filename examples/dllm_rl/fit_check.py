@@ -16,7 +16,7 @@ from pathlib import Path
 
 from blockdiff.config.schema import load_config
 from blockdiff.data.jsonl import read_chat_jsonl
-from blockdiff.rl.demo import demo_rl_config_path, held_out_correct
+from blockdiff.rl.demo import demo_rl_config_path, exact_match_per_prompt
 from blockdiff.rl.loop import rl_train
 from blockdiff.train.metrics import read_metrics
 
@@ -38,8 +38,8 @@ def main() -> None:
                                               "--rl.prompts_per_step", str(args.prompts), *args.overrides])
     run_dir = rl_train(cfg)
     rows = read_chat_jsonl(rows_path)
-    before = held_out_correct(Path(args.sft_export), rows, 0, out / "greedy_sft.jsonl")
-    after = held_out_correct(run_dir / "export", rows, 0, out / "greedy_rl.jsonl")
+    before = exact_match_per_prompt(Path(args.sft_export), rows, 0, out / "greedy_sft.jsonl")[0]
+    after = exact_match_per_prompt(run_dir / "export", rows, 0, out / "greedy_rl.jsonl")[0]
     curve = [round(r["accuracy"], 3) for r in read_metrics(run_dir) if "accuracy" in r]
     report = {"prompts": len(rows), "greedy_correct_sft": sum(before), "greedy_correct_rl": sum(after),
               "rollout_accuracy_per_step": curve, "overrides": args.overrides}

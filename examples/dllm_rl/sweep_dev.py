@@ -9,6 +9,10 @@ held-out test split is not touched, so it can be scored once for the setting cho
 
 ``--settings``: a YAML mapping of a setting's name to its overrides of the demo RL config, e.g.
 ``lr1e-4: [--optimizer.lr, "1e-4"]``.
+
+``--curve 12,48,144``: each setting's run is scored on dev after each of these step counts (the run resumes
+from its checkpoint to the next count), giving dev accuracy along one trajectory. ``--device cuda``: RL and the
+scoring on the GPU (several runs share it); default: CPU, as the demo.
 """
 
 from __future__ import annotations
@@ -31,9 +35,18 @@ def _one(args) -> None:
     torch.set_num_threads(args.threads)
     from blockdiff.rl.demo import run_demo_rl
 
-    overrides = yaml.safe_load(Path(args.settings).read_text())[args.child]
+    overrides = [str(o) for o in yaml.safe_load(Path(args.settings).read_text())[args.child]]
     out = Path(args.out) / args.child
-    run_demo_rl(out, Path(args.sft_export), [str(o) for o in overrides], n_dev=args.n_dev, evaluate="dev")
+    for steps in _curve(args):
+        extra = ["--train.max_steps", str(steps)] if steps else []
+        report = run_demo_rl(out, Path(args.sft_export), overrides + extra, n_dev=args.n_dev, evaluate="dev",
+                             eval_device=args.device, eval_samples=args.eval_samples)
+        if steps:
+            (out / f"demo_rl_report_dev_{steps}.json").write_text(json.dumps(report, indent=1))
+
+
+def _curve(args) -> list[int | None]:
+    return [int(s) for s in args.curve.split(",")] if args.curve else [None]
 
 
 def main() -> None:
@@ -44,6 +57,9 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-dev", type=int, default=500)
+    p.add_argument("--curve", help="comma-separated step counts to score dev after, along one run per setting")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--eval-samples", type=int, default=8, help="sampler draws per dev prompt (default 8)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -54,6 +70,8 @@ def main() -> None:
     # this folder on the path: settings may name its example rewards ("grounded_reward:grounded")
     path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": path}
+    if args.device == "cpu":  # the GPU hidden, so RL runs where the scoring does
+        env["CUDA_VISIBLE_DEVICES"] = ""
     pending, running, t0 = list(names), {}, time.time()
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -69,13 +87,15 @@ def main() -> None:
         time.sleep(1)
     rows = []
     for name in names:
-        report = out / name / "demo_rl_report_dev.json"
-        if report.exists():
-            r = json.loads(report.read_text())
-            rows.append({"setting": name, **{k: r[k] for k in ("n", "sft_accuracy", "rl_accuracy", "difference",
-                                                              "paired_se", "difference_in_se", "rl_seconds")}})
-        else:
-            rows.append({"setting": name, "error": f"no report (see {out / name}.log)"})
+        for steps in _curve(args):
+            label = f"{name} @{steps}" if steps else name
+            report = out / name / (f"demo_rl_report_dev_{steps}.json" if steps else "demo_rl_report_dev.json")
+            if report.exists():
+                r = json.loads(report.read_text())
+                rows.append({"setting": label, **{k: r[k] for k in ("n", "sft_accuracy", "rl_accuracy", "difference",
+                                                                   "paired_se", "difference_in_se", "rl_seconds")}})
+            else:
+                rows.append({"setting": label, "error": f"no report (see {out / name}.log)"})
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     print("| setting | dev SFT -> RL | difference (paired SE) | RL s |\n|---|---|---|---|")
     for r in rows:

@@ -31,13 +31,16 @@ def main(argv=None) -> dict:
                    help="synthetic problem difficulty (easy: operands small enough for the tiny model)")
     p.add_argument("--rl", action="store_true", help="GRPO on the SFT demo's export (run first if missing)")
     p.add_argument("--sft-export", default=None, help="--rl: the SFT export to start from (default OUT/run/export)")
+    p.add_argument("--eval-samples", type=int, default=8,
+                   help="--rl: sampler draws per held-out prompt, before and after (default 8)")
     args, overrides = p.parse_known_args(argv)
     if args.rl:
         from blockdiff.rl.demo import run_demo_rl
 
         steps = ["--train.max_steps", str(args.steps)] if args.steps is not None else []
         return run_demo_rl(Path(args.out), args.sft_export, steps + list(overrides), seed=args.seed,
-                           n_train=args.n_train, n_test=args.n_test, level=args.level)
+                           n_train=args.n_train, n_test=args.n_test, level=args.level,
+                           eval_samples=args.eval_samples)
 
     out = Path(args.out)
     train_path, test_path = write_splits(out / "data", args.n_train, args.n_test, seed=args.seed,

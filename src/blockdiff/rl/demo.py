@@ -18,7 +18,7 @@ def demo_rl_config_path() -> str:
     return os.path.join(os.path.dirname(demo_config_path()), "demo_rl.yaml")
 
 
-def paired_se(before: list[bool], after: list[bool]) -> float:
+def paired_se(before: list[float], after: list[float]) -> float:
     """Standard error of mean(after - before) over the same prompts (sample std of the differences / sqrt n)."""
     d = [float(a) - float(b) for a, b in zip(after, before)]
     n = len(d)
@@ -28,20 +28,43 @@ def paired_se(before: list[bool], after: list[bool]) -> float:
     return math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
 
 
-def held_out_correct(model_dir: Path, rows: list[dict], seed: int, out_jsonl: Path) -> list[bool]:
-    """Per-row exact match of the export at ``model_dir`` with the SFT demo's low-temperature sampler."""
+def exact_match_per_prompt(model_dir: Path, rows: list[dict], seed: int, out_jsonl: Path, device: str = "cpu",
+                           samples: int = 1) -> list[list[bool]]:
+    """Exact match of the export at ``model_dir`` with the SFT demo's low-temperature sampler: ``samples`` draws
+    per row, ``[draw][row]``. Draw j of row i has the sampler seed ``seed + j * len(rows) + i``, so no two draws
+    share one. ``out_jsonl`` gets every draw's rows, each with its ``sample`` index."""
     from transformers import AutoTokenizer
 
     from blockdiff.infer.evaluate import evaluate_gsm8k
     from blockdiff.infer.sampling import SamplerSettings
     from blockdiff.model.diffusion_gemma import DiffusionGemma
 
-    model = DiffusionGemma.from_pretrained(str(model_dir)).eval()
+    model = DiffusionGemma.from_pretrained(str(model_dir)).eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    settings = SamplerSettings.from_generation_config(model_dir, seed=seed, max_new_tokens=model.config.canvas_length,
-                                                      t_max=0.1, t_min=0.05)
-    evaluate_gsm8k(model, tokenizer, rows, settings, batch_size=100, out_jsonl=out_jsonl)
-    return [json.loads(ln)["correct"] for ln in out_jsonl.read_text().splitlines()]
+    draws, lines = [], []
+    for j in range(samples):
+        settings = SamplerSettings.from_generation_config(model_dir, seed=seed + j * len(rows),
+                                                          max_new_tokens=model.config.canvas_length,
+                                                          t_max=0.1, t_min=0.05)
+        evaluate_gsm8k(model, tokenizer, rows, settings, batch_size=100, out_jsonl=out_jsonl, device=device)
+        records = [json.loads(ln) for ln in out_jsonl.read_text().splitlines()]
+        draws.append([r["correct"] for r in records])
+        lines += [json.dumps({"sample": j, **r}) for r in records]
+    out_jsonl.write_text("".join(ln + "\n" for ln in lines))
+    return draws
+
+
+def compare(before: list[list[bool]], after: list[list[bool]]) -> dict:
+    """Accuracy before and after over the same prompts, each prompt's score the mean of its draws, and the paired
+    standard error of the difference over prompts (the draws of a prompt are one unit: the sampler's noise
+    within it averages out, the prompts' spread stays)."""
+    n, k = len(before[0]), len(before)
+    b = [sum(d[i] for d in before) / k for i in range(n)]
+    a = [sum(d[i] for d in after) / len(after) for i in range(n)]
+    out = {"n": n, "samples_per_prompt": k, "sft_accuracy": sum(b) / n, "rl_accuracy": sum(a) / n,
+           "difference": (sum(a) - sum(b)) / n, "paired_se": paired_se(b, a)}
+    out["difference_in_se"] = out["difference"] / out["paired_se"] if out["paired_se"] else float("nan")
+    return out
 
 
 def split_dev(train_path: Path, n_dev: int) -> tuple[Path, Path]:
@@ -55,9 +78,13 @@ def split_dev(train_path: Path, n_dev: int) -> tuple[Path, Path]:
 
 
 def run_demo_rl(out: Path, sft_export: Path | None, overrides: list[str], *, seed: int = 0, n_train: int = 4000,
-                n_test: int = 200, level: str = "easy", n_dev: int = 500, evaluate: str = "held_out") -> dict:
+                n_test: int = 200, level: str = "easy", n_dev: int = 500, evaluate: str = "held_out", eval_device: str = "cpu", eval_samples: int = 8) -> dict:
     """``evaluate``: "held_out" (the SFT demo's test split) or "dev" (``n_dev`` training prompts RL never reads:
-    the split to choose settings on, so the held-out set is scored once, for the chosen setting)."""
+    the split to choose settings on, so the held-out set is scored once, for the chosen setting). A run dir
+    that already holds RL checkpoints resumes (a larger ``--train.max_steps`` continues the run).
+    ``eval_samples``: sampler draws per prompt (``exact_match_per_prompt``); 8 by default, because one draw of the
+    low-temperature sampler is noisy: two seeds of the same model differ by a paired SE of about 0.026 on 300
+    prompts, as large as the effect RL has (the guide's RL section)."""
     from blockdiff.data.jsonl import read_chat_jsonl
     from blockdiff.rl.loop import rl_train
 
@@ -81,23 +108,23 @@ def run_demo_rl(out: Path, sft_export: Path | None, overrides: list[str], *, see
     run_dir = rl_train(cfg)
     rl_seconds = time.perf_counter() - t0
     rows = read_chat_jsonl(test_path if evaluate == "held_out" else dev_path)  # never read by RL
-    before = held_out_correct(sft_export, rows, seed, run_dir / f"eval_{evaluate}_sft.jsonl")
-    after = held_out_correct(Path(cfg.checkpoint.export_dir or run_dir / "export"), rows, seed,
-                             run_dir / f"eval_{evaluate}_rl.jsonl")
-    n = len(rows)
-    report = {"evaluated": evaluate, "n": n, "sft_accuracy": sum(before) / n, "rl_accuracy": sum(after) / n,
-              "difference": (sum(after) - sum(before)) / n, "paired_se": paired_se(before, after),
+    before = exact_match_per_prompt(sft_export, rows, seed, run_dir / f"eval_{evaluate}_sft.jsonl", eval_device,
+                                    eval_samples)
+    after = exact_match_per_prompt(Path(cfg.checkpoint.export_dir or run_dir / "export"), rows, seed,
+                                   run_dir / f"eval_{evaluate}_rl.jsonl", eval_device, eval_samples)
+    report = {"evaluated": evaluate, **compare(before, after),
+              "first_sample": compare(before[:1], after[:1]),  # one draw per prompt, as a plain eval scores
               "rl_steps": cfg.train.max_steps, "rl_seconds": round(rl_seconds, 1),
               "completions_per_step": cfg.rl.prompts_per_step * cfg.rl.group_size, "sft_export": str(sft_export),
               "run_dir": str(run_dir)}
-    report["difference_in_se"] = report["difference"] / report["paired_se"] if report["paired_se"] else float("nan")
     report_path = out / ("demo_rl_report.json" if evaluate == "held_out" else "demo_rl_report_dev.json")
     report_path.write_text(json.dumps(report, indent=1))
     print("\n=== blockdiff demo --rl ===")
-    print(f"GRPO: {report['rl_steps']} steps x {report['completions_per_step']} completions in {report['rl_seconds']} s "
-          f"on CPU")
-    print(f"{evaluate.replace('_', '-')} exact match (n={n}): SFT {report['sft_accuracy']:.3f} -> "
-          f"RL {report['rl_accuracy']:.3f} "
-          f"(difference {report['difference']:+.3f}, paired SE {report['paired_se']:.3f})")
+    print(f"GRPO: {report['rl_steps']} steps x {report['completions_per_step']} completions in {report['rl_seconds']} s")
+    first = report["first_sample"]
+    print(f"{evaluate.replace('_', '-')} exact match (n={report['n']} prompts x {eval_samples} draws): "
+          f"SFT {report['sft_accuracy']:.3f} -> RL {report['rl_accuracy']:.3f} "
+          f"(difference {report['difference']:+.3f}, paired SE {report['paired_se']:.3f}); "
+          f"first draw only: {first['difference']:+.3f} (paired SE {first['paired_se']:.3f})")
     print(f"report: {report_path}  run: {run_dir}")
     return report
