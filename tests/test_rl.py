@@ -495,7 +495,8 @@ def test_demo_scoring_draws_have_distinct_seeds_and_the_first_is_a_plain_eval(tm
     from blockdiff.train.loading import build_model
     from blockdiff.train.setup import load_tokenizer
 
-    cfg = load_config(demo_config_path(), ["--model.num_layers", "1", "--data.train_path", "x", "--train.output_dir", "y"])
+    cfg = load_config(demo_config_path(), ["--model.num_layers", "1", "--data.train_path", "x",
+                                           "--train.output_dir", "y"])
     export = tmp_path / "export"
     build_model(cfg, torch.device("cpu")).save_pretrained(export)
     load_tokenizer(cfg).save_pretrained(export)

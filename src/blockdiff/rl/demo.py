@@ -49,8 +49,8 @@ def exact_match_per_prompt(model_dir: Path, rows: list[dict], seed: int, out_jso
         evaluate_gsm8k(model, tokenizer, rows, settings, batch_size=100, out_jsonl=out_jsonl, device=device)
         records = [json.loads(ln) for ln in out_jsonl.read_text().splitlines()]
         draws.append([r["correct"] for r in records])
-        lines += [json.dumps({"sample": j, **r}) for r in records]
-    out_jsonl.write_text("".join(ln + "\n" for ln in lines))
+        lines += [json.dumps({"sample": j, **r}, ensure_ascii=False) for r in records]
+    out_jsonl.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
     return draws
 
 
@@ -58,10 +58,12 @@ def compare(before: list[list[bool]], after: list[list[bool]]) -> dict:
     """Accuracy before and after over the same prompts, each prompt's score the mean of its draws, and the paired
     standard error of the difference over prompts (the draws of a prompt are one unit: the sampler's noise
     within it averages out, the prompts' spread stays)."""
-    n, k = len(before[0]), len(before)
-    b = [sum(d[i] for d in before) / k for i in range(n)]
-    a = [sum(d[i] for d in after) / len(after) for i in range(n)]
-    out = {"n": n, "samples_per_prompt": k, "sft_accuracy": sum(b) / n, "rl_accuracy": sum(a) / n,
+    def per_prompt(draws: list[list[bool]]) -> list[float]:
+        return [sum(column) / len(draws) for column in zip(*draws)]
+
+    b, a = per_prompt(before), per_prompt(after)
+    n = len(b)
+    out = {"n": n, "samples_per_prompt": len(before), "sft_accuracy": sum(b) / n, "rl_accuracy": sum(a) / n,
            "difference": (sum(a) - sum(b)) / n, "paired_se": paired_se(b, a)}
     out["difference_in_se"] = out["difference"] / out["paired_se"] if out["paired_se"] else float("nan")
     return out
@@ -78,7 +80,8 @@ def split_dev(train_path: Path, n_dev: int) -> tuple[Path, Path]:
 
 
 def run_demo_rl(out: Path, sft_export: Path | None, overrides: list[str], *, seed: int = 0, n_train: int = 4000,
-                n_test: int = 200, level: str = "easy", n_dev: int = 500, evaluate: str = "held_out", eval_device: str = "cpu", eval_samples: int = 8) -> dict:
+                n_test: int = 200, level: str = "easy", n_dev: int = 500, evaluate: str = "held_out",
+                eval_device: str = "cpu", eval_samples: int = 8) -> dict:
     """``evaluate``: "held_out" (the SFT demo's test split) or "dev" (``n_dev`` training prompts RL never reads:
     the split to choose settings on, so the held-out set is scored once, for the chosen setting). A run dir
     that already holds RL checkpoints resumes (a larger ``--train.max_steps`` continues the run).
@@ -120,7 +123,8 @@ def run_demo_rl(out: Path, sft_export: Path | None, overrides: list[str], *, see
     report_path = out / ("demo_rl_report.json" if evaluate == "held_out" else "demo_rl_report_dev.json")
     report_path.write_text(json.dumps(report, indent=1))
     print("\n=== blockdiff demo --rl ===")
-    print(f"GRPO: {report['rl_steps']} steps x {report['completions_per_step']} completions in {report['rl_seconds']} s")
+    print(f"GRPO: {report['rl_steps']} steps x {report['completions_per_step']} completions in "
+          f"{report['rl_seconds']} s")
     first = report["first_sample"]
     print(f"{evaluate.replace('_', '-')} exact match (n={report['n']} prompts x {eval_samples} draws): "
           f"SFT {report['sft_accuracy']:.3f} -> RL {report['rl_accuracy']:.3f} "
