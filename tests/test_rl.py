@@ -515,3 +515,32 @@ def test_demo_scoring_draws_have_distinct_seeds_and_the_first_is_a_plain_eval(tm
         assert draws[j] == [r["correct"] for r in one]
     outputs = [[r["output"] for r in records if r["sample"] == j] for j in range(3)]
     assert outputs[0] != outputs[1]  # other seeds, other samples (a random 1-layer model samples freely)
+
+
+@pytest.mark.slow
+def test_demo_rl_end_to_end_on_a_tiny_export_takes_given_sft_scores(tmp_path):
+    """``run_demo_rl`` on a 1-layer export: given SFT scores of the wrong shape fail before RL writes anything;
+    given ones are used instead of scoring the export again, and the report holds the demo's fields."""
+    from blockdiff.rl.demo import run_demo_rl
+    from blockdiff.train.loading import build_model
+    from blockdiff.train.setup import load_tokenizer
+
+    cfg = load_config(demo_config_path(), ["--model.num_layers", "1", "--data.train_path", "x",
+                                           "--train.output_dir", "y"])
+    export = tmp_path / "export"
+    build_model(cfg, torch.device("cpu")).save_pretrained(export)
+    load_tokenizer(cfg).save_pretrained(export)
+    out = tmp_path / "demo"
+    small = ["--train.max_steps", "1", "--rl.prompts_per_step", "2", "--rl.group_size", "2",
+             "--train.micro_batch_size", "4", "--logging.progress", "false"]
+    kw = dict(n_train=12, n_test=3, n_dev=4, evaluate="dev", eval_samples=2)
+    with pytest.raises(ValueError, match="sft_scores: 1 draws of \\[4\\] rows given, 2 draws of the 4 dev rows"):
+        run_demo_rl(out, export, small, sft_scores=[[True] * 4], **kw)
+    assert not (out / "rl").exists()
+    given = [[True, True, True, True], [True, False, True, True]]
+    report = run_demo_rl(out, export, small, sft_scores=given, **kw)
+    assert report["n"] == 4 and report["samples_per_prompt"] == 2 and report["rl_steps"] == 1
+    assert report["sft_accuracy"] == pytest.approx(7 / 8) and report["first_sample"]["sft_accuracy"] == 1.0
+    assert not (out / "rl" / "eval_dev_sft.jsonl").exists() and (out / "rl" / "eval_dev_rl.jsonl").exists()
+    saved = json.loads((out / "demo_rl_report_dev.json").read_text())
+    assert saved["rl_accuracy"] == report["rl_accuracy"] and "paired_se" in saved

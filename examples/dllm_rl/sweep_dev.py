@@ -37,12 +37,30 @@ def _one(args) -> None:
 
     overrides = [str(o) for o in yaml.safe_load(Path(args.settings).read_text())[args.child]]
     out = Path(args.out) / args.child
+    sft_scores = json.loads((Path(args.out) / SFT_SCORES).read_text())
     for steps in _curve(args):
         extra = ["--train.max_steps", str(steps)] if steps else []
         report = run_demo_rl(out, Path(args.sft_export), overrides + extra, n_dev=args.n_dev, evaluate="dev",
-                             eval_device=args.device, eval_samples=args.eval_samples)
+                             eval_device=args.device, eval_samples=args.eval_samples, sft_scores=sft_scores)
         if steps:
             (out / f"demo_rl_report_dev_{steps}.json").write_text(json.dumps(report, indent=1))
+
+
+SFT_SCORES = "sft_dev_scores.json"  # the shared starting point's dev draws, scored once for every setting
+
+
+def _score_sft(args) -> None:
+    import torch
+
+    from blockdiff.data.jsonl import read_chat_jsonl
+    from blockdiff.rl.demo import exact_match_per_prompt, prepare_splits
+
+    torch.set_num_threads(args.jobs * args.threads)
+    shared = Path(args.out) / "sft"
+    _, dev_path, _ = prepare_splits(shared, Path(args.sft_export), n_dev=args.n_dev)
+    draws = exact_match_per_prompt(Path(args.sft_export), read_chat_jsonl(dev_path), 0, shared / "eval_dev_sft.jsonl",
+                                   args.device, args.eval_samples)
+    (Path(args.out) / SFT_SCORES).write_text(json.dumps(draws))
 
 
 def _curve(args) -> list[int | None]:
@@ -61,7 +79,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--eval-samples", type=int, default=8, help="sampler draws per dev prompt (default 8)")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--score-sft", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.score_sft:
+        return _score_sft(args)
     if args.child:
         return _one(args)
     names = list(yaml.safe_load(Path(args.settings).read_text()))
@@ -72,6 +93,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": path}
     if args.device == "cpu":  # the GPU hidden, so RL runs where the scoring does
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if not (out / SFT_SCORES).exists():
+        subprocess.run([sys.executable, __file__, "--score-sft", *sys.argv[1:]], env=env, check=True)
     pending, running, t0 = list(names), {}, time.time()
     while pending or running:
         while pending and len(running) < args.jobs:

@@ -69,6 +69,24 @@ def compare(before: list[list[bool]], after: list[list[bool]]) -> dict:
     return out
 
 
+def prepare_splits(out: Path, sft_export: Path, *, seed: int = 0, n_train: int = 4000, n_test: int = 200,
+                   level: str = "easy", n_dev: int = 500) -> tuple[Path, Path, Path]:
+    """The RL prompts, the dev split and the held-out split under ``out / "data"``: the SFT demo's splits (the
+    SFT demo runs first when ``sft_export`` holds no model), the training rows cut by ``split_dev``."""
+    data = Path(out) / "data"
+    if not (Path(sft_export) / "config.json").exists():  # the SFT demo first: its data, run and export
+        from blockdiff.cli.demo import main as sft_demo
+
+        sft_demo(["--out", str(out), "--seed", str(seed), "--n-train", str(n_train), "--n-test", str(n_test),
+                  "--level", level])
+    test_path = data / "test.jsonl"
+    if not test_path.exists():  # an export from elsewhere: the SFT demo's split, written again (deterministic)
+        from blockdiff.data.synthetic import write_splits
+
+        write_splits(data, n_train, n_test, seed=seed, level=level)
+    return (*split_dev(data / "train.jsonl", n_dev), test_path)
+
+
 def split_dev(train_path: Path, n_dev: int) -> tuple[Path, Path]:
     """The last ``n_dev`` training rows as a dev split (for choosing RL settings; RL never reads them) and the
     rest as RL's prompts, written next to ``train_path`` (deterministic: the same rows every run)."""
@@ -81,38 +99,33 @@ def split_dev(train_path: Path, n_dev: int) -> tuple[Path, Path]:
 
 def run_demo_rl(out: Path, sft_export: Path | None, overrides: list[str], *, seed: int = 0, n_train: int = 4000,
                 n_test: int = 200, level: str = "easy", n_dev: int = 500, evaluate: str = "held_out",
-                eval_device: str = "cpu", eval_samples: int = 8) -> dict:
+                eval_device: str = "cpu", eval_samples: int = 8, sft_scores: list[list[bool]] | None = None) -> dict:
     """``evaluate``: "held_out" (the SFT demo's test split) or "dev" (``n_dev`` training prompts RL never reads:
     the split to choose settings on, so the held-out set is scored once, for the chosen setting). A run dir
     that already holds RL checkpoints resumes (a larger ``--train.max_steps`` continues the run).
     ``eval_samples``: sampler draws per prompt (``exact_match_per_prompt``); 8 by default, because one draw of the
     low-temperature sampler is noisy: two seeds of the same model differ by a paired SE of about 0.026 on 300
-    prompts, as large as the effect RL has (the guide's RL section)."""
+    prompts, as large as the effect RL has (the guide's RL section). ``sft_scores``: the SFT export's
+    ``exact_match_per_prompt`` on the same rows, seed and draws, when the caller already has them (a sweep scores
+    the shared starting point once); None scores it here."""
     from blockdiff.data.jsonl import read_chat_jsonl
     from blockdiff.rl.loop import rl_train
 
     out = Path(out)
     sft_export = Path(sft_export or out / "run" / "export")
-    data = out / "data"
-    if not (sft_export / "config.json").exists():  # the SFT demo first: its data, run and export
-        from blockdiff.cli.demo import main as sft_demo
-
-        sft_demo(["--out", str(out), "--seed", str(seed), "--n-train", str(n_train), "--n-test", str(n_test),
-                  "--level", level])
-    train_path, test_path = data / "train.jsonl", data / "test.jsonl"
-    if not test_path.exists():  # an export from elsewhere: the SFT demo's split, written again (deterministic)
-        from blockdiff.data.synthetic import write_splits
-
-        write_splits(data, n_train, n_test, seed=seed, level=level)
-    rl_path, dev_path = split_dev(train_path, n_dev)
+    rl_path, dev_path, test_path = prepare_splits(out, sft_export, seed=seed, n_train=n_train, n_test=n_test,
+                                                  level=level, n_dev=n_dev)
     cfg = load_config(demo_rl_config_path(), ["--model.name_or_path", str(sft_export), "--data.train_path",
                                               str(rl_path), "--train.output_dir", str(out / "rl"), *overrides])
+    rows = read_chat_jsonl(test_path if evaluate == "held_out" else dev_path)  # never read by RL
+    if sft_scores is not None and (len(sft_scores) != eval_samples or any(len(d) != len(rows) for d in sft_scores)):
+        raise ValueError(f"sft_scores: {len(sft_scores)} draws of {[len(d) for d in sft_scores][:1]} rows given, "
+                         f"{eval_samples} draws of the {len(rows)} {evaluate} rows expected")
     t0 = time.perf_counter()
     run_dir = rl_train(cfg)
     rl_seconds = time.perf_counter() - t0
-    rows = read_chat_jsonl(test_path if evaluate == "held_out" else dev_path)  # never read by RL
-    before = exact_match_per_prompt(sft_export, rows, seed, run_dir / f"eval_{evaluate}_sft.jsonl", eval_device,
-                                    eval_samples)
+    before = sft_scores or exact_match_per_prompt(sft_export, rows, seed, run_dir / f"eval_{evaluate}_sft.jsonl",
+                                                  eval_device, eval_samples)
     after = exact_match_per_prompt(Path(cfg.checkpoint.export_dir or run_dir / "export"), rows, seed,
                                    run_dir / f"eval_{evaluate}_rl.jsonl", eval_device, eval_samples)
     report = {"evaluated": evaluate, **compare(before, after),
