@@ -40,13 +40,15 @@ def _one(args) -> None:
     sft_scores = json.loads((Path(args.out) / SFT_SCORES).read_text())
     for steps in _curve(args):
         extra = ["--train.max_steps", str(steps)] if steps else []
-        report = run_demo_rl(out, Path(args.sft_export), overrides + extra, n_dev=args.n_dev, evaluate="dev",
-                             eval_device=args.device, eval_samples=args.eval_samples, sft_scores=sft_scores)
+        report = run_demo_rl(out, Path(args.sft_export), overrides + extra, seed=SEED, n_dev=args.n_dev,
+                             evaluate="dev", eval_device=args.device, eval_samples=args.eval_samples,
+                             sft_scores=sft_scores)
         if steps:
             (out / f"demo_rl_report_dev_{steps}.json").write_text(json.dumps(report, indent=1))
 
 
 SFT_SCORES = "sft_dev_scores.json"  # the shared starting point's dev draws, scored once for every setting
+SEED = 0  # the demo's data and scoring seed: the shared scores and every setting's run use the same one
 
 
 def _score_sft(args) -> None:
@@ -57,9 +59,9 @@ def _score_sft(args) -> None:
 
     torch.set_num_threads(args.jobs * args.threads)
     shared = Path(args.out) / "sft"
-    _, dev_path, _ = prepare_splits(shared, Path(args.sft_export), n_dev=args.n_dev)
-    draws = exact_match_per_prompt(Path(args.sft_export), read_chat_jsonl(dev_path), 0, shared / "eval_dev_sft.jsonl",
-                                   args.device, args.eval_samples)
+    _, dev_path, _ = prepare_splits(shared, Path(args.sft_export), seed=SEED, n_dev=args.n_dev)
+    draws = exact_match_per_prompt(Path(args.sft_export), read_chat_jsonl(dev_path), SEED,
+                                   shared / "eval_dev_sft.jsonl", args.device, args.eval_samples)
     (Path(args.out) / SFT_SCORES).write_text(json.dumps(draws))
 
 

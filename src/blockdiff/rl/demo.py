@@ -124,8 +124,8 @@ def run_demo_rl(out: Path, sft_export: Path | None, overrides: list[str], *, see
     t0 = time.perf_counter()
     run_dir = rl_train(cfg)
     rl_seconds = time.perf_counter() - t0
-    before = sft_scores or exact_match_per_prompt(sft_export, rows, seed, run_dir / f"eval_{evaluate}_sft.jsonl",
-                                                  eval_device, eval_samples)
+    before = sft_scores if sft_scores is not None else exact_match_per_prompt(
+        sft_export, rows, seed, run_dir / f"eval_{evaluate}_sft.jsonl", eval_device, eval_samples)
     after = exact_match_per_prompt(Path(cfg.checkpoint.export_dir or run_dir / "export"), rows, seed,
                                    run_dir / f"eval_{evaluate}_rl.jsonl", eval_device, eval_samples)
     report = {"evaluated": evaluate, **compare(before, after),
